@@ -1,0 +1,164 @@
+"""Megatron distributed checkpoints: layout, atomic save, load at any TP/PP, resume bookkeeping.
+
+A checkpoint folder (a converted model, or ``<checkpoint.dir>/step-N`` of a training run)::
+
+    config.yaml              the resolved megarank Config (model section is the architecture)
+    tokenizer/               tokenizer files (optional for synthetic models)
+    model/                   torch_dist checkpoint of the weights: global (TP=1/PP=1-shaped) tensors,
+                             layers stacked on dim 0 under ``decoder.layers.*``; loads at any TP/PP
+    optimizer/               torch_dist checkpoint of the distributed optimizer ('fully_reshardable')
+    train_state/rank-*.pt    per-rank step, scheduler, data position and RNG states
+    megarank_checkpoint.json {"format_version", "kind": "converted" | "train", "step"}
+
+``<checkpoint.dir>/latest`` holds the name of the newest *complete* step folder; it is replaced atomically
+only after every rank finished writing, so a kill during a save leaves it pointing at the previous one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+FORMAT_VERSION = 1
+MODEL_DIR, OPTIMIZER_DIR, STATE_DIR, MARKER = "model", "optimizer", "train_state", "megarank_checkpoint.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the path."""
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith("_extra_state")
+
+
+def model_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict without TE ``_extra_state`` objects (FP8 scaling metadata is not
+    part of a megarank checkpoint, so a checkpoint loads into the local and the TE spec alike)."""
+    return {k: v for k, v in model.sharded_state_dict().items() if not _is_extra_state(k)}
+
+
+def save_model_weights(model, directory) -> None:
+    """Collective: every rank writes its shards of the model into ``directory`` (a torch_dist checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model_sharded_state_dict(model), str(directory))
+
+
+def load_model_weights(model, checkpoint_dir, strict: bool = True) -> None:
+    """Collective: load the weights of a megarank checkpoint folder (or its ``model/``) into ``model``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    path = Path(checkpoint_dir)
+    if (path / MODEL_DIR).is_dir():
+        path = path / MODEL_DIR
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{checkpoint_dir} is not a megarank checkpoint (no {MODEL_DIR}/metadata.json)")
+    sharded = model_sharded_state_dict(model)
+    handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL
+    loaded = dist_checkpointing.load(sharded, str(path), strict=handling)
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in model.state_dict() if k not in loaded and not _is_extra_state(k)]
+    if strict and missing:
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+
+
+def read_marker(path) -> dict:
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path} is not a megarank checkpoint (no {MARKER})")
+    return json.loads(marker.read_text())
+
+
+def write_marker(path, kind: str, step: int = 0, **extra) -> None:
+    data = {"format_version": FORMAT_VERSION, "kind": kind, "step": step, **extra}
+    (Path(path) / MARKER).write_text(json.dumps(data, indent=1))
+
+
+def load_checkpoint_config(path):
+    """The Config saved with a checkpoint folder."""
+    from megarank.config import load_config
+
+    cfg_path = Path(path) / "config.yaml"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} has no config.yaml")
+    return load_config(str(cfg_path))
+
+
+# ----------------------------------------------------------------------------------------------- run folders
+
+
+def latest_checkpoint(run_dir) -> Optional[Path]:
+    """The step folder named by ``<run_dir>/latest``, or None when there is none yet."""
+    marker = Path(run_dir) / "latest"
+    if not marker.is_file():
+        return None
+    step_dir = Path(run_dir) / marker.read_text().strip()
+    if not (step_dir / MARKER).is_file():
+        raise CheckpointError(f"{marker} points at {step_dir}, which is not a complete checkpoint")
+    return step_dir
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def publish_latest(run_dir, step: int) -> None:
+    """Point ``latest`` at ``step-N`` atomically (write a temp file, fsync, rename)."""
+    run_dir = Path(run_dir)
+    tmp = run_dir / f".latest.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(step_dir_name(step) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / "latest")
+
+
+def prune_old(run_dir, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete step folders (never the one ``latest`` names)."""
+    if keep_last <= 0:
+        return
+    run_dir = Path(run_dir)
+    latest = latest_checkpoint(run_dir)
+    steps = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in run_dir.glob("step-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
+    for _, p in steps[:-keep_last]:
+        if latest is None or p.resolve() != latest.resolve():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def load_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

@@ -1,0 +1,389 @@
+"""The one typed configuration of megarank: dataclasses, strict YAML loading, dotted overrides, validation.
+
+    cfg = load_config("configs/tiny.yaml", ["train.lr=1e-5", "parallel.tensor_model_parallel_size=2"])
+    validate(cfg, world_size=4)          # raises ConfigError listing every problem, each naming its key
+
+Every field carries its documentation in ``metadata["help"]``; ``megarank config-help`` prints them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key(s)."""
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with its documentation attached."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _copy(value):
+    import copy
+
+    return copy.deepcopy(value)
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama-3 RoPE frequency scaling (HF ``rope_scaling`` with ``rope_type: llama3``)."""
+
+    factor: float = _f(8.0, "Scaling factor: 32 for Llama 3.2, 8 for Llama 3.1.")
+    low_freq_factor: float = _f(1.0, "Wavelengths above original_max_position_embeddings/low_freq_factor are divided by factor.")
+    high_freq_factor: float = _f(4.0, "Wavelengths below original_max_position_embeddings/high_freq_factor are kept.")
+    original_max_position_embeddings: int = _f(8192, "Context length the base model was pretrained with.")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the bidirectional Llama reranker."""
+
+    num_layers: int = _f(2, "Number of transformer layers.")
+    hidden_size: int = _f(64, "Model width.")
+    ffn_hidden_size: int = _f(128, "SwiGLU intermediate size (HF intermediate_size).")
+    num_attention_heads: int = _f(4, "Query heads.")
+    num_query_groups: int = _f(2, "Key/value heads (GQA groups; HF num_key_value_heads).")
+    kv_channels: Optional[int] = _f(None, "Head dimension; null = hidden_size / num_attention_heads.")
+    vocab_size: int = _f(259, "Tokenizer vocabulary size (unpadded, as in HF config.json).")
+    make_vocab_size_divisible_by: int = _f(128, "The embedding is padded to a multiple of this times TP.")
+    max_position_embeddings: int = _f(131072, "Maximum sequence length of the base model.")
+    rope_theta: float = _f(500000.0, "RoPE base (HF rope_theta).")
+    rope_scaling: Optional[RopeScalingConfig] = _f(None, "Llama-3 RoPE scaling; null = none.")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon (HF rms_norm_eps).")
+    tie_word_embeddings: bool = _f(False, "Whether the base LM tied lm_head to the embedding (metadata only).")
+    pooling: Literal["avg", "last", "cls"] = _f("avg", "How token states become one vector: mean / last / first valid token.")
+    temperature: float = _f(1.0, "Scores are divided by this.")
+    num_labels: int = _f(1, "Outputs of the score head (1 = one relevance logit).")
+    init_method_std: float = _f(0.02, "Std of normal init for new weights (and the new score head).")
+    attention_dropout: float = _f(0.0, "Dropout on attention probabilities.")
+    hidden_dropout: float = _f(0.0, "Dropout after attention and MLP.")
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = _f(
+        "auto", "Layer implementation: Transformer Engine (GPU, FP8) or megatron-core local; auto = TE if importable with CUDA."
+    )
+    attention_backend: Literal["sdpa", "megatron"] = _f(
+        "sdpa", "Local-spec core attention: torch scaled_dot_product_attention or megatron-core's DotProductAttention."
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Compute dtype of parameters and activations (bf16 = fp32 master weights in the optimizer).")
+    fp8: Optional[Literal["hybrid", "e4m3"]] = _f(None, "FP8 format through Transformer Engine (needs TE + CUDA); null = off.")
+    fp8_recipe: Literal["delayed", "tensorwise"] = _f("tensorwise", "FP8 scaling recipe: delayed or tensorwise (current scaling).")
+    fp8_first_last_bf16: bool = _f(False, "Keep the first and last transformer layers in bf16 under FP8.")
+    recompute_granularity: Optional[Literal["full", "selective"]] = _f(None, "Activation recomputation; null = off.")
+    recompute_num_layers: int = _f(1, "Layers per recompute chunk for recompute_granularity=full.")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over processes."""
+
+    tensor_model_parallel_size: int = _f(1, "Tensor-parallel size (TP).")
+    pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size (PP).")
+    sequence_parallel: bool = _f(False, "Shard norms/dropout activations along the sequence over TP ranks (needs TP > 1).")
+    use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    format: Literal["jsonl", "beir"] = _f("beir", "Training groups from a JSONL file or a BEIR folder + first-stage run.")
+    train_path: Optional[str] = _f(None, "JSONL groups file (format=jsonl) or BEIR folder (format=beir); null = built-in sample.")
+    train_split: str = _f("train", "BEIR qrels split used for training.")
+    train_run: Optional[str] = _f(None, "First-stage run for hard negatives; null = <train_path>/candidates/<split>.*.tsv.")
+    n_passages: int = _f(5, "Passages per query group: 1 positive + n_passages-1 hard negatives.")
+    negatives_top_k: int = _f(100, "Hard negatives are drawn from the run's top-k minus judged-relevant docs.")
+    tokenizer: Optional[str] = _f(None, "Tokenizer folder; null = the checkpoint's tokenizer, else the built-in tiny one.")
+    max_length: int = _f(512, "Tokens per query-passage sequence (BOS included); longer ones are cut on the right.")
+    pad_to_multiple_of: int = _f(8, "Batches are right-padded to a multiple of this (fixed max_length when PP > 1).")
+    template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
+    skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
+    eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
+    eval_split: str = _f("test", "Qrels split for evaluation.")
+    eval_run: Optional[str] = _f(None, "First-stage run to rerank; null = <eval_path>/candidates/<split>.*.tsv.")
+    eval_top_k: int = _f(100, "Candidates reranked per query.")
+    eval_max_queries: Optional[int] = _f(None, "Evaluate on the first N queries only (quick dev checks).")
+    eval_batch_size: int = _f(32, "Pairs per scoring batch.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (defaults: NVIDIA's public Llama 3.2 1B reranker recipe)."""
+
+    steps: int = _f(1000, "Optimizer steps.")
+    global_batch_size: int = _f(128, "Query groups per optimizer step over all data-parallel ranks.")
+    micro_batch_size: int = _f(1, "Query groups per micro-batch per data-parallel rank.")
+    loss: Literal["listwise", "pointwise"] = _f("listwise", "Softmax CE over each group, or BCE per pair.")
+    lr: float = _f(3e-6, "Peak learning rate.")
+    min_lr: float = _f(0.0, "Final learning rate of the decay.")
+    lr_warmup_steps: int = _f(100, "Linear warm-up steps.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = _f("cosine", "Decay after warm-up.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    clip_grad: float = _f(1.0, "Global gradient-norm clipping; 0 = off.")
+    seed: int = _f(1234, "Seed of weights init, data order and dropout.")
+    max_nonfinite_steps: int = _f(5, "Stop after this many consecutive steps with NaN/Inf loss or gradients (each is skipped).")
+    log_interval: int = _f(1, "Log a line every N steps.")
+    eval_interval: int = _f(0, "Evaluate on data.eval_path every N steps; 0 = only at the end if eval_path is set.")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints."""
+
+    dir: Optional[str] = _f(None, "Where step-N/ folders and the `latest` marker go; null = no saving.")
+    load: Optional[str] = _f(None, "Initial weights: a megarank checkpoint (e.g. converted from HF); ignored when resuming.")
+    save_interval: int = _f(0, "Save every N steps (and always at the end); 0 = only at the end.")
+    keep_last: int = _f(2, "Keep the last K step folders; 0 = keep all.")
+    save_optimizer: bool = _f(True, "Save optimizer/scheduler state for exact resume.")
+
+
+@dataclass
+class LoggingConfig:
+    """Logs and event files."""
+
+    tensorboard_dir: Optional[str] = _f(None, "TensorBoard event files; null = <checkpoint.dir>/tensorboard when saving.")
+    level: Literal["DEBUG", "INFO", "WARNING"] = _f("INFO", "Python logging level.")
+
+
+@dataclass
+class Config:
+    """Everything a megarank run needs."""
+
+    model: ModelConfig = _f(ModelConfig(), "Model architecture.")
+    parallel: ParallelConfig = _f(ParallelConfig(), "Parallel layout.")
+    data: DataConfig = _f(DataConfig(), "Data.")
+    train: TrainConfig = _f(TrainConfig(), "Optimisation.")
+    checkpoint: CheckpointConfig = _f(CheckpointConfig(), "Checkpoints.")
+    logging: LoggingConfig = _f(LoggingConfig(), "Logging.")
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check/convert one YAML value to the annotated type; errors name the key."""
+    origin = get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]!s}; valid keys of {prefix or 'the top level'}: {', '.join(names)}"
+            " (run `megarank config-help` for their meaning)"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build a Config from a nested dict, rejecting unknown keys and wrong types."""
+    return _from_dict(Config, data or {})
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (or the defaults when path is None) strictly, then apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_help() -> str:
+    """Every key with its type, default and documentation."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines.append(f"{section.name}:  # {section.metadata['help']}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine can be imported and CUDA is present (without importing TE here)."""
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the embedding rows to a multiple of ``divisible_by * tp``."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Check the whole config at once; raise ConfigError listing every problem, each naming its key."""
+    errors = _model_errors(cfg.model) + _parallel_errors(cfg, world_size) + _train_errors(cfg)
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _model_errors(m: ModelConfig) -> list[str]:
+    errs = []
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+        if getattr(m, key) <= 0:
+            errs.append(f"model.{key} must be positive (got {getattr(m, key)})")
+    if m.num_attention_heads > 0 and m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups:
+        errs.append(f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by model.num_query_groups ({m.num_query_groups})")
+    if m.kv_channels is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
+        errs.append(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads}) unless model.kv_channels is set")
+    if m.temperature <= 0:
+        errs.append(f"model.temperature must be > 0 (got {m.temperature})")
+    if m.fp8 is not None:
+        if m.transformer_impl == "local":
+            errs.append("model.fp8 needs model.transformer_impl transformer_engine (or auto), not local")
+        if not transformer_engine_available():
+            errs.append("model.fp8 needs Transformer Engine and CUDA: pip install 'megarank[gpu]' (or use an NGC PyTorch container) on a GPU machine, or set model.fp8=null")
+        if m.dtype == "fp32":
+            errs.append("model.fp8 needs model.dtype bf16 (FP8 GEMMs with bf16 elsewhere)")
+    if m.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        errs.append("model.transformer_impl=transformer_engine needs Transformer Engine and CUDA: pip install 'megarank[gpu]', or set model.transformer_impl=local")
+    return errs
+
+
+def _parallel_errors(cfg: Config, world_size: Optional[int]) -> list[str]:
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    errs = []
+    if tp < 1 or pp < 1:
+        return [f"parallel.tensor_model_parallel_size and parallel.pipeline_model_parallel_size must be >= 1 (got {tp}, {pp})"]
+    if m.num_attention_heads % tp:
+        errs.append(f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by parallel.tensor_model_parallel_size ({tp})")
+    if m.num_query_groups % tp:
+        errs.append(f"model.num_query_groups ({m.num_query_groups}) must be divisible by parallel.tensor_model_parallel_size ({tp})")
+    if m.ffn_hidden_size % tp:
+        errs.append(f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor_model_parallel_size ({tp})")
+    if m.num_layers % pp:
+        errs.append(f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline_model_parallel_size ({pp})")
+    if p.sequence_parallel and tp == 1:
+        errs.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    if p.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            errs.append("parallel.backend=nccl needs CUDA; use gloo or auto on CPU")
+    if world_size is not None:
+        if world_size % (tp * pp):
+            errs.append(f"world size {world_size} is not divisible by tensor x pipeline parallel size ({tp} x {pp} = {tp * pp})")
+        else:
+            dp = world_size // (tp * pp)
+            t = cfg.train
+            if t.global_batch_size % (t.micro_batch_size * dp):
+                errs.append(
+                    f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})"
+                )
+    return errs
+
+
+def _train_errors(cfg: Config) -> list[str]:
+    t, d = cfg.train, cfg.data
+    errs = []
+    for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
+        if getattr(t, key) <= 0:
+            errs.append(f"train.{key} must be positive (got {getattr(t, key)})")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        errs.append(f"train.lr must be > 0 and train.min_lr in [0, lr] (got lr={t.lr}, min_lr={t.min_lr})")
+    if d.n_passages < 2 and t.loss == "listwise":
+        errs.append(f"data.n_passages must be >= 2 for the listwise loss (got {d.n_passages})")
+    if d.max_length < 8:
+        errs.append(f"data.max_length must be >= 8 (got {d.max_length})")
+    if "{query}" not in d.template or "{passage}" not in d.template:
+        errs.append("data.template must contain {query} and {passage}")
+    if d.format == "jsonl" and d.train_path is None:
+        errs.append("data.train_path must name a JSONL file when data.format=jsonl")
+    return errs

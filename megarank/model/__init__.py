@@ -1,0 +1,36 @@
+"""The reranker model: ``build_model(cfg)`` gives this pipeline stage's part of it."""
+from megarank.model.reranker import LlamaReranker
+
+__all__ = ["LlamaReranker", "build_model"]
+
+
+def build_model(model_cfg, parallel_cfg) -> LlamaReranker:
+    """Build this rank's stage of the reranker (parallel state must be initialised)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megarank.config import padded_vocab_size
+    from megarank.model.spec import block_spec, resolve_impl
+    from megarank.model.transformer_config import make_transformer_config
+
+    impl = resolve_impl(model_cfg.transformer_impl)
+    config = make_transformer_config(model_cfg, parallel_cfg, impl)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    model = LlamaReranker(
+        config,
+        block_spec(config, impl, model_cfg.attention_backend, pp_rank=pp_rank),
+        padded_vocab_size=padded_vocab_size(
+            model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel_cfg.tensor_model_parallel_size
+        ),
+        rope_theta=model_cfg.rope_theta,
+        rope_scaling=model_cfg.rope_scaling,
+        pooling=model_cfg.pooling,
+        temperature=model_cfg.temperature,
+        num_labels=model_cfg.num_labels,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        max_sequence_length=model_cfg.max_position_embeddings,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model

@@ -1,0 +1,94 @@
+"""The bidirectional Llama cross-encoder reranker as a megatron-core module.
+
+    input_ids [b, s] -> word embeddings -> TransformerBlock (bidirectional, RoPE) -> final RMSNorm
+                     -> pooling over valid tokens -> Linear(hidden, num_labels, bias=False) -> / temperature
+
+No parallel code lives here beyond what megatron-core's layers do themselves: ``pre_process`` / ``post_process``
+select the first/last pipeline-stage parts, and the score head is an ordinary (TP-replicated) Linear.
+"""
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megarank.config import RopeScalingConfig
+from megarank.model.pooling import pool
+
+
+class LlamaReranker(MegatronModule):
+    def __init__(
+        self,
+        config,
+        block_spec,
+        padded_vocab_size: int,
+        rope_theta: float,
+        rope_scaling: Optional[RopeScalingConfig],
+        pooling: str = "avg",
+        temperature: float = 1.0,
+        num_labels: int = 1,
+        pre_process: bool = True,
+        post_process: bool = True,
+        max_sequence_length: int = 131072,
+    ):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's pipeline schedule expects
+        self.pre_process, self.post_process = pre_process, post_process
+        self.pooling, self.temperature = pooling, temperature
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config, vocab_size=padded_vocab_size, max_sequence_length=max_sequence_length, position_embedding_type="rope"
+            )
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_interleaved=False,  # Llama: rotate-half
+            rotary_base=rope_theta,
+            use_cpu_initialization=True,
+        )
+        if rope_scaling is not None:
+            # Pass every Llama-3 scaling parameter explicitly; megatron's own flag only takes `factor`.
+            self.rotary_pos_emb.inv_freq = self.rotary_pos_emb._apply_scaling(
+                self.rotary_pos_emb.inv_freq,
+                factor=rope_scaling.factor,
+                low_freq_factor=rope_scaling.low_freq_factor,
+                high_freq_factor=rope_scaling.high_freq_factor,
+                original_max_position_embeddings=rope_scaling.original_max_position_embeddings,
+            )
+        self.decoder = TransformerBlock(config, block_spec, pre_process=pre_process, post_process=post_process)
+        if post_process:
+            self.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False, dtype=config.params_dtype)
+            torch.nn.init.normal_(self.score.weight, mean=0.0, std=config.init_method_std)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages > 0 receive their input from the previous stage (the schedule passes a list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, s], attention_mask [b, s] bool (True = real token).
+
+        Returns scores [b, num_labels] on the last pipeline stage, else hidden states [s, b, h] for the next.
+        """
+        seq_len = attention_mask.shape[1]
+        padding = ~attention_mask[:, None, None, :]  # [b, 1, 1, s], True = masked out (megatron convention)
+        hidden = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
+        rotary = self.rotary_pos_emb(seq_len)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=padding, rotary_pos_emb=rotary)
+        if not self.post_process:
+            return hidden
+        return self.score_hidden(hidden, attention_mask)
+
+    def score_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm states [s(/tp), b, h] -> scores [b, num_labels]."""
+        if self.config.sequence_parallel:
+            # Every TP rank needs the whole sequence to pool; the head is replicated, so the backward only
+            # takes this rank's slice of the (identical) gradient: no reduce-scatter.
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        pooled = pool(hidden.transpose(0, 1), attention_mask, self.pooling)
+        return self.score(pooled.to(self.score.weight.dtype)) / self.temperature

@@ -1,0 +1,69 @@
+"""Process groups for TP x PP x DP (nccl with CUDA, gloo without), seeding, and teardown."""
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from megarank.parallel.cpu import apply_cpu_shims
+
+log = logging.getLogger(__name__)
+
+
+def _backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return requested
+
+
+def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int = 1234, timeout_minutes: int = 30):
+    """Initialise torch.distributed (from torchrun's env, or a single in-process rank) and megatron's groups.
+
+    Returns (rank, world_size). World size must be divisible by tp * pp; data-parallel size is the rest.
+    """
+    from megatron.core import parallel_state
+
+    if not torch.cuda.is_available():
+        apply_cpu_shims()
+    if not dist.is_initialized():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            # One process without torchrun: an in-memory store needs no port.
+            dist.init_process_group(_backend(backend), store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(_backend(backend), rank=rank, world_size=world, timeout=timeout)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tensor x pipeline parallel size ({tp} x {pp})")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    set_seed(seed)
+    return dist.get_rank(), world
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank for weights (megatron initialises the full master weight, then slices it);
+    megatron's model-parallel RNG tracker for dropout on GPU, the CPU RNG on CPU."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        # The CUDA RNG tracker cannot exist without CUDA; the inference tracker's fork() uses the CPU RNG.
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
