@@ -162,3 +162,99 @@ def load_rng_state(state: dict) -> None:
 
         torch.cuda.set_rng_state(state["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ----------------------------------------------------------------------------------------------- training state
+
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}  # reshards over DP and TP (DESIGN §6)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_training_checkpoint(run_dir, step: int, model, optimizer, train_state: dict, cfg, tokenizer_dir=None) -> Path:
+    """Collective. Write ``<run_dir>/step-N`` through a hidden temp folder, then publish ``latest``.
+
+    ``model`` is the unwrapped LlamaReranker, ``optimizer`` megatron's (or None), ``train_state`` this rank's
+    picklable-free dict of tensors/numbers (step, scheduler, sampler, RNG). A kill at any point leaves
+    ``latest`` on the previous complete checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megarank.config import save_config
+
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(step)
+    tmp = run_dir / f".{step_dir_name(step)}.incomplete"
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        for sub in (STATE_DIR, MODEL_DIR, OPTIMIZER_DIR):
+            (tmp / sub).mkdir(parents=True)
+    barrier()
+    model_sd = model_sharded_state_dict(model)
+    dist_checkpointing.save(model_sd, str(tmp / MODEL_DIR))
+    if optimizer is not None:
+        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=False, metadata=OPTIM_METADATA)
+        dist_checkpointing.save(opt_sd, str(tmp / OPTIMIZER_DIR))
+    torch.save(train_state, tmp / STATE_DIR / f"rank-{_rank()}.pt")
+    barrier()
+    if is_rank0():
+        save_config(cfg, tmp / "config.yaml")
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if optimizer is None:
+            (tmp / OPTIMIZER_DIR).rmdir()
+        write_marker(tmp, kind="train", step=step, world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        publish_latest(run_dir, step)
+    barrier()
+    return final
+
+
+def load_training_checkpoint(step_dir, model, optimizer) -> dict:
+    """Collective. Restore weights and (if present and wanted) optimizer state; return this rank's train state.
+
+    Works at another TP/DP size (weights and 'fully_reshardable' optimizer state reshard); at another PP
+    size the optimizer state is skipped with a warning only if its layout cannot match.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megarank.training.optimizer import untie_step_counters
+
+    step_dir = Path(step_dir)
+    load_model_weights(model, step_dir)
+    if optimizer is not None and (step_dir / OPTIMIZER_DIR).is_dir():
+        _init_optimizer_state(optimizer)
+        opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=OPTIM_METADATA)
+        loaded = dist_checkpointing.load(opt_sd, str(step_dir / OPTIMIZER_DIR))
+        optimizer.load_state_dict(loaded)
+        untie_step_counters(optimizer)
+    state_file = step_dir / STATE_DIR / f"rank-{_rank()}.pt"
+    if not state_file.is_file():  # resumed at another world size: the global parts are the same on every rank
+        state_file = step_dir / STATE_DIR / "rank-0.pt"
+    return torch.load(state_file, weights_only=True)
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """A fresh optimizer has no Adam state to load into; create it with one zero-gradient, lr-0 step
+    (lr 0 so decoupled weight decay does not move the weights)."""
+    from megarank.training.optimizer import inner_optimizers
+
+    for opt in inner_optimizers(optimizer):
+        groups = opt.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            opt._init_optimizer_states_with_dummy_values()
+        else:
+            for g in groups:
+                for p in g["params"]:
+                    p.grad = torch.zeros_like(p)
+            opt.optimizer.step()
+            opt.optimizer.zero_grad()
+        for g, lr in zip(groups, saved):
+            g["lr"] = lr

@@ -70,6 +70,12 @@ _PATCHED_MODULES = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "RotaryEmbedding.get_emb",
     # GlobalMemoryBuffer.get_tensor: `torch.empty(..., device=torch.cuda.current_device())` (attention scores)
     "megatron.core.utils": "GlobalMemoryBuffer.get_tensor",
+    # sequence parallel: _gather_along_first_dim / _reduce_scatter_along_first_dim / _gather_along_last_dim
+    # allocate their outputs with `torch.empty(..., device=torch.cuda.current_device())`
+    "megatron.core.tensor_parallel.mappings": "_gather_along_*_dim, _reduce_scatter_along_first_dim",
+    # LinearWithGradAccumulationAndAsyncCommunication.backward under sequence parallel: the reduce-scatter
+    # buffer `sub_grad_input = torch.empty(..., device=torch.cuda.current_device())`
+    "megatron.core.tensor_parallel.layers": "LinearWithGradAccumulationAndAsyncCommunication.forward/backward",
     # forward_backward_*: `total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")`
     "megatron.core.pipeline_parallel.schedules": "forward_backward_no_pipelining / _pipelining_without_interleaving",
     # _communicate_shapes / _communicate: recv buffers on `torch.cuda.current_device()`, `torch.cuda.synchronize()`
@@ -141,6 +147,21 @@ def _patch_type_strings() -> None:
     f16.__init__ = with_cuda_type_names(f16.__init__)
 
 
+def _patch_dp_zero_gather() -> None:
+    """``DistributedOptimizer.get_parameter_state_dp_zero(use_gloo_comm=False)`` (called by the
+    'fully_reshardable' checkpoint format) moves shards to CUDA with ``send_tensor.cuda()``. Without CUDA the
+    data-parallel group is gloo anyway, so take megatron's own gloo branch (CPU tensors, gloo DP group)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.get_parameter_state_dp_zero
+
+    def get_parameter_state_dp_zero(self, use_gloo_comm=True, *args, **kwargs):
+        return original(self, True, *args, **kwargs)
+
+    get_parameter_state_dp_zero.__wrapped__ = original
+    DistributedOptimizer.get_parameter_state_dp_zero = get_parameter_state_dp_zero
+
+
 def apply_cpu_shims() -> bool:
     """Install the shims once if CUDA is absent. Returns True when they are (now or already) in place."""
     global _applied
@@ -153,6 +174,7 @@ def apply_cpu_shims() -> bool:
         module = importlib.import_module(name)
         module.torch = proxy
     _patch_type_strings()
+    _patch_dp_zero_gather()
     _applied = True
     return True
 

@@ -1,0 +1,114 @@
+"""`megarank train|evaluate|rerank|launch|init-tiny|config-help` — the command line.
+
+    megarank train CONFIG [section.key=value ...]
+    megarank evaluate CHECKPOINT --data BEIR_DIR [--split test] [--run RUN] [--top-k 100] [--out run.trec]
+    megarank rerank CHECKPOINT --data BEIR_DIR --out run.trec [...]  (same as evaluate; metrics if qrels exist)
+"""
+import argparse
+import json
+import logging
+import sys
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("megatron", "torch.distributed", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_warnings() -> None:
+    import warnings
+
+    # megatron-core warns at import that TE/apex are absent: expected on CPU, noisy in every process.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cmd_train(args) -> int:
+    from megarank.config import load_config
+    from megarank.training.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    _setup_logging(cfg.logging.level)
+    train(cfg)
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a megarank checkpoint folder (converted or step-N), or a run dir with `latest`")
+    p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    p.add_argument("--split", default="test", help="qrels split (default: test)")
+    p.add_argument("--run", default=None, help="first-stage run to rerank (default: <data>/candidates/<split>.*.tsv)")
+    p.add_argument("--top-k", type=int, default=100, help="candidates reranked per query (default 100)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per scoring batch (default 32)")
+    p.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick checks)")
+    p.add_argument("--out", default=None, help="write the reranked TREC run file here")
+    p.add_argument("--metrics-out", default=None, help="write the metrics as JSON here")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tensor_model_parallel_size=2")
+
+
+def cmd_evaluate(args) -> int:
+    from megarank.evaluate_cli import run_evaluation
+
+    _setup_logging()
+    return run_evaluation(args)
+
+
+def cmd_launch(argv) -> int:
+    from megarank.launch import main as launch_main
+
+    return launch_main(argv)
+
+
+def cmd_init_tiny(args) -> int:
+    from megarank.tiny import write_tiny_hf_model
+
+    _setup_logging()
+    path = write_tiny_hf_model(args.out, config_path=args.config, seed=args.seed, overwrite=args.overwrite)
+    print(json.dumps({"tiny_hf_model": str(path)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megarank", description="Train and evaluate bidirectional Llama rerankers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (or resume) a reranker")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
+    p.set_defaults(fn=cmd_train)
+    for name, text in (("evaluate", "rerank a BEIR split and report nDCG@10 / MRR@10 / Recall"),
+                       ("rerank", "rerank first-stage candidates and write a TREC run")):
+        p = sub.add_parser(name, help=text)
+        _eval_args(p)
+        p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("init-tiny", help="write the built-in tiny random HF Llama + tokenizer (the quickstart's base model)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--config", default=None, help="megarank YAML whose model section gives the shape (default configs/tiny.yaml values)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_init_tiny)
+    p = sub.add_parser("config-help", help="print every config key with its default and meaning")
+    p.set_defaults(fn=lambda a: print(__import__("megarank.config", fromlist=["x"]).config_help()) or 0)
+    sub.add_parser("launch", help="start a run with torchrun / srun (see `megarank launch --help`)", add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_warnings()
+    if argv[:1] == ["launch"]:
+        return cmd_launch(argv[1:])
+    args = build_parser().parse_args(argv)
+    from megarank.checkpoint import CheckpointError
+    from megarank.config import ConfigError
+    from megarank.data import DataError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"megarank {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Data for megarank: readers, prompt template, tokenization, training groups, DP sampling, collation.
+
+The shipped sample collection (a tiny BEIR folder plus train_groups.jsonl) is at `sample_data_dir()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .candidates import batches_for_pairs, candidate_pairs, rerank_batches
+from .collate import collate_groups
+from .errors import DataError
+from .groups import BeirGroupSource, JsonlGroupSource
+from .readers import (BeirData, Run, find_run_file, iter_run_rows, read_beir, read_corpus, read_jsonl_groups,
+                      read_qrels, read_queries, read_run)
+from .sampler import GroupSampler
+from .template import DEFAULT_TEMPLATE, doc_to_text, format_pair
+from .tokenizer import PairTokenizer, build_tiny_tokenizer, load_tokenizer
+
+
+def sample_data_dir() -> Path:
+    """The tiny hand-written BEIR collection shipped in megarank/resources/sample."""
+    return Path(__file__).resolve().parent.parent / "resources" / "sample"
+
+
+__all__ = [
+    "BeirData", "BeirGroupSource", "DEFAULT_TEMPLATE", "DataError", "GroupSampler", "JsonlGroupSource",
+    "PairTokenizer", "Run", "batches_for_pairs", "build_tiny_tokenizer", "candidate_pairs", "collate_groups",
+    "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus",
+    "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "rerank_batches", "sample_data_dir",
+]

@@ -1,0 +1,247 @@
+"""Readers for training groups (JSONL) and BEIR collections (corpus, queries, qrels, first-stage runs).
+
+Every malformed line raises DataError naming the file and its 1-based line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import DataError, data_error
+from .template import doc_to_text
+
+log = logging.getLogger(__name__)
+
+_MAX_LOGGED_BAD_LINES = 5
+
+
+class Run(dict):
+    """``{qid: [docid, ...]}`` in rank order; `path` names the run file for error messages."""
+
+    def __init__(self, *args, path: str | os.PathLike = "<run>", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = os.fspath(path)
+
+
+@dataclass
+class BeirData:
+    """A BEIR collection for one split: texts by id and graded judgements."""
+
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+    qrels_path: str = field(default="<qrels>", repr=False)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) for the non-blank lines of a text file."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield number, line.rstrip("\r\n")
+
+
+def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise data_error(path, number, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise data_error(path, number, f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _doc_text(path: Path, number: int, name: str, doc: Any) -> str:
+    """Text of one training document (str or {"text", "title"}), rejecting wrong types and empty text."""
+    if isinstance(doc, dict):
+        if not isinstance(doc.get("text"), str) or not isinstance(doc.get("title", ""), str):
+            raise data_error(path, number, f"{name} must have a string 'text' (and optional string 'title')")
+    elif not isinstance(doc, str):
+        raise data_error(path, number, f"{name} must be a string or an object with 'text', got {type(doc).__name__}")
+    text = doc_to_text(doc)
+    if not text.strip():
+        raise data_error(path, number, f"{name} is empty")
+    return text
+
+
+def _parse_group(path: Path, number: int, line: str) -> dict[str, Any]:
+    obj = _json_object(path, number, line)
+    for key in ("query", "pos_doc", "neg_doc"):
+        if key not in obj:
+            raise data_error(path, number, f"missing field '{key}'")
+    if not isinstance(obj["query"], str):
+        raise data_error(path, number, f"'query' must be a string, got {type(obj['query']).__name__}")
+    if not obj["query"].strip():
+        raise data_error(path, number, "'query' is empty")
+    for key in ("pos_doc", "neg_doc"):
+        if not isinstance(obj[key], list):
+            raise data_error(path, number, f"'{key}' must be a list, got {type(obj[key]).__name__}")
+    if not obj["pos_doc"]:
+        raise data_error(path, number, "'pos_doc' is empty")
+    pos = [_doc_text(path, number, f"pos_doc[{i}]", d) for i, d in enumerate(obj["pos_doc"])]
+    neg = [_doc_text(path, number, f"neg_doc[{i}]", d) for i, d in enumerate(obj["neg_doc"])]
+    return {"query": obj["query"], "pos": pos, "neg": neg, "line": number}
+
+
+def read_jsonl_groups(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
+    """Training groups from lines ``{"query": str, "pos_doc": [doc, ...], "neg_doc": [doc, ...]}``.
+
+    Returns ``(groups, n_skipped)``; each group is ``{"query", "pos", "neg", "line"}`` with texts in pos/neg.
+    With `skip_bad_lines`, bad lines are counted and logged (the first few) instead of raising.
+    """
+    path = Path(path)
+    groups, bad = [], []
+    for number, line in _lines(path):
+        try:
+            groups.append(_parse_group(path, number, line))
+        except DataError as e:
+            if not skip_bad_lines:
+                raise
+            bad.append(str(e))
+    if bad:
+        log.warning("skipped %d bad lines in %s, first: %s", len(bad), path, "; ".join(bad[:_MAX_LOGGED_BAD_LINES]))
+    if not groups:
+        raise DataError(f"{path}: no training groups found" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
+    return groups, len(bad)
+
+
+def _read_id_texts(path: Path, kind: str, to_text) -> dict[str, str]:
+    """``{_id: to_text(obj)}`` from a BEIR JSONL file (corpus or queries)."""
+    out: dict[str, str] = {}
+    for number, line in _lines(path):
+        obj = _json_object(path, number, line)
+        doc_id = obj.get("_id")
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
+            raise data_error(path, number, f"{kind} needs a string '_id'")
+        if not isinstance(obj.get("text"), str) or not isinstance(obj.get("title") or "", str):
+            raise data_error(path, number, f"{kind} '{doc_id}' needs a string 'text'")
+        if str(doc_id) in out:
+            raise data_error(path, number, f"duplicate {kind} id '{doc_id}'")
+        out[str(doc_id)] = to_text(obj)
+    return out
+
+
+def read_corpus(path: str | os.PathLike) -> dict[str, str]:
+    """BEIR corpus.jsonl -> ``{doc_id: "title text"}`` (see `doc_to_text`)."""
+    return _read_id_texts(Path(path), "document", doc_to_text)
+
+
+def read_queries(path: str | os.PathLike) -> dict[str, str]:
+    """BEIR queries.jsonl -> ``{query_id: text}``."""
+    return _read_id_texts(Path(path), "query", lambda obj: obj["text"])
+
+
+def _columns(line: str) -> list[str]:
+    return line.split("\t") if "\t" in line else line.split()
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _iter_qrels_rows(path: Path) -> Iterator[tuple[int, str, str, int]]:
+    """(line, qid, docid, score) per judgement; a first line whose score is not an integer is a header."""
+    for number, line in _lines(path):
+        cols = _columns(line)
+        if len(cols) not in (3, 4):
+            raise data_error(path, number,
+                             f"expected 3 columns (query-id corpus-id score) or 4 (TREC), got {len(cols)}")
+        qid, docid, score = (cols[0], cols[1], cols[2]) if len(cols) == 3 else (cols[0], cols[2], cols[3])
+        if not _is_int(score):
+            if number == 1:
+                continue
+            raise data_error(path, number, f"relevance score '{score}' is not an integer")
+        yield number, qid, docid, int(score)
+
+
+def read_qrels(path: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Judgements ``{qid: {docid: score}}`` from ``qid docid score`` (optional header) or TREC ``qid 0 docid rel``."""
+    path = Path(path)
+    qrels: dict[str, dict[str, int]] = {}
+    for number, qid, docid, score in _iter_qrels_rows(path):
+        if qrels.setdefault(qid, {}).setdefault(docid, score) != score:
+            raise data_error(path, number, f"pair ({qid}, {docid}) is judged twice with different scores")
+    return qrels
+
+
+def iter_run_rows(path: str | os.PathLike) -> Iterator[tuple[int, str, str, int, float | None]]:
+    """(line, qid, docid, rank, score) for each row of a run file.
+
+    Accepts TREC lines ``qid Q0 docid rank score tag``, BEIR-candidate TSV ``query-id corpus-id rank score``
+    (header optional) and MS MARCO ``qid docid rank``.
+    """
+    path = Path(path)
+    for number, line in _lines(path):
+        cols = _columns(line)
+        if len(cols) == 6:
+            qid, docid, rank, score = cols[0], cols[2], cols[3], cols[4]
+        elif len(cols) in (3, 4):
+            qid, docid, rank, score = cols[0], cols[1], cols[2], (cols[3] if len(cols) == 4 else None)
+        else:
+            raise data_error(path, number,
+                             f"expected 6 columns (TREC run) or 3-4 (qid docid rank [score]), got {len(cols)}")
+        if not _is_int(rank):
+            if number == 1:
+                continue  # header line
+            raise data_error(path, number, f"rank '{rank}' is not an integer")
+        try:
+            value = None if score is None else float(score)
+        except ValueError:
+            raise data_error(path, number, f"score '{score}' is not a number") from None
+        yield number, qid, docid, int(rank), value
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """First-stage candidates ``{qid: [docid, ...]}`` ordered by rank (file order breaks equal ranks)."""
+    rows: dict[str, list[tuple[int, int, str]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for number, qid, docid, rank, _ in iter_run_rows(path):
+        if (qid, docid) in seen:
+            raise data_error(path, number, f"document '{docid}' appears twice for query '{qid}'")
+        seen.add((qid, docid))
+        rows.setdefault(qid, []).append((rank, number, docid))
+    return Run({qid: [d for _, _, d in sorted(r)] for qid, r in rows.items()}, path=path)
+
+
+def _check_qrels_ids(qrels_path: Path, corpus: dict, queries: dict) -> None:
+    """Every judged query and document must exist; the error names the qrels line."""
+    for number, qid, docid, _ in _iter_qrels_rows(qrels_path):
+        if qid not in queries:
+            raise data_error(qrels_path, number, f"query id '{qid}' is not in queries.jsonl")
+        if docid not in corpus:
+            raise data_error(qrels_path, number, f"document id '{docid}' is not in corpus.jsonl")
+
+
+def read_beir(folder: str | os.PathLike, split: str) -> BeirData:
+    """corpus.jsonl, queries.jsonl and qrels/<split>.tsv of a BEIR folder, checked for consistency."""
+    folder = Path(folder)
+    corpus = read_corpus(folder / "corpus.jsonl")
+    queries = read_queries(folder / "queries.jsonl")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    qrels = read_qrels(qrels_path)
+    if not qrels:
+        raise DataError(f"{qrels_path}: no judgements found")
+    _check_qrels_ids(qrels_path, corpus, queries)
+    return BeirData(corpus=corpus, queries=queries, qrels=qrels, qrels_path=str(qrels_path))
+
+
+def find_run_file(folder: str | os.PathLike, split: str) -> Path:
+    """The single candidates/<split>.*.tsv (or .trec/.txt) run file of a BEIR folder."""
+    candidates = Path(folder) / "candidates"
+    found = sorted(p for p in candidates.glob(f"{split}.*") if p.suffix in (".tsv", ".trec", ".txt", ".run"))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise DataError(f"{candidates}: expected exactly one run file '{split}.*.tsv' for split '{split}', "
+                        f"found {names}")
+    return found[0]

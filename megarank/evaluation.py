@@ -1,0 +1,32 @@
+"""Rerank a BEIR split's first-stage candidates with the model and measure it (and the first stage itself)."""
+import logging
+from typing import Optional
+
+from megarank.data import Run, find_run_file, read_beir, read_run, rerank_batches
+from megarank.inference import score_batches, scores_by_query
+from megarank.metrics import evaluate_run
+
+log = logging.getLogger(__name__)
+
+
+def first_stage_scores(run: dict, top_k: int) -> dict:
+    """The first stage's own ranking at the same depth, as scores (higher = better)."""
+    return {qid: {d: float(top_k - i) for i, d in enumerate(docs[:top_k])} for qid, docs in run.items()}
+
+
+def evaluate_beir(
+    model, pair_tokenizer, folder: str, split: str, run_path: Optional[str] = None, top_k: int = 100,
+    batch_size: int = 32, max_queries: Optional[int] = None,
+):
+    """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank."""
+    beir = read_beir(folder, split)
+    run_path = run_path or find_run_file(folder, split)
+    run = read_run(run_path)
+    qids = [q for q in run if q in beir.qrels]
+    if max_queries is not None:
+        qids = qids[:max_queries]
+    run = Run({q: run[q] for q in qids}, path=run_path)
+    qrels = {q: beir.qrels[q] for q in qids}
+    batches = rerank_batches(beir.queries, beir.corpus, run, top_k, batch_size, pair_tokenizer)
+    scores = scores_by_query(score_batches(model, batches))
+    return evaluate_run(qrels, scores), evaluate_run(qrels, first_stage_scores(run, top_k)), scores

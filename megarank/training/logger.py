@@ -1,0 +1,47 @@
+"""One log line per log step (on the last pipeline stage's first rank) and TensorBoard event files."""
+import logging
+import time
+from typing import Optional
+
+log = logging.getLogger("megarank.train")
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class MetricsLogger:
+    def __init__(self, enabled: bool, total_steps: int, tensorboard_dir: Optional[str] = None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.start = time.time()
+        self.writer = None
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+
+    def step(self, step: int, metrics: dict, steps_done_this_run: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / max(steps_done_this_run, 1) * (self.total_steps - step)
+        log.info(
+            "step %d/%d | loss %.4f | acc %.3f | mrr %.3f | lr %.3e | grad norm %.3f | %.0f tokens/s | elapsed %s | ETA %s",
+            step, self.total_steps, metrics["loss"], metrics["acc"], metrics["mrr"], metrics["lr"],
+            metrics["grad_norm"], metrics["tokens_per_s"], _fmt_duration(elapsed), _fmt_duration(eta),
+        )
+        self.scalars("train", step, metrics)
+
+    def scalars(self, prefix: str, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

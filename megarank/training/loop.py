@@ -1,0 +1,132 @@
+"""The training loop: build everything from the config, resume, step, log, evaluate, checkpoint, stop."""
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megarank import checkpoint as ckpt
+from megarank.config import Config, validate
+from megarank.model import build_model
+from megarank.parallel.init import init_distributed
+from megarank.training.data import make_group_source, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir
+from megarank.training.logger import MetricsLogger
+from megarank.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megarank.training.preemption import PreemptionWatcher
+from megarank.training.step import train_step
+
+log = logging.getLogger("megarank.train")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with NaN/Inf loss or gradients."""
+
+
+def _is_logging_rank() -> bool:
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
+def _micro_batches(groups: list, cfg: Config, pair_tokenizer) -> list:
+    from megarank.data import collate_groups
+
+    m = cfg.train.micro_batch_size
+    return [collate_groups(groups[i : i + m], pair_tokenizer) for i in range(0, len(groups), m)]
+
+
+def _train_state(step, scheduler, sampler, nonfinite) -> dict:
+    return {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+            "nonfinite": nonfinite, "rng": ckpt.save_rng_state()}
+
+
+def _resume_or_init(cfg: Config, model, optimizer, scheduler, sampler) -> tuple[int, int]:
+    """Resume from ``<checkpoint.dir>/latest`` if present, else load ``checkpoint.load`` weights. -> (step, nonfinite)."""
+    latest = ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    if latest is not None:
+        state = ckpt.load_training_checkpoint(latest, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        ckpt.load_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", latest, state["step"])
+        return state["step"], state["nonfinite"]
+    if cfg.checkpoint.load:
+        ckpt.load_model_weights(model, cfg.checkpoint.load)
+        log.info("initialised weights from %s", cfg.checkpoint.load)
+    return 0, 0
+
+
+def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
+    from megarank.evaluation import evaluate_beir
+
+    d = cfg.data
+    ours, first_stage, _ = evaluate_beir(model, pair_tokenizer, d.eval_path, d.eval_split, d.eval_run, d.eval_top_k,
+                                         d.eval_batch_size, d.eval_max_queries)
+    if _is_logging_rank():
+        log.info("eval step %d | %s | first stage: %s", step,
+                 " ".join(f"{k} {v:.4f}" for k, v in ours.items()), " ".join(f"{k} {v:.4f}" for k, v in first_stage.items()))
+    metrics_logger.scalars("eval", step, ours)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured. Returns the last step's metrics on the logging rank."""
+    p, t = cfg.parallel, cfg.train
+    init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed)
+    validate(cfg, world_size=dist.get_world_size())
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
+    pair_tokenizer = make_pair_tokenizer(cfg, tokenizer_dir)
+    source = make_group_source(cfg)
+    sampler = make_sampler(cfg, len(source), parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size())
+    model = build_model(cfg.model, cfg.parallel)
+    ddp = wrap_ddp(model, cfg)
+    optimizer = build_optimizer(ddp, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    step, nonfinite = _resume_or_init(cfg, model, optimizer, scheduler, sampler)
+    tb_dir = cfg.logging.tensorboard_dir or (str(Path(cfg.checkpoint.dir) / "tensorboard") if cfg.checkpoint.dir else None)
+    logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
+    watcher = PreemptionWatcher(cfg.checkpoint.dir)
+    seq_len = pair_tokenizer.max_length if p.pipeline_model_parallel_size > 1 else 0
+    save = lambda s: ckpt.save_training_checkpoint(  # noqa: E731
+        cfg.checkpoint.dir, s, model, optimizer if cfg.checkpoint.save_optimizer else None,
+        _train_state(s, scheduler, sampler, nonfinite), cfg, tokenizer_dir)
+    metrics, start_step, saved_step = {}, step, None
+    while step < t.steps:
+        tic = time.time()
+        groups = [source.get(i, epoch) for i, epoch in next(sampler)]
+        micro = _micro_batches(groups, cfg, pair_tokenizer)
+        result = train_step(ddp, optimizer, scheduler, micro, t.loss, seq_len or micro[0]["input_ids"].shape[1])
+        step += 1
+        nonfinite = nonfinite + 1 if result["skipped"] else 0
+        if nonfinite >= t.max_nonfinite_steps:
+            raise NonFiniteError(f"{nonfinite} consecutive steps had NaN/Inf loss or gradients (train.max_nonfinite_steps); stopping at step {step}")
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro) * parallel_state.get_data_parallel_world_size()
+        metrics = {**result, "tokens_per_s": tokens / max(time.time() - tic, 1e-9), "nonfinite_skips": nonfinite}
+        if step % t.log_interval == 0 or step == t.steps:
+            if result["skipped"] and _is_logging_rank():
+                log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
+            logger.step(step, metrics, step - start_step)
+        if cfg.data.eval_path and t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+            _evaluate(cfg, ddp, pair_tokenizer, logger, step)
+        if watcher.should_stop():
+            if cfg.checkpoint.dir:
+                save(step)
+                watcher.clear()
+            if _is_logging_rank():
+                log.info("preempted: saved step %d", step)
+            break
+        if cfg.checkpoint.dir and (step == t.steps or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
+            save(step)
+            saved_step = step
+            if ckpt.is_rank0():
+                ckpt.prune_old(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
+    if step >= t.steps and cfg.data.eval_path:
+        _evaluate(cfg, ddp, pair_tokenizer, logger, step)
+    watcher.restore()
+    logger.close()
+    metrics.update(step=step, saved_step=saved_step)
+    return metrics

@@ -1,0 +1,113 @@
+"""megatron-core DDP, the (distributed) AdamW optimizer and the LR schedule, built from megarank's config.
+
+Without apex/TE megatron-core's optimizer is ``torch.optim.AdamW`` under its wrappers (fp32 master weights
+for bf16, ZeRO-1 sharding with the distributed optimizer). Weight decay skips 1-D parameters (the norms),
+megatron-core's default.
+"""
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megarank.config import Config
+from megarank.model.transformer_config import DTYPES
+
+
+def wrap_ddp(model, cfg: Config) -> DistributedDataParallel:
+    """Gradient buffers + data-parallel all-reduce (or reduce-scatter for the distributed optimizer)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        # Overlap needs CUDA streams; it is a GPU-only speed-up and changes no numerics.
+        overlap_grad_reduce=torch.cuda.is_available(),
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        average_in_collective=True,
+    )
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def build_optimizer(ddp_model, cfg: Config):
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=cfg.model.dtype == "bf16",
+        fp16=cfg.model.dtype == "fp16",
+        params_dtype=DTYPES[cfg.model.dtype],
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    patch_torch_adamw_loading()
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    if opt_config.fp16:
+        ddp_model.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
+    t = cfg.train
+    warmup = min(t.lr_warmup_steps, t.steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(t.steps, warmup + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
+        # The config, not the checkpoint, defines the schedule (so a run can be extended); only the step
+        # count is restored on resume.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+
+
+def inner_optimizers(optimizer) -> list:
+    """The megatron optimizers inside a ChainedOptimizer (or the optimizer itself)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def patch_torch_adamw_loading() -> None:
+    """megatron-core 0.16.1 without apex/TE (torch AdamW): ``DistributedOptimizer.load_state_dict`` puts a
+    ``step`` entry in every param state, then ``_set_main_param_and_optimizer_states`` copies every state key
+    from the 'fully_reshardable' tensors, which never contain ``step`` -> KeyError. Copy the keys that are
+    there; ``step`` was already restored from the param groups. No-op with apex/TE (FusedAdam has no
+    per-param ``step``)."""
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    if getattr(do, "HAVE_APEX_OR_TE", True) or getattr(do.DistributedOptimizer, "_megarank_patched", False):
+        return
+    original = do.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **self.optimizer.state[main_param]}
+            for key, value in tensors.items():
+                dst[key].copy_(value)
+            return
+        original(self, model_param, tensors)
+
+    do.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    do.DistributedOptimizer._megarank_patched = True
+
+
+def untie_step_counters(optimizer) -> None:
+    """After ``load_state_dict`` every param state shares one ``step`` tensor, so torch's AdamW increments it
+    once per parameter and a resumed run diverges (megatron-core 0.16.1): give each state its own copy."""
+    for opt in inner_optimizers(optimizer):
+        for state in opt.optimizer.state.values():
+            if "step" in state and torch.is_tensor(state["step"]):
+                state["step"] = state["step"].clone()

@@ -1,0 +1,42 @@
+"""Save-and-exit requests: SIGTERM / SIGUSR1 (SLURM preemption, time limits) or a `.save_and_exit` file.
+
+A request is only acted on at a step boundary, after every rank agreed on it (MAX all-reduce), so all
+ranks save the same step and exit together.
+"""
+import signal
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+STOP_FILE = ".save_and_exit"
+
+
+class PreemptionWatcher:
+    def __init__(self, run_dir: Optional[str]):
+        self.requested = False
+        self.stop_file = Path(run_dir) / STOP_FILE if run_dir else None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank if any rank got a signal or the stop file exists."""
+        local = self.requested or (self.stop_file is not None and self.stop_file.exists())
+        flag = torch.tensor([1.0 if local else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def clear(self) -> None:
+        """Remove the stop file after the save it asked for (so the requeued job runs on)."""
+        if self.stop_file is not None and self.stop_file.exists():
+            self.stop_file.unlink(missing_ok=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
