@@ -91,6 +91,31 @@ def load_checkpoint_config(path):
     return load_config(str(cfg_path))
 
 
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "vocab_size", "rope_theta", "rope_scaling", "norm_eps", "num_labels")
+
+
+def _architecture(m) -> dict:
+    from megarank.config import padded_vocab_size
+
+    arch = {k: getattr(m, k) for k in ARCHITECTURE_KEYS}
+    arch["kv_channels"] = m.kv_channels or m.hidden_size // m.num_attention_heads
+    arch["padded_vocab_size"] = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
+    return arch
+
+
+def check_architecture(model_cfg, checkpoint_dir) -> None:
+    """The run's model section must describe the checkpoint's model; name the first key that differs."""
+    saved = _architecture(load_checkpoint_config(checkpoint_dir).model)
+    wanted = _architecture(model_cfg)
+    for key, value in saved.items():
+        if wanted[key] != value:
+            raise CheckpointError(
+                f"{checkpoint_dir}/config.yaml has model.{key} = {value} but this run's config has {wanted[key]}; "
+                "use the model section of the checkpoint's config.yaml"
+            )
+
+
 # ----------------------------------------------------------------------------------------------- run folders
 
 

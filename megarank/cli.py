@@ -1,4 +1,4 @@
-"""`megarank train|evaluate|rerank|launch|init-tiny|config-help` — the command line.
+"""`megarank train|evaluate|rerank|launch|quickstart|init-tiny|config-help` — the command line.
 
     megarank train CONFIG [section.key=value ...]
     megarank evaluate CHECKPOINT --data BEIR_DIR [--split test] [--run RUN] [--top-k 100] [--out run.trec]
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-help", help="print every config key with its default and meaning")
     p.set_defaults(fn=lambda a: print(__import__("megarank.config", fromlist=["x"]).config_help()) or 0)
     sub.add_parser("launch", help="start a run with torchrun / srun (see `megarank launch --help`)", add_help=False)
+    sub.add_parser("quickstart", help="init-tiny -> convert -> train -> evaluate -> export -> verify (see --help)", add_help=False)
     return parser
 
 
@@ -98,6 +99,10 @@ def main(argv=None) -> int:
     _quiet_warnings()
     if argv[:1] == ["launch"]:
         return cmd_launch(argv[1:])
+    if argv[:1] == ["quickstart"]:
+        from megarank.quickstart import main as quickstart_main
+
+        return quickstart_main(argv[1:])
     args = build_parser().parse_args(argv)
     from megarank.checkpoint import CheckpointError
     from megarank.config import ConfigError

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +174,9 @@ class Config:
 # ----------------------------------------------------------------------------------------------- loading
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -203,6 +208,9 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            # PyYAML (YAML 1.1) reads exponent floats without a dot, e.g. `lr: 1e-5`, as strings.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -301,8 +309,13 @@ def transformer_engine_available() -> bool:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron pads the embedding rows to a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
+    """Rows of the embedding: the vocabulary padded to a multiple of lcm(divisible_by, tp).
+
+    Megatron-LM pads to a multiple of ``divisible_by * tp``, which makes the embedding's global shape depend
+    on TP, so a checkpoint saved at one TP cannot load at another. With the lcm the shape is the same for
+    every TP that divides ``divisible_by`` (128 covers TP 1, 2, 4, 8), and the rows still split evenly.
+    """
+    multiple = math.lcm(divisible_by, tp)
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 

@@ -92,7 +92,7 @@ def build_command(
     if log_ranks != "all":
         cmd.append(f"--local-ranks-filter={log_ranks}")
     if script:
-        return cmd + [script, *overrides]
+        return cmd + [script, *([config] if config else []), *overrides]
     if not config:
         raise LaunchError("a config file is required (megarank launch CONFIG [section.key=value ...])")
     return cmd + ["-m", "megarank.cli", "train", config, *overrides]
@@ -131,6 +131,20 @@ def resolve_key(cfg, dotted: str):
             raise LaunchError(f"--get {dotted}: {part} is not a config key")
         node = getattr(node, part)
     return node
+
+
+def default_log_ranks(cfg, layout: Layout) -> str:
+    """Local rank 0 plus the local rank that prints the training log lines.
+
+    The trainer logs from the first rank of the last pipeline stage (TP rank 0, DP rank 0). megatron-core's
+    default rank order (tp-cp-ep-dp-pp, PP outermost) puts it at global rank world - world/PP, which is not
+    local rank 0 when PP > 1 on one node.
+    """
+    if cfg is None:
+        return "0"
+    pp = cfg.parallel.pipeline_model_parallel_size
+    logging_rank = layout.world_size - layout.world_size // max(pp, 1)
+    return ",".join(str(r) for r in sorted({0, logging_rank % layout.nproc}))
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -212,7 +226,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+    if args.script:  # everything positional belongs to the script; there is no config to check
+        args.overrides = [a for a in [args.config, *args.overrides] if a is not None]
+        args.config = None
+    elif args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         raise LaunchError(f"the first argument must be the config file, got the override {args.config!r}")
     layout = layout_from(args)
     layout.check()
@@ -224,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
             cfg = load_and_validate(args.config, args.overrides, layout.world_size)
         except ConfigError as e:
             where = f"{layout.nnodes} node(s) x {layout.nproc} worker(s)"
-            print(f"megarank launch: {args.config} does not fit world size {layout.world_size} ({where}):\n{e}", file=sys.stderr)
+            print(f"megarank launch: {args.config} is not valid for world size {layout.world_size} ({where}):\n{e}", file=sys.stderr)
             return 2
     if args.get:
         if cfg is None:
@@ -239,7 +256,7 @@ def _run(args: argparse.Namespace) -> int:
         args.config,
         args.overrides,
         layout,
-        log_ranks=args.log_ranks or os.environ.get("LOG_RANKS") or "0",
+        log_ranks=args.log_ranks or os.environ.get("LOG_RANKS") or default_log_ranks(cfg, layout),
         log_dir=args.log_dir or os.environ.get("LOG_DIR") or None,
         script=args.script,
     )
@@ -252,6 +269,7 @@ def _run(args: argparse.Namespace) -> int:
             print("\n".join(f"#   {line}" for line in config_yaml(cfg).rstrip().splitlines()))
         print(shlex.join(cmd))
         return 0
+    print(f"megarank launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)  # the log says what ran
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # exec: SLURM's and the shell's signals reach the torchrun agent directly
     return 0  # not reached

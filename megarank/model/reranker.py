@@ -38,6 +38,8 @@ class LlamaReranker(MegatronModule):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's pipeline schedule expects
         self.pre_process, self.post_process = pre_process, post_process
+        # A reranker has no LM head to tie to the embedding (read by megatron's finalize_model_grads).
+        self.share_embeddings_and_output_weights = False
         self.pooling, self.temperature = pooling, temperature
         if pre_process:
             self.embedding = LanguageModelEmbedding(

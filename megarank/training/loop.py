@@ -77,6 +77,9 @@ def train(cfg: Config) -> dict:
     p, t = cfg.parallel, cfg.train
     init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed)
     validate(cfg, world_size=dist.get_world_size())
+    for source_ckpt in (ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None, cfg.checkpoint.load):
+        if source_ckpt:
+            ckpt.check_architecture(cfg.model, source_ckpt)  # fail before building a model that cannot load it
     tokenizer_dir = resolve_tokenizer_dir(cfg)
     pair_tokenizer = make_pair_tokenizer(cfg, tokenizer_dir)
     source = make_group_source(cfg)

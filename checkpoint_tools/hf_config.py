@@ -1,0 +1,170 @@
+"""Hugging Face ``config.json`` ⇄ megarank ``ModelConfig``: which inputs are accepted, and the exported config.
+
+Accepted architectures (``architectures[0]`` of config.json):
+    LlamaForCausalLM                              a base LM: new score head, the LM head is ignored
+    LlamaForSequenceClassification                its ``score.weight`` becomes the reranker head
+    LlamaBidirectionalForSequenceClassification   NVIDIA's ``llama_bidirec`` rerankers (pooling, temperature too)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from checkpoint_tools.errors import ConversionError
+
+FORMATS = {
+    "LlamaForCausalLM": "causal_lm",
+    "LlamaForSequenceClassification": "seq_cls",
+    "LlamaBidirectionalForSequenceClassification": "llama_bidirec",
+}
+LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
+EXPORT_ARCHITECTURE = "LlamaBidirectionalForSequenceClassification"
+EXPORT_MODEL_TYPE = "llama_bidirec"
+AUTO_MAP = {
+    "AutoConfig": "configuration_llama_bidirec.LlamaBidirectionalConfig",
+    "AutoModel": "modeling_llama_bidirec.LlamaBidirectionalModel",
+    "AutoModelForSequenceClassification": "modeling_llama_bidirec.LlamaBidirectionalForSequenceClassification",
+}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# ModelConfig fields that describe the network itself (a checkpoint's config must agree on these)
+ARCHITECTURE_KEYS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "norm_eps",
+)
+
+
+def read_hf_config(src) -> dict:
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{src} has no config.json; expected a Hugging Face model folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def detect_format(hf: dict, where="config.json") -> str:
+    """One of FORMATS' values, or a one-sentence error for anything that is not a supported Llama."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    model_type = hf.get("model_type")
+    if arch in FORMATS and model_type in LLAMA_MODEL_TYPES:
+        return FORMATS[arch]
+    raise ConversionError(
+        f"{where}: architecture {arch or '(none)'} (model_type {model_type}) is not a supported Llama model; "
+        f"megarank converts {', '.join(FORMATS)}"
+    )
+
+
+def _rope(hf: dict, where: str):
+    """(rope_theta, RopeScalingConfig | None) from either transformers 5 ``rope_parameters`` or the 4.x keys."""
+    from megarank.config import RopeScalingConfig
+
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], params
+    else:
+        theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return float(theta), None
+    if kind != "llama3":
+        raise ConversionError(f"{where}: rope scaling type {kind!r} is not supported; megarank implements Llama-3 ('llama3') scaling only")
+    return float(theta), RopeScalingConfig(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def _reject_unsupported(hf: dict, where: str) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported; megarank's Llama MLP is SwiGLU (silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConversionError(f"{where}: {key}=true is not supported; megarank's Llama has no linear biases")
+
+
+def hf_architecture(hf: dict, where="config.json") -> dict:
+    """The ModelConfig fields an HF config determines (a dict, so callers can compare/merge)."""
+    _reject_unsupported(hf, where)
+    theta, scaling = _rope(hf, where)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    return {
+        "num_layers": hf["num_hidden_layers"],
+        "hidden_size": hf["hidden_size"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "num_attention_heads": heads,
+        "num_query_groups": hf.get("num_key_value_heads") or heads,
+        "kv_channels": None if head_dim * heads == hf["hidden_size"] else head_dim,
+        "vocab_size": hf["vocab_size"],
+        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+
+
+def hf_dtype(hf: dict):
+    """megarank dtype name of the HF checkpoint (``dtype`` in transformers 5, ``torch_dtype`` before)."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    return DTYPE_NAMES.get(str(name).replace("torch.", "")) if name else None
+
+
+def normalized_architecture(m) -> dict:
+    """ModelConfig architecture fields with kv_channels made explicit, for comparisons."""
+    fields = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m)
+    out = {k: fields[k] for k in ARCHITECTURE_KEYS}
+    out["kv_channels"] = out["kv_channels"] or out["hidden_size"] // out["num_attention_heads"]
+    if out["rope_scaling"] is not None and dataclasses.is_dataclass(out["rope_scaling"]):
+        out["rope_scaling"] = dataclasses.asdict(out["rope_scaling"])
+    return out
+
+
+
+def export_config(m, dtype: str, extra: dict | None = None) -> dict:
+    """config.json of an exported reranker (NVIDIA's llama_bidirec format; loads with trust_remote_code)."""
+    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    rope_scaling = None
+    if m.rope_scaling is not None:
+        rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(m.rope_scaling)}
+    cfg = {
+        "architectures": [EXPORT_ARCHITECTURE],
+        "model_type": EXPORT_MODEL_TYPE,
+        "auto_map": dict(AUTO_MAP),
+        "pooling": m.pooling,
+        "temperature": m.temperature,
+        "num_labels": m.num_labels,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "head_dim": d,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": m.norm_eps,
+        # transformers 4.x keys; transformers 5 reads them into rope_parameters
+        "rope_theta": m.rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": m.init_method_std,
+        "tie_word_embeddings": False,  # a reranker has no LM head to tie
+        "use_cache": False,
+        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+    }
+    if m.num_labels == 1:
+        cfg["id2label"] = {"0": "LABEL_0"}
+        cfg["label2id"] = {"LABEL_0": 0}
+    cfg.update(extra or {})
+    return cfg
