@@ -25,7 +25,10 @@ AutoModelForSequenceClassification.from_pretrained(DST, trust_remote_code=True) 
 sentence_transformers.CrossEncoder(DST, trust_remote_code=True)."""
 
 VERIFY_HELP = """Load SRC_HF and the megarank checkpoint on CPU in fp32, score a few built-in query/passage pairs with
-both, print the scores and the max abs difference, and exit 1 when it is above --tol."""
+both, print the scores and the max abs difference, and exit 1 when it is above --tol. The HF side runs SRC_HF's
+weights in the bidirectional reranker network of the export's modeling file (what a conversion preserves), with the
+checkpoint's pooling and temperature; a base LM has no score head, so the checkpoint's new head is used on both
+sides. Pairs are encoded as megarank does (config template, BOS, right padding) with SRC_HF's tokenizer."""
 
 
 def _common_output(p):

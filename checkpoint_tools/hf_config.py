@@ -90,8 +90,14 @@ def _reject_unsupported(hf: dict, where: str) -> None:
             raise ConversionError(f"{where}: {key}=true is not supported; megarank's Llama has no linear biases")
 
 
+REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
 def hf_architecture(hf: dict, where="config.json") -> dict:
     """The ModelConfig fields an HF config determines (a dict, so callers can compare/merge)."""
+    missing = [k for k in REQUIRED_KEYS if not isinstance(hf.get(k), int)]
+    if missing:
+        raise ConversionError(f"{where} lacks an integer {missing[0]}, which every Llama config.json has")
     _reject_unsupported(hf, where)
     theta, scaling = _rope(hf, where)
     heads = hf["num_attention_heads"]
@@ -161,7 +167,7 @@ def export_config(m, dtype: str, extra: dict | None = None) -> dict:
         "initializer_range": m.init_method_std,
         "tie_word_embeddings": False,  # a reranker has no LM head to tie
         "use_cache": False,
-        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],  # transformers >= 4.56 name
     }
     if m.num_labels == 1:
         cfg["id2label"] = {"0": "LABEL_0"}

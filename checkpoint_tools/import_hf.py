@@ -128,7 +128,7 @@ def plan_chunks(weights: HFWeights, m, padded_vocab: int, cast, seed: int) -> li
     norm = keymap.FINAL_NORM
     tail = [whole_chunk(norm.megatron, shapes[norm.megatron], _storage_dtype(weights, list(norm.hf), cast), lambda: get(norm.hf[0]))]
     score_shape = shapes[keymap.SCORE.megatron]
-    if "score.weight" in weights and tuple(weights.shape("score.weight")) == tuple(score_shape):
+    if "score.weight" in weights:  # (check_tensors made sure it has score_shape)
         tail.append(whole_chunk("score.weight", score_shape, _storage_dtype(weights, ["score.weight"], cast), lambda: get("score.weight")))
     else:  # a base LM: a new head, normal(0, init_method_std), seeded so conversions are reproducible
         def new_head():

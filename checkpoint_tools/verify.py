@@ -62,7 +62,7 @@ def hf_reranker(src: Path, m, score_from=None):
     from checkpoint_tools.hf_modeling.modeling_llama_bidirec import LlamaBidirectionalForSequenceClassification
 
     cfg = export_config(m, "fp32")
-    for key in ("architectures", "model_type", "auto_map", "torch_dtype"):
+    for key in ("architectures", "model_type", "auto_map", "dtype"):
         cfg.pop(key)
     model = LlamaBidirectionalForSequenceClassification(LlamaBidirectionalConfig(**cfg)).eval()
     weights = HFWeights(src)

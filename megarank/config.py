@@ -319,14 +319,19 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Check the whole config at once; raise ConfigError listing every problem, each naming its key."""
-    errors = _model_errors(cfg.model) + _parallel_errors(cfg, world_size) + _train_errors(cfg)
+def validate(cfg: Config, world_size: Optional[int] = None, check_environment: bool = True) -> None:
+    """Check the whole config at once; raise ConfigError listing every problem, each naming its key.
+
+    ``check_environment=False`` skips the checks about this machine (Transformer Engine, CUDA), so a GPU
+    config can be checked on a login node (``megarank launch --dry-run``).
+    """
+    errors = (_model_errors(cfg.model, check_environment) + _parallel_errors(cfg, world_size, check_environment)
+              + _train_errors(cfg))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
 
-def _model_errors(m: ModelConfig) -> list[str]:
+def _model_errors(m: ModelConfig, env: bool = True) -> list[str]:
     errs = []
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
         if getattr(m, key) <= 0:
@@ -340,16 +345,16 @@ def _model_errors(m: ModelConfig) -> list[str]:
     if m.fp8 is not None:
         if m.transformer_impl == "local":
             errs.append("model.fp8 needs model.transformer_impl transformer_engine (or auto), not local")
-        if not transformer_engine_available():
+        if env and not transformer_engine_available():
             errs.append("model.fp8 needs Transformer Engine and CUDA: pip install 'megarank[gpu]' (or use an NGC PyTorch container) on a GPU machine, or set model.fp8=null")
         if m.dtype == "fp32":
             errs.append("model.fp8 needs model.dtype bf16 (FP8 GEMMs with bf16 elsewhere)")
-    if m.transformer_impl == "transformer_engine" and not transformer_engine_available():
+    if env and m.transformer_impl == "transformer_engine" and not transformer_engine_available():
         errs.append("model.transformer_impl=transformer_engine needs Transformer Engine and CUDA: pip install 'megarank[gpu]', or set model.transformer_impl=local")
     return errs
 
 
-def _parallel_errors(cfg: Config, world_size: Optional[int]) -> list[str]:
+def _parallel_errors(cfg: Config, world_size: Optional[int], env: bool = True) -> list[str]:
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     errs = []
@@ -365,7 +370,7 @@ def _parallel_errors(cfg: Config, world_size: Optional[int]) -> list[str]:
         errs.append(f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline_model_parallel_size ({pp})")
     if p.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
-    if p.backend == "nccl":
+    if env and p.backend == "nccl":
         import torch
 
         if not torch.cuda.is_available():

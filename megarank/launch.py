@@ -189,7 +189,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, help=f"rendezvous port [MASTER_PORT; {DEFAULT_PORT}]")
     p.add_argument("--rdzv-id", help="rendezvous id shared by all nodes [RDZV_ID; SLURM_JOB_ID; megarank]")
     p.add_argument("--rdzv-backend", choices=["c10d", "static"], help="[RDZV_BACKEND; c10d]")
-    p.add_argument("--log-ranks", help='local ranks shown on the console: "0", "0,1" or "all" [LOG_RANKS; 0]')
+    p.add_argument("--log-ranks", help='local ranks shown on the console: "0", "0,1" or "all" '
+                   "[LOG_RANKS; 0 and the rank that logs training steps]")
     p.add_argument("--log-dir", help="write every rank's stdout/stderr under this folder [LOG_DIR]")
     p.add_argument("--dry-run", action="store_true", help="validate the config against the world size, print the resolved config and the command, run nothing")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. checkpoint.dir) and exit")

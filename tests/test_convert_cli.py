@@ -57,3 +57,11 @@ def test_verify(tmp_path, capsys):
     wide = make_hf_llama(tmp_path / "wide", "causal_lm", intermediate_size=96)
     assert main(["verify", str(wide), str(mg)]) == 2
     assert "model.ffn_hidden_size = 128 but" in capsys.readouterr().err
+
+
+def test_converters_do_not_import_training():
+    code = (
+        "import sys, checkpoint_tools.cli, checkpoint_tools.import_hf, checkpoint_tools.export_hf, checkpoint_tools.verify;"
+        "bad = [m for m in sys.modules if m.startswith('megarank.training')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

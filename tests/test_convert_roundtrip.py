@@ -72,7 +72,7 @@ def test_bf16_round_trip_keeps_dtype(tmp_path):
     src = make_hf_llama(tmp_path / "hf", "seq_cls", dtype=torch.bfloat16, seed=2)
     mg, out = import_export(tmp_path, src)
     assert_bit_exact(src, out, new_head=False)
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     from megarank.checkpoint import load_checkpoint_config
 
     assert load_checkpoint_config(mg).model.dtype == "bf16"
@@ -162,3 +162,34 @@ def test_streamed_checkpoint_equals_megatron_save(tmp_path):
     b = dist_checkpointing.load_plain_tensors(str(tmp_path / "resaved"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((mg / "model" / "metadata.json").read_text()) == json.loads((tmp_path / "resaved" / "metadata.json").read_text())
+
+
+def test_export_reimports_to_the_same_checkpoint(tmp_path):
+    """HF -> megarank -> HF (llama_bidirec, 4.x-style rope keys) -> megarank: same config and tensors."""
+    from megatron.core import dist_checkpointing
+
+    from checkpoint_tools.megatron_reader import ensure_process_group
+    from megarank.checkpoint import load_checkpoint_config
+
+    src = make_hf_llama(tmp_path / "hf", "causal_lm", seed=12)
+    mg, out = import_export(tmp_path, src)
+    convert("hf-to-megatron", out, tmp_path / "mg2", "--make-vocab-size-divisible-by", DIVISIBLE_BY, "--quiet")
+    assert load_checkpoint_config(mg).model == load_checkpoint_config(tmp_path / "mg2").model
+    ensure_process_group()
+    a = dist_checkpointing.load_plain_tensors(str(mg / "model"))
+    b = dist_checkpointing.load_plain_tensors(str(tmp_path / "mg2" / "model"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_loads_as_automodel_backbone(tmp_path):
+    import os
+
+    from transformers import AutoModel
+
+    src = make_hf_llama(tmp_path / "hf", "seq_cls", seed=13)
+    _, out = import_export(tmp_path, src)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    backbone = AutoModel.from_pretrained(str(out), trust_remote_code=True)
+    assert type(backbone).__name__ == "LlamaBidirectionalModel"
+    ref = read_safetensors_folder(src)["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(backbone.layers[1].mlp.down_proj.weight.detach(), ref)

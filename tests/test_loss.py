@@ -54,7 +54,7 @@ def test_pointwise_loss_is_bce_with_label_one_for_the_positive_only():
     assert LOSSES["pointwise"] is pointwise_loss and LOSSES["listwise"] is listwise_loss
 
 
-def test_group_size_one_less_than_rows_is_rejected_by_the_reshape():
+def test_rows_not_divisible_by_the_group_size_are_rejected():
     with pytest.raises(RuntimeError):
         listwise_loss(torch.zeros(7, 1), 3)
 

@@ -90,8 +90,8 @@ def cluster(tmp_path_factory):
         subprocess.run([str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=60)
 
 
-def _sbatch(env, out: Path, name: str, args, wait=True, **popen):
-    cmd = ["sbatch", "--wait", f"--job-name={name}", f"--output={out}", str(SBATCH_SCRIPT), *args]
+def _sbatch(env, out: Path, name: str, args, wait=True, options=(), **popen):
+    cmd = ["sbatch", "--wait", f"--job-name={name}", f"--output={out}", *options, str(SBATCH_SCRIPT), *args]
     if wait:
         return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
@@ -120,10 +120,11 @@ if __name__ == "__main__":
 
 
 def test_allreduce_through_train_sbatch(cluster):
-    """The sbatch structure alone: one srun task, one torchrun agent, 2 gloo ranks that all-reduce."""
+    """The sbatch structure alone: one srun task, one torchrun agent, 2 gloo ranks that all-reduce. The job asks
+    for 2 tasks per node, which must not start a second agent (world size would be 4)."""
     env, work = cluster
     out = work / "allreduce.out"
-    proc = _sbatch(env, out, "allreduce", ["--script", "launch/allreduce_check.py"])
+    proc = _sbatch(env, out, "allreduce", ["--script", "launch/allreduce_check.py"], options=["--ntasks-per-node=2"])
     log = _log(out)
     assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{log}"
     assert "allreduce_check: world 2 backend gloo" in log, log

@@ -177,6 +177,25 @@ def init_checkpoint(tmp_path_factory) -> Path:
     return _INIT_CHECKPOINT
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant at once, like a node going away. torchrun starts each rank in
+    a session of its own, so killing torchrun's process group would leave the ranks running."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
+
+
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, interval: float = 0.005):
     """Poll until predicate() is truthy; fail early if ``proc`` exits first."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,227 @@
+"""Checkpoint, kill, resume: real `megarank train` processes on CPU (gloo, fp32, the tiny model and sample data).
+
+- SIGKILL after `latest` names step N, resume to 2N: the same per-step losses and bit-identical weights and
+  optimizer state as 2N steps straight (one process, and DP=2 with the distributed optimizer);
+- a kill in the middle of saving step 2N leaves `latest` on step N, which is complete and resumes exactly;
+- a checkpoint saved at TP=2 resumes at TP=1, DP=2 and PP=2 with its weights and optimizer state;
+- SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0.
+"""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.training_harness import (TINY, assert_bit_identical, kill_tree, log_lines, max_abs_diff, read_plain_tensors,
+                                    run, run_env, run_many, tb_scalars, train_cmd, wait_for)
+
+N = 3
+RESUME = [f"train.steps={2 * N}", f"checkpoint.save_interval={N}", "checkpoint.keep_last=0", "train.log_interval=1"]
+
+
+def _latest(run_dir) -> str:
+    path = run_dir / "latest"
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def _complete(step_dir, step: int) -> None:
+    marker = json.loads((step_dir / "megarank_checkpoint.json").read_text())
+    assert marker["kind"] == "train" and marker["step"] == step, marker
+    for part in ("config.yaml", "model/metadata.json", "optimizer/metadata.json", "train_state/rank-0.pt"):
+        assert (step_dir / part).exists(), f"{step_dir} lacks {part}"
+
+
+def _assert_same_run(straight_dir, resumed_dir, resumed_tb, steps) -> None:
+    """Per-step float32 losses/grad norms/lr equal, and bit-identical final weights and optimizer state."""
+    for tag in ("train/loss", "train/grad_norm", "train/lr"):
+        want = tb_scalars(straight_dir / "tensorboard", tag)
+        got = tb_scalars(resumed_tb, tag)
+        assert sorted(got) == list(steps), f"{tag}: the resumed run logged steps {sorted(got)}"
+        assert {s: got[s] for s in steps} == {s: want[s] for s in steps}, tag
+    final = f"step-{steps[-1]}"
+    assert_bit_identical(read_plain_tensors(straight_dir / final / "model"),
+                         read_plain_tensors(resumed_dir / final / "model"), "weights")
+    assert_bit_identical(read_plain_tensors(straight_dir / final / "optimizer"),
+                         read_plain_tensors(resumed_dir / final / "optimizer"), "optimizer state")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """2N steps without interruption, on one process and on DP=2 with the distributed optimizer."""
+    work = tmp_path_factory.mktemp("straight")
+    run_many({
+        "one": (1, train_cmd(1, *RESUME, f"checkpoint.dir={work / 'one'}")),
+        "dp2": (2, train_cmd(2, *RESUME, "parallel.use_distributed_optimizer=true", f"checkpoint.dir={work / 'dp2'}")),
+    }, cwd=work)
+    return {"one": work / "one", "dp2": work / "dp2"}
+
+
+@pytest.mark.parametrize("layout", ["one", "dp2"], ids=["1-process", "dp2-distributed-optimizer"])
+def test_sigkill_after_step_n_then_resume_matches_training_straight(straight, tmp_path, layout):
+    nproc, extra = (1, []) if layout == "one" else (2, ["parallel.use_distributed_optimizer=true"])
+    run_dir = tmp_path / "run"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(train_cmd(nproc, *RESUME, *extra, f"checkpoint.dir={run_dir}",
+                                          f"logging.tensorboard_dir={tmp_path / 'tb-killed'}"),
+                                cwd=tmp_path, env=run_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: _latest(run_dir) == f"step-{N}", 240, f"latest -> step-{N}", proc, interval=0.002)
+        finally:
+            kill_tree(proc)  # torchrun and its ranks alike
+    # The run had ~2 s (steps N+1..2N and the step-2N save) left: the kill must have landed in between.
+    assert _latest(run_dir) == f"step-{N}", "the kill came after the run finished; nothing was tested"
+    assert proc.returncode == -signal.SIGKILL
+    _complete(run_dir / f"step-{N}", N)
+
+    out = run(train_cmd(nproc, *RESUME, *extra, f"checkpoint.dir={run_dir}",
+                        f"logging.tensorboard_dir={tmp_path / 'tb-resumed'}"), cwd=tmp_path).stdout
+    assert f"resumed from {run_dir / f'step-{N}'} at step {N}" in out
+    assert sorted(log_lines(out)) == list(range(N + 1, 2 * N + 1))
+    _assert_same_run(straight[layout], run_dir, tmp_path / "tb-resumed", list(range(N + 1, 2 * N + 1)))
+    assert not list(run_dir.glob(".step-*")), "a completed save leaves no incomplete folder behind"
+
+
+DIE_DURING_SAVE = '''
+import os
+import sys
+
+if __name__ == "__main__":  # the torch_dist writer starts a spawn Manager: guard the main module
+    from megatron.core import dist_checkpointing
+
+    from megarank.cli import main
+
+    real_save = dist_checkpointing.save
+
+    def save_then_die(state_dict, path, *args, **kwargs):
+        result = real_save(state_dict, path, *args, **kwargs)
+        if sys.argv[1] in str(path):
+            os._exit(9)  # dies like a killed job: model shards written, optimizer, state and marker not
+        return result
+
+    dist_checkpointing.save = save_then_die
+    sys.exit(main(["train", *sys.argv[2:]]))
+'''
+
+
+def test_kill_during_a_save_leaves_latest_on_the_previous_complete_checkpoint(straight, tmp_path):
+    (tmp_path / "die_during_save.py").write_text(DIE_DURING_SAVE)
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, "die_during_save.py", f".step-{2 * N}.incomplete/model", TINY, *RESUME,
+                f"checkpoint.dir={run_dir}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 9, proc.stdout[-3000:]
+    assert f"step {2 * N}/{2 * N}" in proc.stdout, "the run died before it reached the last save"
+
+    assert _latest(run_dir) == f"step-{N}"
+    _complete(run_dir / f"step-{N}", N)
+    partial = run_dir / f".step-{2 * N}.incomplete"
+    assert (partial / "model" / "metadata.json").is_file() and not (partial / "megarank_checkpoint.json").exists()
+    assert not (run_dir / f"step-{2 * N}").exists()
+
+    # Resuming takes step N (not the half-written folder), redoes N+1..2N exactly and cleans up.
+    out = run(train_cmd(1, *RESUME, f"checkpoint.dir={run_dir}",
+                        f"logging.tensorboard_dir={tmp_path / 'tb-resumed'}"), cwd=tmp_path).stdout
+    assert f"resumed from {run_dir / f'step-{N}'} at step {N}" in out
+    _assert_same_run(straight["one"], run_dir, tmp_path / "tb-resumed", list(range(N + 1, 2 * N + 1)))
+    assert not partial.exists() and _latest(run_dir) == f"step-{2 * N}"
+
+
+# ----------------------------------------------------------------------------------------------- another layout
+
+LAYOUT_STEPS = [f"train.steps={2 * N}", f"checkpoint.save_interval={N}", "checkpoint.keep_last=0",
+                "train.log_interval=1", "train.lr_warmup_steps=0"]
+TARGETS = {
+    "tp1": (1, []),
+    "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
+    "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """2N steps at TP=2; then step N of it resumed to 2N at TP=1 (1 process), DP=2 and PP=2."""
+    work = tmp_path_factory.mktemp("reshard")
+    source = work / "tp2"
+    run(train_cmd(2, *LAYOUT_STEPS, "parallel.tensor_model_parallel_size=2", f"checkpoint.dir={source}"), cwd=work)
+    jobs = {}
+    for name, (nproc, extra) in TARGETS.items():
+        run_dir = work / name
+        run_dir.mkdir()
+        shutil.copytree(source / f"step-{N}", run_dir / f"step-{N}")
+        (run_dir / "latest").write_text(f"step-{N}\n")
+        jobs[name] = (nproc, train_cmd(nproc, *LAYOUT_STEPS, *extra, f"checkpoint.dir={run_dir}"))
+    return work, run_many(jobs, cwd=work)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_checkpoint_saved_at_tp2_resumes_at_another_layout(resharded, target):
+    work, outputs = resharded
+    source, run_dir = work / "tp2", work / target
+    assert f"resumed from {run_dir / f'step-{N}'} at step {N}" in outputs[target]
+    steps = list(range(N + 1, 2 * N + 1))
+    want = tb_scalars(source / "tensorboard", "train/loss")
+    got = tb_scalars(run_dir / "tensorboard", "train/loss")
+    assert sorted(got) == steps
+    # Step N+1's loss is computed with the loaded weights only: they arrived intact.
+    assert got[N + 1] == pytest.approx(want[N + 1], rel=1e-6, abs=1e-7)
+    # Later steps use the restored Adam moments and step counts (a fresh optimizer takes a different step).
+    for s in steps[1:]:
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), f"loss at step {s}"
+    diff, key = max_abs_diff(read_plain_tensors(source / f"step-{2 * N}" / "model"),
+                             read_plain_tensors(run_dir / f"step-{2 * N}" / "model"))
+    assert diff < 5e-6, f"{target}: {key} differs by {diff:.3g} from the TP=2 run"
+
+
+# ----------------------------------------------------------------------------------------------- preemption
+
+STOP_FILE = ".save_and_exit"
+
+
+def _preempt(tmp_path, run_dir, name: str, request, after_step: int):
+    """Start a long run in run_dir, wait until it logged ``after_step``, request a stop; -> (rc, output)."""
+    log_path = tmp_path / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(train_cmd(1, "train.steps=400", "train.log_interval=1", "checkpoint.save_interval=0",
+                                          f"checkpoint.dir={run_dir}"),
+                                cwd=tmp_path, env=run_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: f"step {after_step}/400" in log_path.read_text(), 240, f"step {after_step}", proc)
+            request(proc)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc)
+    return proc.returncode, log_path.read_text()
+
+
+def _saved_step(out: str) -> int:
+    lines = [ln for ln in out.splitlines() if "preempted: saved step" in ln]
+    assert len(lines) == 1, out[-3000:]
+    return int(lines[0].rsplit(" ", 1)[1])
+
+
+def test_sigterm_sigusr1_and_the_stop_file_save_at_a_step_boundary_and_exit_0(tmp_path):
+    run_dir = tmp_path / "run"
+    previous = 0
+    requests = [
+        ("sigterm", lambda p: p.send_signal(signal.SIGTERM)),
+        ("sigusr1", lambda p: p.send_signal(signal.SIGUSR1)),
+        ("stop-file", lambda p: (run_dir / STOP_FILE).touch()),
+    ]
+    for name, request in requests:
+        rc, out = _preempt(tmp_path, run_dir, name, request, after_step=previous + 2)
+        assert rc == 0, f"{name}: exit {rc}\n{out[-3000:]}"
+        if previous:
+            assert f"resumed from {run_dir / f'step-{previous}'} at step {previous}" in out, name
+        step = _saved_step(out)
+        assert step >= previous + 2, f"{name}: saved step {step} before the step it was asked at"
+        # it stopped at that step boundary: nothing after it was trained or logged
+        assert max(log_lines(out)) == step, name
+        assert _latest(run_dir) == f"step-{step}", name
+        _complete(run_dir / f"step-{step}", step)
+        assert not (run_dir / STOP_FILE).exists(), f"{name}: the stop file must be removed after the save"
+        previous = step

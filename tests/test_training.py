@@ -1,0 +1,262 @@
+"""The training loop end to end (real `megarank train` processes, gloo on CPU, fp32, the tiny model).
+
+- the loss goes down (Cranfield-derived groups from ../shared/data, and the built-in sample);
+- every parallel layout (DP=2 with and without the distributed optimizer, TP=2, TP=2 + SP, PP=2) trains to the
+  same losses, gradient norms and weights as one process, from identical initial weights;
+- the NaN/Inf guard skips and counts bad steps (weights, Adam state and LR untouched) and stops after
+  train.max_nonfinite_steps in a row;
+- log lines, TensorBoard event files and keep-last-K pruning.
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training_harness import (CRANFIELD, LOG_LINE, assert_bit_identical, init_checkpoint, log_lines,
+                                    max_abs_diff, read_plain_tensors, run, run_many, tb_scalars, train_cmd)
+
+STEPS = 3
+# Same global batch everywhere (4 groups of 5 passages: 2 micro-batches of 2 on one rank, 1 per rank at DP=2).
+# No warm-up, so all three steps move the weights; clip_grad 0.1 is below every step's norm, so clipping is on.
+COMMON = [f"train.steps={STEPS}", "train.log_interval=1", "train.lr_warmup_steps=0", "train.clip_grad=0.1"]
+LAYOUTS = {
+    "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
+    "dp2_no_distributed_optimizer": (2, ["parallel.use_distributed_optimizer=false"]),
+    "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
+    "tp2_sp": (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
+    "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
+}
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ----------------------------------------------------------------------------------------------- parallel layouts
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    """One reference run (1 process) and one run per layout, all from the same initial checkpoint."""
+    init = init_checkpoint(tmp_path_factory)
+    work = tmp_path_factory.mktemp("layouts")
+    jobs = {"reference": (1, train_cmd(1, *COMMON, f"checkpoint.load={init}", f"checkpoint.dir={work / 'reference'}"))}
+    for name, (nproc, extra) in LAYOUTS.items():
+        jobs[name] = (nproc, train_cmd(nproc, *COMMON, *extra, f"checkpoint.load={init}", f"checkpoint.dir={work / name}"))
+    outputs = run_many(jobs, cwd=work)
+    return work, outputs, init
+
+
+def test_reference_run_trains_from_the_initial_checkpoint(layout_runs):
+    work, outputs, init = layout_runs
+    assert "initialised weights from" in outputs["reference"]
+    start = read_plain_tensors(init / "model")
+    end = read_plain_tensors(work / "reference" / f"step-{STEPS}" / "model")
+    # every tensor moved (so agreeing on the final weights below is not agreeing on the initial ones)
+    moved = {k: (end[k] - start[k]).abs().max().item() for k in start}
+    assert min(moved.values()) > 1e-4, moved
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_one_process(layout_runs, layout):
+    work, outputs, _ = layout_runs
+    ref_dir, run_dir = work / "reference", work / layout
+    # one log line per step, from one rank only (the last pipeline stage's first rank)
+    lines = log_lines(outputs[layout])
+    assert sorted(lines) == list(range(1, STEPS + 1))
+    assert len(re.findall(r"step 1/\d+ \|", outputs[layout])) == 1
+    for tag, rel in (("train/loss", 1e-5), ("train/grad_norm", 1e-5), ("train/lr", 1e-7), ("train/acc", 1e-7)):
+        ref, got = tb_scalars(ref_dir / "tensorboard", tag), tb_scalars(run_dir / "tensorboard", tag)
+        assert sorted(got) == list(range(1, STEPS + 1)), tag
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], rel=rel, abs=1e-7), f"{tag} at step {step}"
+    ref_w = read_plain_tensors(ref_dir / f"step-{STEPS}" / "model")
+    got_w = read_plain_tensors(run_dir / f"step-{STEPS}" / "model")
+    diff, key = max_abs_diff(ref_w, got_w)
+    # Adam's per-element normalisation turns fp32 reduction-order noise in tiny gradients into ~1e-7 x lr moves
+    assert diff < 5e-6, f"{layout}: {key} differs by {diff:.3g} from one process after {STEPS} steps"
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=5e-6, msg=lambda m: f"{layout} {k}: {m}")
+
+
+def test_data_parallel_without_distributed_optimizer_and_pipeline_parallel_are_exact(layout_runs):
+    """Same reductions in the same order: bit-identical to one process."""
+    work, _, _ = layout_runs
+    ref = read_plain_tensors(work / "reference" / f"step-{STEPS}" / "model")
+    for layout in ("dp2_no_distributed_optimizer", "pp2"):
+        assert_bit_identical(ref, read_plain_tensors(work / layout / f"step-{STEPS}" / "model"), layout)
+
+
+# ----------------------------------------------------------------------------------------------- NaN/Inf guard
+
+NAN_SCRIPT = '''
+import sys
+
+if __name__ == "__main__":
+    import megarank.training.loop as loop
+    from megarank.cli import main
+    from megarank.training import loss as losses
+
+    POISONED_STEPS = {2, 3, 5, 6, 7}
+    calls = {"step": 0}
+    real_step, real_loss = loop.train_step, losses.LOSSES["listwise"]
+
+    def counting_step(*args, **kwargs):
+        calls["step"] += 1
+        return real_step(*args, **kwargs)
+
+    def poisoned_loss(scores, group_size):
+        loss = real_loss(scores, group_size)
+        return loss * float("nan") if calls["step"] in POISONED_STEPS else loss  # NaN loss and NaN gradients
+
+    loop.train_step = counting_step
+    losses.LOSSES["listwise"] = poisoned_loss
+    sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    (tmp_path / "nan_run.py").write_text(NAN_SCRIPT)
+    run_dir = tmp_path / "run"
+    from tests.training_harness import TINY
+
+    proc = run([sys.executable, "nan_run.py", TINY, "train.steps=10", "train.log_interval=1", "train.lr_warmup_steps=0",
+                "train.max_nonfinite_steps=3", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
+                f"checkpoint.dir={run_dir}"], cwd=tmp_path, check=False)
+    out = proc.stdout
+    # steps 2, 3 skipped; 4 finite resets the count; 5, 6, 7 in a row stop the run before step 7 is saved
+    assert proc.returncode != 0
+    assert ("NonFiniteError: 3 consecutive steps had NaN/Inf loss or gradients (train.max_nonfinite_steps); "
+            "stopping at step 7") in out, out[-3000:]
+    for step, in_a_row in ((2, 1), (3, 2), (5, 1), (6, 2)):
+        assert f"step {step} skipped: non-finite loss or gradients ({in_a_row} in a row)" in out
+    assert "step 4 skipped" not in out and "step 1 skipped" not in out
+    assert sorted(log_lines(out)) == [1, 2, 3, 4, 5, 6]
+    tb = run_dir / "tensorboard"
+    assert tb_scalars(tb, "train/skipped") == {1: 0, 2: 1, 3: 1, 4: 0, 5: 1, 6: 1}
+    assert tb_scalars(tb, "train/nonfinite_skips") == {1: 0, 2: 1, 3: 2, 4: 0, 5: 1, 6: 2}
+    lr = tb_scalars(tb, "train/lr")
+    assert lr[2] == lr[3] == lr[4] > lr[5], f"the schedule must not advance on a skipped step: {lr}"
+
+    assert (run_dir / "latest").read_text().strip() == "step-6"
+    weights = {s: read_plain_tensors(run_dir / f"step-{s}" / "model") for s in range(1, 7)}
+    optim = {s: read_plain_tensors(run_dir / f"step-{s}" / "optimizer") for s in (1, 3, 4, 6)}
+    # skipped steps leave weights and Adam state exactly as they were; finite steps move them
+    assert_bit_identical(weights[1], weights[2], "weights after skipped step 2")
+    assert_bit_identical(weights[1], weights[3], "weights after skipped step 3")
+    assert_bit_identical(optim[1], optim[3], "optimizer state after skipped steps 2-3")
+    assert max_abs_diff(weights[3], weights[4])[0] > 1e-5
+    assert_bit_identical(weights[4], weights[6], "weights after skipped steps 5-6")
+    assert_bit_identical(optim[4], optim[6], "optimizer state after skipped steps 5-6")
+    assert torch.load(run_dir / "step-6" / "train_state" / "rank-0.pt", weights_only=True)["nonfinite"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+
+def _cranfield_slice(dest: Path, n_queries: int, top_k: int) -> Path:
+    """The first n training queries of Cranfield with their judgements, BM25 top-k and the documents these
+    name, in the same BEIR layout (so the run file is found the usual way)."""
+    for sub in ("qrels", "candidates"):
+        (dest / sub).mkdir(parents=True)
+    qrels = (CRANFIELD / "qrels" / "train.tsv").read_text().splitlines()
+    keep: list[str] = []
+    for line in qrels[1:]:
+        qid = line.split("\t")[0]
+        if qid not in keep and len(keep) < n_queries:
+            keep.append(qid)
+    qrel_rows = [line for line in qrels[1:] if line.split("\t")[0] in keep]
+    (dest / "qrels" / "train.tsv").write_text("\n".join([qrels[0], *qrel_rows]) + "\n")
+    run_lines = (CRANFIELD / "candidates" / "train.bm25.top100.tsv").read_text().splitlines()
+    run_rows = [ln for ln in run_lines[1:] if ln.split("\t")[0] in keep and int(ln.split("\t")[2]) <= top_k]
+    (dest / "candidates" / "train.bm25.top100.tsv").write_text("\n".join([run_lines[0], *run_rows]) + "\n")
+    docs = {ln.split("\t")[1] for ln in run_rows + qrel_rows}
+    with open(CRANFIELD / "corpus.jsonl") as f:
+        (dest / "corpus.jsonl").write_text("".join(ln for ln in f if json.loads(ln)["_id"] in docs))
+    with open(CRANFIELD / "queries.jsonl") as f:
+        (dest / "queries.jsonl").write_text("".join(ln for ln in f if json.loads(ln)["_id"] in keep))
+    return dest
+
+
+# Scores divided by temperature 0.1 and a constant lr let a 64-wide random model visibly fit in a few dozen steps.
+LEARN = ["train.log_interval=1", "train.lr=0.001", "train.lr_decay_style=constant", "model.temperature=0.1"]
+
+
+def _first_and_last(lines: dict, field: str, k: int):
+    steps = sorted(lines)
+    return _mean(float(lines[s][field]) for s in steps[:k]), _mean(float(lines[s][field]) for s in steps[-k:])
+
+
+@pytest.mark.skipif(not (CRANFIELD / "corpus.jsonl").is_file(), reason=f"Cranfield is not at {CRANFIELD} (../shared/data)")
+def test_loss_goes_down_on_cranfield_groups(tmp_path):
+    # 16 training queries with BM25 top-30 hard negatives. The byte-level tiny tokenizer spends ~110 tokens on
+    # the query and template, so max_length 256 keeps a passage in every sequence.
+    data = _cranfield_slice(tmp_path / "cranfield16", n_queries=16, top_k=30)
+    steps = 40
+    out = run(train_cmd(1, *LEARN, f"data.train_path={data}", "data.train_split=train", "data.max_length=256",
+                        "data.negatives_top_k=30", "train.global_batch_size=8", "train.micro_batch_size=4",
+                        f"train.steps={steps}"), cwd=tmp_path).stdout
+    assert "16 training groups" in out
+    lines = log_lines(out)
+    assert sorted(lines) == list(range(1, steps + 1))
+    first, last = _first_and_last(lines, "loss", 10)
+    assert last < first - 0.05, f"mean loss of the first 10 steps {first:.4f}, of the last 10 {last:.4f}"
+    acc_first, acc_last = _first_and_last(lines, "acc", 10)
+    assert acc_last > acc_first, f"group accuracy {acc_first:.3f} -> {acc_last:.3f}"
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    """24 steps on the built-in sample with checkpoints every 5 steps and keep_last 2."""
+    work = tmp_path_factory.mktemp("sample-run")
+    out = run(train_cmd(1, *LEARN, "train.steps=24", "checkpoint.save_interval=5", "checkpoint.keep_last=2",
+                        f"checkpoint.dir={work / 'run'}"), cwd=work).stdout
+    return work / "run", out
+
+
+def test_loss_goes_down_on_the_builtin_sample(sample_run):
+    _, out = sample_run
+    lines = log_lines(out)
+    assert sorted(lines) == list(range(1, 25))
+    first, last = _first_and_last(lines, "loss", 6)
+    assert last < first - 0.2, f"mean loss of the first 6 steps {first:.4f}, of the last 6 {last:.4f}"
+    acc_first, acc_last = _first_and_last(lines, "acc", 6)
+    assert acc_last > acc_first, f"group accuracy {acc_first:.3f} -> {acc_last:.3f}"
+
+
+def test_log_line_and_tensorboard_event_files(sample_run):
+    run_dir, out = sample_run
+    line = next(ln for ln in out.splitlines() if "step 24/24" in ln)
+    m = LOG_LINE.search(line)
+    assert m, line
+    for field in ("loss", "acc", "mrr", "lr", "grad_norm", "tps"):
+        float(m[field])
+    assert float(m["tps"]) > 0 and float(m["lr"]) == pytest.approx(1e-3)
+    assert re.fullmatch(r"\d+:\d\d:\d\d", m["elapsed"]) and m["eta"] == "0:00:00"
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in <checkpoint.dir>/tensorboard"
+    for tag in ("loss", "acc", "mrr", "lr", "grad_norm", "tokens_per_s"):
+        values = tb_scalars(run_dir / "tensorboard", f"train/{tag}")
+        assert sorted(values) == list(range(1, 25)), tag
+    # the event file holds the loss the log line printed, at full precision
+    assert tb_scalars(run_dir / "tensorboard", "train/loss")[24] == pytest.approx(float(m["loss"]), abs=5e-5)
+
+
+def test_checkpoints_keep_the_last_k_and_latest_names_the_final_step(sample_run):
+    run_dir, _ = sample_run
+    steps = sorted(p.name for p in run_dir.glob("step-*"))
+    assert steps == ["step-20", "step-24"], steps
+    assert (run_dir / "latest").read_text().strip() == "step-24"
+    assert not list(run_dir.glob(".step-*")), "no incomplete folder is left after clean saves"
+    final = run_dir / "step-24"
+    marker = json.loads((final / "megarank_checkpoint.json").read_text())
+    assert marker["kind"] == "train" and marker["step"] == 24
+    for part in ("config.yaml", "model/metadata.json", "optimizer/metadata.json", "train_state/rank-0.pt",
+                 "tokenizer"):
+        assert (final / part).exists(), part
+    state = torch.load(final / "train_state" / "rank-0.pt", weights_only=True)
+    assert state["step"] == 24 and state["nonfinite"] == 0
