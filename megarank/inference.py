@@ -4,16 +4,13 @@ Batches come length-sorted from ``megarank.data.rerank_batches``; data-parallel 
 each batch runs through megatron-core's schedule in forward-only mode (so pipeline stages work), and the
 scores from every last-stage, first-TP rank are gathered on all ranks.
 """
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+from megarank.parallel.init import device
 
 
 def _collect(scores):
@@ -22,7 +19,7 @@ def _collect(scores):
 
 def _forward(data_iterator, model):
     batch = next(data_iterator)
-    dev = _device()
+    dev = device()
     return model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev)), _collect
 
 

@@ -7,7 +7,6 @@ The mask follows megatron's convention: boolean, True = masked out (padding), br
 import math
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType

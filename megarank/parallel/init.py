@@ -11,6 +11,19 @@ from megarank.parallel.cpu import apply_cpu_shims
 log = logging.getLogger(__name__)
 
 
+def device() -> torch.device:
+    """This rank's compute device: its GPU under CUDA, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def any_rank(value: bool) -> bool:
+    """Collective: True on every rank if ``value`` is True on any rank."""
+    flag = torch.tensor([1.0 if value else 0.0], device=device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def _backend(requested: str) -> str:
     if requested == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"

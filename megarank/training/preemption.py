@@ -7,8 +7,7 @@ import signal
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.distributed as dist
+from megarank.parallel.init import any_rank
 
 STOP_FILE = ".save_and_exit"
 
@@ -26,11 +25,7 @@ class PreemptionWatcher:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank got a signal or the stop file exists."""
-        local = self.requested or (self.stop_file is not None and self.stop_file.exists())
-        flag = torch.tensor([1.0 if local else 0.0], device="cuda" if torch.cuda.is_available() else "cpu")
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested or (self.stop_file is not None and self.stop_file.exists()))
 
     def clear(self) -> None:
         """Remove the stop file after the save it asked for (so the requeued job runs on)."""

@@ -6,11 +6,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarank.parallel.init import any_rank, device
+
 from megarank.training.loss import LOSSES, group_metrics
-
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _loss_func(loss_name: str, group_size: int, scores: torch.Tensor):
@@ -23,7 +21,7 @@ def _loss_func(loss_name: str, group_size: int, scores: torch.Tensor):
 def forward_step(data_iterator, model, loss_name: str):
     """megatron-core forward_step contract: return (output, loss_func) for one micro-batch."""
     batch = next(data_iterator)
-    dev = _device()
+    dev = device()
     scores = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
     return scores, partial(_loss_func, loss_name, batch["group_size"])
 
@@ -38,17 +36,10 @@ def _grads_finite(model) -> bool:
     return True
 
 
-def _all_ranks_true(value: bool) -> bool:
-    flag = torch.tensor([0.0 if value else 1.0], device=_device())
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
-
-
 def _mean_over_dp(values: dict) -> dict:
     """Average the last stage's micro-batch metrics over data-parallel ranks (only called there)."""
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
     dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
     t /= parallel_state.get_data_parallel_world_size()
     return dict(zip(keys, t.tolist()))
@@ -76,7 +67,7 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss_name: 
     if last_stage:
         local = {k: torch.stack([o[k] for o in outputs]).mean().item() for k in ("loss", "acc", "mrr")}
     finite = (not last_stage or torch.isfinite(torch.tensor(local["loss"])).item()) and _grads_finite(ddp_model)
-    result = {"skipped": not _all_ranks_true(finite), "lr": optimizer.param_groups[0]["lr"]}
+    result = {"skipped": any_rank(not finite), "lr": optimizer.param_groups[0]["lr"]}
     if result["skipped"]:
         result["grad_norm"] = float("nan")
     else:
