@@ -30,18 +30,18 @@ sys.path.insert(0, str(ROOT))
 
 SIZES = {
     # meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B config.json dims
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-               rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192}),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192}),
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
+               "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}},
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192}},
 }
-COMMON = dict(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-              hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=128000, eos_token_id=128001,
-              model_type="llama", architectures=["LlamaForCausalLM"], torch_dtype="bfloat16")
+COMMON = {"vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
+              "model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16"}
 
 
 def hf_tensor_plan(cfg: dict) -> list:
@@ -140,9 +140,9 @@ def markdown(results: list, command: str) -> str:
     lines = [
         "### Checkpoint conversion (benchmarks/convert_bench.py)",
         "",
-        f"Machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-        f"{platform.machine()}, torch {torch.__version__}. Synthetic random bf16 HF LlamaForCausalLM checkpoints with the "
-        "real dims (5 GB safetensors shards). Each direction runs as its own process; peak RSS = that process's ru_maxrss.",
+        (f"Machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+         f"{platform.machine()}, torch {torch.__version__}. Synthetic random bf16 HF LlamaForCausalLM checkpoints with the "
+         "real dims (5 GB safetensors shards). Each direction runs as its own process; peak RSS = that process's ru_maxrss."),
         "",
         f"Command: `{command}`",
         "",

@@ -150,16 +150,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def one_step(model, forward, ids, valid, device) -> float:
+def one_step(model, forward, ids, valid, device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward+backward."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     scores = forward(ids, valid)
     scores.float().sum().backward()
     sync(device)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     for p in model.parameters():
         p.grad = None
-    return elapsed
+    return elapsed, cpu
 
 
 def profile(model, forward, ids, valid, device, name):
@@ -189,6 +190,7 @@ def main(argv=None):
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     models = {name: build(name, args, args.device) for name in names}
     params = {name: sum(p.numel() for p in m.parameters()) for name, (m, _) in models.items()}
+    args.non_embedding_params = sum(params.values()) / len(params) - args.vocab * args.hidden
 
     if args.profile:
         model, forward = models[args.profile]
@@ -201,37 +203,43 @@ def main(argv=None):
         for _ in range(args.warmup):
             one_step(model, forward, ids, valid, args.device)
     times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
     peak = {}
     for _ in range(args.iters):
         for name, (model, forward) in models.items():
             if args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times[name].append(one_step(model, forward, ids, valid, args.device))
+            wall, cpu = one_step(model, forward, ids, valid, args.device)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
             if args.device == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
 
-    report(args, names, params, times, peak)
+    report(args, names, params, times, cpu_times, peak)
 
 
-def report(args, names, params, times, peak):
+def report(args, names, params, times, cpu_times, peak):
     median = {n: statistics.median(t) for n, t in times.items()}
+    cpu_median = {n: statistics.median(t) for n, t in cpu_times.items()}
     ref = median.get("transformers")
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"\nforward+backward, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv heads, "
-        f"ffn {args.ffn}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {args.dtype}, {device}, "
+        f"ffn {args.ffn} ({args.non_embedding_params / 1e6:.1f}M params without the embedding), vocab {args.vocab}, "
+        f"seq {args.seq}, batch {args.batch} ({args.pad_fraction:.0%} of rows padded to 3/4), {args.dtype}, {device}, "
         f"torch {torch.__version__}; median of {args.iters} after {args.warmup} warm-up\n"
     )
     mem_col = " peak mem (GiB) |" if peak else ""
-    print(f"| variant | params (M) | step (s) | min (s) | ratio transformers/variant |{mem_col}")
-    print("|---|---:|---:|---:|---:|" + ("---:|" if peak else ""))
+    print(f"| variant | params (M) | step (s), median | min (s) | CPU time (s), median | ratio transformers/variant (median) | ratio (min) |{mem_col}")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
     rows = []
     for n in names:
         ratio = ref / median[n] if ref else float("nan")
+        ratio_min = min(times["transformers"]) / min(times[n]) if ref else float("nan")
         mem = f" {peak[n] / 2**30:.2f} |" if peak else ""
-        print(f"| {n} | {params[n] / 1e6:.1f} | {median[n]:.3f} | {min(times[n]):.3f} | {ratio:.2f} |{mem}")
+        print(f"| {n} | {params[n] / 1e6:.1f} | {median[n]:.3f} | {min(times[n]):.3f} | {cpu_median[n]:.3f} | {ratio:.2f} | {ratio_min:.2f} |{mem}")
         rows.append({"variant": n, "params": params[n], "median_s": median[n], "times_s": times[n],
-                     "ratio": ratio, "peak_bytes": peak.get(n)})
+                     "cpu_times_s": cpu_times[n], "ratio": ratio, "ratio_min": ratio_min, "peak_bytes": peak.get(n)})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)

@@ -22,7 +22,11 @@ from checkpoint_tools.import_hf import DTYPES, _load_base_config, check_agreemen
 from checkpoint_tools.layout import split_gate_up, split_qkv
 from checkpoint_tools.megatron_reader import MegatronWeights, resolve_checkpoint
 from checkpoint_tools.progress import Progress
-from checkpoint_tools.tokenizer_files import copy_tokenizer, ensure_pad_token, tokenizer_files
+from checkpoint_tools.tokenizer_files import (
+    copy_tokenizer,
+    ensure_pad_token,
+    tokenizer_files,
+)
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
 MODELING_FILES = ("configuration_llama_bidirec.py", "modeling_llama_bidirec.py")

@@ -1,4 +1,12 @@
-"""hf-to-megatron: a Hugging Face Llama folder -> a megarank checkpoint folder (config.yaml, tokenizer/, model/)."""
+"""hf-to-megatron: a Hugging Face Llama folder -> a megarank checkpoint folder (config.yaml, tokenizer/, model/).
+
+Vocabulary padding: the embedding is stored with ``padded_vocab_size(vocab_size, make_vocab_size_divisible_by,
+--tp)`` rows (megarank's rule: a multiple of lcm(divisible_by, tp), so the same size for every TP that divides
+divisible_by), zero rows appended; config.yaml keeps the HF ``vocab_size``. A model at any TP loads it even when
+its own padded size differs: megatron-core's ``VocabParallelEmbedding`` marks its sharded tensor
+``allow_shape_mismatch``, so the overlapping rows are read and the rest zero-filled (tested with vocab 301,
+divisible_by 1: 301 stored rows loaded by a TP=2 model of 302). Export cuts back to ``vocab_size``.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,11 +19,20 @@ from checkpoint_tools import keymap
 from checkpoint_tools.atomic import atomic_output_dir, check_destination
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import (
-    ARCHITECTURE_KEYS, detect_format, hf_architecture, hf_dtype, normalized_architecture, read_hf_config,
+    ARCHITECTURE_KEYS,
+    detect_format,
+    hf_architecture,
+    hf_dtype,
+    normalized_architecture,
+    read_hf_config,
 )
 from checkpoint_tools.hf_reader import HFWeights
 from checkpoint_tools.layout import fuse_qkv, pad_vocab
-from checkpoint_tools.megatron_writer import stacked_chunks, whole_chunk, write_torch_dist
+from checkpoint_tools.megatron_writer import (
+    stacked_chunks,
+    whole_chunk,
+    write_torch_dist,
+)
 from checkpoint_tools.progress import Progress
 from checkpoint_tools.tokenizer_files import copy_tokenizer
 
@@ -153,7 +170,7 @@ def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperat
     fmt = detect_format(hf, where=str(src / "config.json"))
     dst = check_destination(src, dst, overwrite)
     weights = HFWeights(src, allow_pickle=allow_pickle)
-    opts = dict(config=config, pooling=pooling, temperature=temperature, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    opts = {"config": config, "pooling": pooling, "temperature": temperature, "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     cfg = build_config(hf, fmt, weights, src, opts)
     m = cfg.model
     ignored = check_tensors(weights, m, fmt, src)

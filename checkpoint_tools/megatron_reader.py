@@ -14,7 +14,12 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_tools.errors import ConversionError
-from checkpoint_tools.keymap import EMBEDDING, LAYER_ENTRIES, megatron_keys, megatron_shapes
+from checkpoint_tools.keymap import (
+    EMBEDDING,
+    LAYER_ENTRIES,
+    megatron_keys,
+    megatron_shapes,
+)
 
 
 def resolve_checkpoint(src) -> Path:

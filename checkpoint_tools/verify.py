@@ -12,11 +12,17 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools import keymap
-from checkpoint_tools.hf_config import ARCHITECTURE_KEYS, detect_format, export_config, hf_architecture, read_hf_config
+from checkpoint_tools.export_hf import load_saved_config
+from checkpoint_tools.hf_config import (
+    ARCHITECTURE_KEYS,
+    detect_format,
+    export_config,
+    hf_architecture,
+    read_hf_config,
+)
 from checkpoint_tools.hf_reader import HFWeights
 from checkpoint_tools.import_hf import check_agreement
 from checkpoint_tools.megatron_reader import MegatronWeights, resolve_checkpoint
-from checkpoint_tools.export_hf import load_saved_config
 from checkpoint_tools.tokenizer_files import copy_tokenizer, tokenizer_files
 
 PAIRS = [
@@ -58,8 +64,12 @@ def encode_pairs(tokenizer_dir, template: str, vocab_size: int, max_length: int 
 
 def hf_reranker(src: Path, m, score_from=None):
     """This package's HF reranker class loaded with SRC's weights in fp32 (score head from SRC or ``score_from``)."""
-    from checkpoint_tools.hf_modeling.configuration_llama_bidirec import LlamaBidirectionalConfig
-    from checkpoint_tools.hf_modeling.modeling_llama_bidirec import LlamaBidirectionalForSequenceClassification
+    from checkpoint_tools.hf_modeling.configuration_llama_bidirec import (
+        LlamaBidirectionalConfig,
+    )
+    from checkpoint_tools.hf_modeling.modeling_llama_bidirec import (
+        LlamaBidirectionalForSequenceClassification,
+    )
 
     cfg = export_config(m, "fp32")
     for key in ("architectures", "model_type", "auto_map", "dtype"):

@@ -312,8 +312,8 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Rows of the embedding: the vocabulary padded to a multiple of lcm(divisible_by, tp).
 
     Megatron-LM pads to a multiple of ``divisible_by * tp``, which makes the embedding's global shape depend
-    on TP, so a checkpoint saved at one TP cannot load at another. With the lcm the shape is the same for
-    every TP that divides ``divisible_by`` (128 covers TP 1, 2, 4, 8), and the rows still split evenly.
+    on TP. With the lcm the shape is the same for every TP that divides ``divisible_by`` (128 covers TP 1, 2,
+    4, 8), so checkpoints move between TP sizes with identical shapes, and the rows still split evenly.
     """
     multiple = math.lcm(divisible_by, tp)
     return ((vocab_size + multiple - 1) // multiple) * multiple

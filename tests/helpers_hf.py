@@ -1,7 +1,7 @@
 """Tiny random Hugging Face Llama checkpoints (three input formats) and a tokenizer, for converter tests.
 
 Sizes are chosen to catch layout bugs: GQA (4 heads, 2 KV heads), Llama-3 rope scaling, vocab 300 (needs padding
-to 320 at TP=1 and 384 at TP=2 with make_vocab_size_divisible_by 64), and random norm weights (not all ones).
+to 320 rows with make_vocab_size_divisible_by 64), and random norm weights (not all ones).
 """
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-TINY = dict(
-    vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+TINY = {
+    "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192},
-    bos_token_id=256, eos_token_id=257, pad_token_id=258,
-)
+    "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258,
+}
 FORMATS = ("causal_lm", "seq_cls", "llama_bidirec")
-DIVISIBLE_BY = 64  # pass --make-vocab-size-divisible-by 64: vocab 300 -> 320 (TP=1) / 384 (TP=2)
+DIVISIBLE_BY = 64  # --make-vocab-size-divisible-by 64: vocab 300 -> 320 rows (lcm(64, tp) for TP 1 and 2)
 
 
 def build_tokenizer(out_dir) -> Path:
@@ -58,10 +58,18 @@ def make_hf_llama(out_dir, fmt: str = "causal_lm", tied: bool = False, seed: int
                   shard: str | None = None, tokenizer: bool = True, pooling: str = "avg", temperature: float = 1.0,
                   **overrides) -> Path:
     """Save a tiny random HF model in one of FORMATS (safetensors, optionally sharded) with a tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
-    from checkpoint_tools.hf_modeling.configuration_llama_bidirec import LlamaBidirectionalConfig
-    from checkpoint_tools.hf_modeling.modeling_llama_bidirec import LlamaBidirectionalForSequenceClassification
+    from checkpoint_tools.hf_modeling.configuration_llama_bidirec import (
+        LlamaBidirectionalConfig,
+    )
+    from checkpoint_tools.hf_modeling.modeling_llama_bidirec import (
+        LlamaBidirectionalForSequenceClassification,
+    )
 
     kw = {**TINY, **overrides, "tie_word_embeddings": tied}
     torch.manual_seed(seed)

@@ -88,7 +88,6 @@ def test_truncated_safetensors(tmp_path, hf, capsys):
 def test_corrupt_safetensors_header(tmp_path, hf, capsys):
     path = hf / "model.safetensors"
     data = bytearray(path.read_bytes())
-    (hlen,) = struct.unpack("<Q", data[:8])
     data[8 : 8 + 20] = b"\x00garbage-not-json!!!"
     path.write_bytes(bytes(data))
     assert "is corrupt: its safetensors header is not valid JSON" in fails(capsys, "hf-to-megatron", hf, tmp_path / "dst")
@@ -160,9 +159,10 @@ def test_not_a_megarank_checkpoint(tmp_path, hf, capsys):
 
 def test_megatron_missing_and_unexpected_tensors(tmp_path, megatron, capsys):
     """Write checkpoints with one tensor removed / one extra, with the same streaming writer."""
+    from megatron.core import dist_checkpointing
+
     from checkpoint_tools.megatron_reader import ensure_process_group
     from checkpoint_tools.megatron_writer import whole_chunk, write_torch_dist
-    from megatron.core import dist_checkpointing
 
     ensure_process_group()
     tensors = dist_checkpointing.load_plain_tensors(str(megatron / "model"))

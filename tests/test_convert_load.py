@@ -25,9 +25,9 @@ from tests.helpers_hf import make_hf_llama, random_batch, read_safetensors_folde
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TOL = 1e-5
 CASES = {
-    "gqa_avg": (dict(fmt="llama_bidirec", pooling="avg"), 64),
-    "last_t2": (dict(fmt="seq_cls"), 64),
-    "odd_vocab": (dict(fmt="causal_lm", vocab_size=301), 1),
+    "gqa_avg": ({"fmt": "llama_bidirec", "pooling": "avg"}, 64),
+    "last_t2": ({"fmt": "seq_cls"}, 64),
+    "odd_vocab": ({"fmt": "causal_lm", "vocab_size": 301}, 1),
 }
 SPAWNED = ("gqa_avg", "odd_vocab")
 PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"), ("a b c", "d e f g h i j k l m n o p")]
@@ -105,7 +105,11 @@ def test_crossencoder_loads_export_and_scores_like_megarank(converted):
 
 
 def _score_tp2_pp2(ckpts: dict, ids, mask, save_root) -> dict:
-    from megarank.checkpoint import load_checkpoint_config, load_model_weights, save_model_weights
+    from megarank.checkpoint import (
+        load_checkpoint_config,
+        load_model_weights,
+        save_model_weights,
+    )
     from megarank.inference import score_batches
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
@@ -146,7 +150,7 @@ def test_megarank_tp2_and_pp2_score_like_the_hf_export(converted, spawned, case)
 @pytest.mark.parametrize("case", SPAWNED)
 def test_checkpoint_saved_at_tp2_exports_bit_exact(converted, spawned, tmp_path, case):
     _, save_root, _ = spawned
-    src, mg, export = converted[case]
+    _, mg, export = converted[case]
     saved = save_root / case
     for f in ("config.yaml", "megarank_checkpoint.json"):
         shutil.copy(mg / f, saved / f)

@@ -138,7 +138,11 @@ def test_streamed_checkpoint_equals_megatron_save(tmp_path):
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megarank.checkpoint import load_checkpoint_config, load_model_weights, save_model_weights
+    from megarank.checkpoint import (
+        load_checkpoint_config,
+        load_model_weights,
+        save_model_weights,
+    )
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
 
@@ -156,7 +160,7 @@ def test_streamed_checkpoint_equals_megatron_save(tmp_path):
     for key in ours:
         assert ours[key].size == theirs[key].size, key
         assert ours[key].properties.dtype == theirs[key].properties.dtype, key
-        chunks = lambda md: sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)  # noqa: E731
+        chunks = lambda md: sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks)
         assert chunks(ours[key]) == chunks(theirs[key]), key
     a = dist_checkpointing.load_plain_tensors(str(mg / "model"))
     b = dist_checkpointing.load_plain_tensors(str(tmp_path / "resaved"))

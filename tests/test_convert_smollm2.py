@@ -21,7 +21,7 @@ from checkpoint_tools.cli import main
 pytestmark = [pytest.mark.smollm2, pytest.mark.filterwarnings("ignore::UserWarning")]
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import build_smollm2_cache as cache  # noqa: E402
+import build_smollm2_cache as cache
 
 PAIRS = [
     ("what is the capital of france?", "Paris is the capital and most populous city of France."),

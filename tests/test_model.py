@@ -330,3 +330,22 @@ def test_fp8_hybrid_forward_backward_runs(recipe):
     assert torch.isfinite(scores).all() and torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_swiglu_function_matches_megatron_glu():
+    """The local spec's single-function SwiGLU (megarank/model/mlp.py) equals upstream's chunk/silu/mul."""
+    from megarank.model.mlp import SwiGLUActivation
+
+    model = build()
+    mlp = model.decoder.layers[0].mlp
+    assert isinstance(mlp.activation_func, SwiGLUActivation) and model.config.use_te_activation_func
+    x = torch.randn(5, 3, 2 * 128, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, 3, 128, dtype=torch.float64)
+    ours = mlp.activation_func(x)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    gate, up = torch.chunk(x, 2, dim=-1)
+    ref = F.silu(gate) * (up + 0.0)  # megatron-core 0.16.1 MLP.forward's glu()
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(mlp.activation_func, (x[:2, :1].detach().requires_grad_(),))

@@ -85,8 +85,9 @@ def test_sigkill_after_step_n_then_resume_matches_training_straight(straight, tm
     assert not list(run_dir.glob(".step-*")), "a completed save leaves no incomplete folder behind"
 
 
-DIE_DURING_SAVE = '''
+FREEZE_DURING_SAVE = '''
 import os
+import signal
 import sys
 
 if __name__ == "__main__":  # the torch_dist writer starts a spawn Manager: guard the main module
@@ -96,24 +97,35 @@ if __name__ == "__main__":  # the torch_dist writer starts a spawn Manager: guar
 
     real_save = dist_checkpointing.save
 
-    def save_then_die(state_dict, path, *args, **kwargs):
+    def save_then_freeze(state_dict, path, *args, **kwargs):
         result = real_save(state_dict, path, *args, **kwargs)
         if sys.argv[1] in str(path):
-            os._exit(9)  # dies like a killed job: model shards written, optimizer, state and marker not
+            # Model shards written; optimizer, train state and marker not: stop here for the test to SIGKILL.
+            os.kill(os.getpid(), signal.SIGSTOP)
         return result
 
-    dist_checkpointing.save = save_then_die
+    dist_checkpointing.save = save_then_freeze
     sys.exit(main(["train", *sys.argv[2:]]))
 '''
 
 
 def test_kill_during_a_save_leaves_latest_on_the_previous_complete_checkpoint(straight, tmp_path):
-    (tmp_path / "die_during_save.py").write_text(DIE_DURING_SAVE)
+    import psutil
+
+    (tmp_path / "freeze_during_save.py").write_text(FREEZE_DURING_SAVE)
     run_dir = tmp_path / "run"
-    proc = run([sys.executable, "die_during_save.py", f".step-{2 * N}.incomplete/model", TINY, *RESUME,
-                f"checkpoint.dir={run_dir}"], cwd=tmp_path, check=False)
-    assert proc.returncode == 9, proc.stdout[-3000:]
-    assert f"step {2 * N}/{2 * N}" in proc.stdout, "the run died before it reached the last save"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "freeze_during_save.py", f".step-{2 * N}.incomplete/model", TINY,
+                                 *RESUME, f"checkpoint.dir={run_dir}"],
+                                cwd=tmp_path, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 240,
+                     f"a stop in the middle of saving step {2 * N}", proc)
+        finally:
+            kill_tree(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert f"step {2 * N}/{2 * N}" in log_path.read_text(), "the run died before it reached the last save"
 
     assert _latest(run_dir) == f"step-{N}"
     _complete(run_dir / f"step-{N}", N)

@@ -183,17 +183,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
     import psutil
 
     try:
-        root = psutil.Process(proc.pid)
-        procs = [root, *root.children(recursive=True)]
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
+        descendants = []
+    proc.kill()
+    for p in descendants:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(procs, timeout=30)
-    proc.wait()
+    proc.wait()  # reap our child here, so its return code stays -SIGKILL
+    psutil.wait_procs(descendants, timeout=30)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, interval: float = 0.005):

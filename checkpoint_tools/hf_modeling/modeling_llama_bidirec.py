@@ -11,7 +11,6 @@ for whatever attention implementation is active (eager, sdpa, flash); on older v
 (0 for valid keys, the dtype's minimum for padding) is passed instead. A 4-D *boolean* mask would be wrong under
 eager attention, which adds the mask to the scores.
 """
-from typing import Optional
 
 import torch
 from torch import nn
@@ -93,11 +92,11 @@ class LlamaBidirectionalForSequenceClassification(LlamaPreTrainedModel):
 
     def forward(
         self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        inputs_embeds: Optional[torch.FloatTensor] = None,
-        labels: Optional[torch.Tensor] = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

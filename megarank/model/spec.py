@@ -4,8 +4,8 @@ Both specs are megatron-core's GPT specs with one change: the self-attention mas
 (bidirectional, as megatron-core's BERT does), so attention sees every valid token in both directions.
 
 * ``transformer_engine``: TE layers (fused norm+linear, FP8-capable); needs Transformer Engine and CUDA.
-* ``local``: megatron-core's own layers, our sequence-parallel-capable RMSNorm, and either SDPA or
-  megatron's DotProductAttention as core attention. Runs on CPU.
+* ``local``: megatron-core's own layers, our sequence-parallel-capable RMSNorm, our single-function SwiGLU,
+  and either SDPA or megatron's DotProductAttention as core attention. Runs on CPU.
 
 Checkpoint keys are identical: the local spec maps ``input_layernorm`` / ``pre_mlp_layernorm`` to the TE keys
 ``self_attention.linear_qkv.layer_norm_weight`` / ``mlp.linear_fc1.layer_norm_weight``.
@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from megarank.config import transformer_engine_available
 from megarank.model.attention import SDPACoreAttention
+from megarank.model.mlp import SwiGLUActivation
 from megarank.model.norm import RMSNorm
 
 
@@ -48,6 +49,9 @@ def local_layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
     spec.submodules.pre_mlp_layernorm = RMSNorm
     attn = spec.submodules.self_attention.submodules
     attn.core_attention = SDPACoreAttention if attention_backend == "sdpa" else DotProductAttention
+    # SwiGLU as one autograd function (needs use_te_activation_func=True, set for the local impl in
+    # transformer_config.py; see mlp.py for why).
+    spec.submodules.mlp.submodules.activation_func = SwiGLUActivation
     return spec
 
 

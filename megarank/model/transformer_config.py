@@ -47,6 +47,9 @@ def make_transformer_config(model: ModelConfig, parallel: ParallelConfig, impl: 
         bias_activation_fusion=False,
         bias_dropout_fusion=te and on_gpu,
         apply_rope_fusion=False,
+        # "Take the MLP activation module from the layer spec": the local spec's SwiGLUActivation. Never on
+        # the TE spec, whose MLP has no such module and would then apply plain SiLU to [gate; up].
+        use_te_activation_func=not te,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         use_cpu_initialization=not on_gpu,

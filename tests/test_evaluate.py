@@ -1,0 +1,119 @@
+"""`megarank evaluate` on the built-in sample BEIR folder at 1 process, TP=2 and PP=2, and evaluation during
+training (real processes, gloo on CPU, fp32)."""
+import json
+import math
+
+import pytest
+
+from megarank.data import read_beir, read_run, sample_data_dir
+from megarank.metrics import evaluate_run, read_trec_run
+from tests.training_harness import megarank_cmd, run, run_many, tb_scalars, train_cmd
+
+SAMPLE = sample_data_dir()
+METRICS = {"nDCG@10", "RR@10", "MRR@10", "R@10", "R@100"}
+LAYOUTS = {"one": (1, []), "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
+           "pp2": (2, ["parallel.pipeline_model_parallel_size=2"])}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two training steps with evaluation on the sample's test split after each (eval_interval=1)."""
+    work = tmp_path_factory.mktemp("trained")
+    out = run(train_cmd(1, "train.steps=2", "train.log_interval=1", "train.eval_interval=1",
+                        f"data.eval_path={SAMPLE}", "data.eval_split=test", f"checkpoint.dir={work / 'run'}"),
+              cwd=work).stdout
+    return work / "run", out
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """The trained checkpoint evaluated at each layout; the 1-process run is given the run folder (`latest`)."""
+    run_dir, _ = trained
+    work = tmp_path_factory.mktemp("evaluate")
+    jobs = {}
+    for name, (nproc, overrides) in LAYOUTS.items():
+        target = run_dir if name == "one" else run_dir / "step-2"
+        # config overrides go right after the checkpoint (argparse reads them as the trailing positional list)
+        jobs[name] = (nproc, megarank_cmd(nproc, "evaluate", str(target), *overrides, "--data", str(SAMPLE),
+                                          "--split", "test", "--out", f"{name}.trec", "--metrics-out", f"{name}.json"))
+    outputs = run_many(jobs, cwd=work)
+    return work, outputs, run_dir / "step-2"
+
+
+def test_evaluation_during_training_logs_eval_lines_and_tensorboard_scalars(trained):
+    run_dir, out = trained
+    for step in (1, 2):
+        line = next((ln for ln in out.splitlines() if f"eval step {step} |" in ln), None)
+        assert line is not None, f"no `eval step {step}` line:\n{out[-3000:]}"
+        assert "nDCG@10" in line and "MRR@10" in line and "first stage:" in line
+    values = tb_scalars(run_dir / "tensorboard", "eval/nDCG@10")
+    assert sorted(values) == [1, 2] and all(0.0 <= v <= 1.0 for v in values.values())
+
+
+def test_evaluate_writes_a_run_file_and_metrics_for_megarank_and_the_first_stage(evaluated):
+    work, outputs, step_dir = evaluated
+    report = json.loads((work / "one.json").read_text())
+    assert report["checkpoint"] == str(step_dir), "the run folder resolves to the step `latest` names"
+    assert report["split"] == "test" and report["top_k"] == 100
+    beir = read_beir(str(SAMPLE), "test")
+    candidates = read_run(str(SAMPLE / "candidates" / "test.run.tsv"))
+    judged = [q for q in candidates if q in beir.qrels]
+    assert report["queries"] == len(judged) > 0
+    for system in ("megarank", "first_stage"):
+        assert set(report[system]) == METRICS, system
+        assert all(0.0 <= v <= 1.0 for v in report[system].values()), report[system]
+        assert report[system]["MRR@10"] == report[system]["RR@10"]
+    # the printed report is the file's
+    assert json.loads(outputs["one"].strip().splitlines()[-1]) == report
+
+    scores = read_trec_run(work / "one.trec")
+    # every candidate of every judged query is scored once
+    assert {q: set(d) for q, d in scores.items()} == {q: set(candidates[q]) for q in judged}
+    # the reported metrics are those of the written run
+    recomputed = evaluate_run(beir.qrels, scores)
+    for name in METRICS:
+        assert report["megarank"][name] == pytest.approx(recomputed[name], abs=1e-12), name
+    # and the written run is ranked: descending scores within each query
+    lines = (work / "one.trec").read_text().splitlines()
+    by_query: dict = {}
+    for ln in lines:
+        qid, _, _, rank, score, tag = ln.split()
+        assert tag == "megarank" and math.isfinite(float(score))
+        by_query.setdefault(qid, []).append((int(rank), float(score)))
+    for ranked in by_query.values():
+        assert [r for r, _ in ranked] == list(range(1, len(ranked) + 1))
+        assert all(a[1] >= b[1] for a, b in zip(ranked, ranked[1:]))
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_evaluate_gives_the_same_scores_at_tp2_and_pp2(evaluated, layout):
+    work, _, step_dir = evaluated
+    ref, got = read_trec_run(work / "one.trec"), read_trec_run(work / f"{layout}.trec")
+    assert {q: set(d) for q, d in got.items()} == {q: set(d) for q, d in ref.items()}
+    worst = max(abs(got[q][d] - ref[q][d]) for q in ref for d in ref[q])
+    assert worst < 1e-5, f"{layout}: a score differs by {worst:.3g} from one process"
+    spread = max(s for d in ref.values() for s in d.values()) - min(s for d in ref.values() for s in d.values())
+    assert spread > 1e-3, "scores must differ between documents for this comparison to mean something"
+    report, ref_report = (json.loads((work / f"{n}.json").read_text()) for n in (layout, "one"))
+    assert report["checkpoint"] == str(step_dir)
+    for system in ("megarank", "first_stage"):
+        for name in METRICS:
+            assert report[system][name] == pytest.approx(ref_report[system][name], abs=1e-9), (system, name)
+
+
+def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    proc = run(megarank_cmd(1, "evaluate", str(tmp_path), "--data", str(SAMPLE)), cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    errors = [ln for ln in proc.stdout.splitlines() if "error" in ln.lower()]
+    assert errors == [f"megarank evaluate: error: {tmp_path} is not a megarank checkpoint (no megarank_checkpoint.json)"], errors
+    assert "Traceback" not in proc.stdout
+
+
+def test_a_latest_marker_that_names_a_missing_step_is_a_named_error(tmp_path):
+    from megarank.checkpoint import CheckpointError
+    from megarank.evaluate_cli import _resolve_checkpoint
+
+    (tmp_path / "latest").write_text("step-7\n")
+    with pytest.raises(CheckpointError, match=r"latest points at .*step-7, which is not a complete checkpoint"):
+        _resolve_checkpoint(str(tmp_path))
