@@ -16,6 +16,7 @@ shows the median. ratio = transformers_time / variant_time (>= 1.0: as fast as t
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import time
@@ -45,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="megarank-sdpa,megarank-megatron,transformers")
     p.add_argument("--profile", default=None, help="print torch.profiler's top ops for one step of this variant")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--default-malloc", action="store_true",
+        help="keep glibc's default allocator settings (freed large blocks go back to the OS; see keep_freed_memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -145,6 +150,24 @@ def build(name, args, device):
 # ----------------------------------------------------------------------------------------------- timing
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc serve every allocation from the heap and keep freed memory in the process.
+
+    By default glibc mmaps large blocks (activations here are 2-32 MB) and unmaps them on free, so every
+    step page-faults its activations in again; on a machine short of free memory (page cache full) each
+    fault waits for reclaim, and elementwise ops then vary 20x between identical steps. With this, steps
+    after warm-up touch no new pages: the timings measure the two implementations, not the kernel's
+    reclaim. Applies to all variants alike (the same effect as running under jemalloc/tcmalloc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -176,6 +199,9 @@ def profile(model, forward, ids, valid, device, name):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.malloc = "glibc default"
+    if args.device == "cpu" and not args.default_malloc and keep_freed_memory():
+        args.malloc = "glibc, freed memory kept (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -227,7 +253,7 @@ def report(args, names, params, times, cpu_times, peak):
         f"\nforward+backward, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv heads, "
         f"ffn {args.ffn} ({args.non_embedding_params / 1e6:.1f}M params without the embedding), vocab {args.vocab}, "
         f"seq {args.seq}, batch {args.batch} ({args.pad_fraction:.0%} of rows padded to 3/4), {args.dtype}, {device}, "
-        f"torch {torch.__version__}; median of {args.iters} after {args.warmup} warm-up\n"
+        f"torch {torch.__version__}, allocator: {args.malloc}; median of {args.iters} after {args.warmup} warm-up\n"
     )
     mem_col = " peak mem (GiB) |" if peak else ""
     print(f"| variant | params (M) | step (s), median | min (s) | CPU time (s), median | ratio transformers/variant (median) | ratio (min) |{mem_col}")

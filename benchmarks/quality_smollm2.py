@@ -41,8 +41,10 @@ def write_groups(collections, out: Path, negatives_from_top: int) -> int:
             beir = read_beir(folder, "train")
             run_ = read_run(find_run_file(folder, "train"))
             for qid, judged in beir.qrels.items():
-                pos = [d for d, s in sorted(judged.items(), key=lambda x: (-x[1], x[0])) if s > 0]
-                neg = [d for d in run_.get(qid, [])[:negatives_from_top] if judged.get(d, 0) <= 0]
+                # (Cranfield docs 471 and 995 are empty in every copy: never train on an empty passage.)
+                pos = [d for d, s in sorted(judged.items(), key=lambda x: (-x[1], x[0])) if s > 0 and beir.corpus[d].strip()]
+                neg = [d for d in run_.get(qid, [])[:negatives_from_top]
+                       if judged.get(d, 0) <= 0 and beir.corpus.get(d, "").strip()]
                 if pos and len(neg) >= 4 and beir.queries.get(qid):
                     f.write(json.dumps({"query": beir.queries[qid], "pos_doc": [beir.corpus[d] for d in pos],
                                         "neg_doc": [beir.corpus[d] for d in neg]}) + "\n")
@@ -75,9 +77,11 @@ def main() -> int:
     base_hf = Path(args.base_hf) if args.base_hf else None
     if base_hf is None:
         sys.path.insert(0, str(REPO / "scripts"))
-        from build_smollm2_cache import build_cache  # noqa: E402
+        from build_smollm2_cache import build, default_cache_dir, is_complete  # noqa: E402
 
-        base_hf = Path(build_cache())
+        base_hf = default_cache_dir()
+        if not is_complete(base_hf):
+            build(base_hf)
     timings = {}
     base = w / "base-megatron"
     if not base.exists():
@@ -93,7 +97,7 @@ def main() -> int:
     timings["train_s"] = run(train, args.nproc)
     metrics = w / "cranfield_test.metrics.json"
     ev = ["megarank", "evaluate", w / "train", "--data", data / "cranfield", "--split", "test", "--top-k", args.top_k,
-          "--metrics-out", metrics, "--out", w / "cranfield_test.run.trec", f"data.max_length={args.max_length}"]
+          "--metrics-out", metrics, "--out", w / "cranfield_test.run.trec", "--batch-size", 16, f"data.max_length={args.max_length}"]
     if args.max_queries:
         ev += ["--max-queries", args.max_queries]
     timings["evaluate_s"] = run(ev, args.nproc)

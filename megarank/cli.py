@@ -103,16 +103,20 @@ def main(argv=None) -> int:
         from megarank.quickstart import main as quickstart_main
 
         return quickstart_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     from megarank.checkpoint import CheckpointError
     from megarank.config import ConfigError
     from megarank.data import DataError
+    from megarank.training.loop import NonFiniteError
 
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"megarank {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"megarank {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

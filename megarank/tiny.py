@@ -55,6 +55,7 @@ def write_tiny_hf_model(out, config_path: Optional[str] = None, seed: int = 0, o
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out)
+        (tmp / "model").chmod(0o755)
         (tmp / "model").rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

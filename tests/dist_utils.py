@@ -32,7 +32,7 @@ def free_port() -> int:
 
 
 def _rank_main(rank, fn, world_size, port, out_dir, args, env, threads):
-    os.environ.update(env)
+    os.environ.update(env)  # before anything initialises CUDA, so CUDA_VISIBLE_DEVICES="" takes effect
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -52,16 +52,20 @@ def _rank_main(rank, fn, world_size, port, out_dir, args, env, threads):
         destroy_distributed()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, threads: int = 1, env: dict | None = None) -> list:
+def run_distributed(
+    fn, world_size: int, *args, timeout: float = 300.0, threads: int = 1, env: dict | None = None, cpu_only: bool = True
+) -> list:
     """Run ``fn(*args)`` on ``world_size`` spawned ranks; return the per-rank return values in rank order.
 
     ``fn`` must be picklable (a module-level function); it initialises the parallel state itself (e.g.
     ``megarank.parallel.init.init_distributed(tp, pp)``, which reads the env set here). ``env`` adds
-    variables in every rank. Retries once on a fresh port if the chosen one was taken in the meantime.
+    variables in every rank; ``cpu_only`` hides GPUs from the ranks (CUDA_VISIBLE_DEVICES=""), so the
+    group is gloo on CPU even on a GPU machine. Retries once on a fresh port if the chosen one was taken.
     """
+    env = {**({"CUDA_VISIBLE_DEVICES": ""} if cpu_only else {}), **(env or {})}
     for attempt in range(2):
         try:
-            return _spawn(fn, world_size, args, timeout, threads, dict(env or {}))
+            return _spawn(fn, world_size, args, timeout, threads, env)
         except mp.ProcessRaisedException as e:
             if attempt == 0 and any(s in str(e) for s in _PORT_IN_USE):
                 continue

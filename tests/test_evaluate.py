@@ -33,7 +33,10 @@ def evaluated(trained, tmp_path_factory):
     jobs = {}
     for name, (nproc, overrides) in LAYOUTS.items():
         target = run_dir if name == "one" else run_dir / "step-2"
-        # config overrides go right after the checkpoint (argparse reads them as the trailing positional list)
+        # Config overrides go right after the checkpoint (argparse takes them as the positional list there).
+        # max_length 256: the sample's pairs are of unequal length below it, so batches carry padding (dynamic
+        # on one process and at TP=2, the full 256 at PP=2).
+        overrides = ["data.max_length=256", *overrides]
         jobs[name] = (nproc, megarank_cmd(nproc, "evaluate", str(target), *overrides, "--data", str(SAMPLE),
                                           "--split", "test", "--out", f"{name}.trec", "--metrics-out", f"{name}.json"))
     outputs = run_many(jobs, cwd=work)
@@ -106,7 +109,8 @@ def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path
     proc = run(megarank_cmd(1, "evaluate", str(tmp_path), "--data", str(SAMPLE)), cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:]
     errors = [ln for ln in proc.stdout.splitlines() if "error" in ln.lower()]
-    assert errors == [f"megarank evaluate: error: {tmp_path} is not a megarank checkpoint (no megarank_checkpoint.json)"], errors
+    message = f"megarank evaluate: error: {tmp_path} is not a megarank checkpoint (no megarank_checkpoint.json)"
+    assert errors == [message], errors
     assert "Traceback" not in proc.stdout
 
 

@@ -349,3 +349,8 @@ def test_swiglu_function_matches_megatron_glu():
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(mlp.activation_func, (x[:2, :1].detach().requires_grad_(),))
+    # the TE spec's MLP has no activation module: its config must keep upstream's gated path
+    from megarank.model.transformer_config import make_transformer_config
+
+    cfg = load_config(TINY)
+    assert make_transformer_config(cfg.model, cfg.parallel, "transformer_engine").use_te_activation_func is False

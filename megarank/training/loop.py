@@ -108,9 +108,9 @@ def train(cfg: Config) -> dict:
             raise NonFiniteError(f"{nonfinite} consecutive steps had NaN/Inf loss or gradients (train.max_nonfinite_steps); stopping at step {step}")
         tokens = sum(int(b["attention_mask"].sum()) for b in micro) * parallel_state.get_data_parallel_world_size()
         metrics = {**result, "tokens_per_s": tokens / max(time.time() - tic, 1e-9), "nonfinite_skips": nonfinite}
+        if result["skipped"] and _is_logging_rank():  # every skipped step, not only those on a log step
+            log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
         if step % t.log_interval == 0 or step == t.steps:
-            if result["skipped"] and _is_logging_rank():
-                log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
             logger.step(step, metrics, step - start_step)
         if cfg.data.eval_path and t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
             _evaluate(cfg, ddp, pair_tokenizer, logger, step)
@@ -119,7 +119,10 @@ def train(cfg: Config) -> dict:
                 save(step)
                 watcher.clear()
             if _is_logging_rank():
-                log.info("preempted: saved step %d", step)
+                if cfg.checkpoint.dir:
+                    log.info("preempted: saved step %d", step)
+                else:
+                    log.warning("preempted at step %d; nothing saved (checkpoint.dir is not set)", step)
             break
         if cfg.checkpoint.dir and (step == t.steps or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
             save(step)
