@@ -103,7 +103,13 @@ def main(argv=None) -> int:
         from megarank.quickstart import main as quickstart_main
 
         return quickstart_main(argv[1:])
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may come after options too (`evaluate CKPT --data X parallel.tensor_model_parallel_size=2`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from megarank.checkpoint import CheckpointError
     from megarank.config import ConfigError
     from megarank.data import DataError
