@@ -47,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None, help="print torch.profiler's top ops for one step of this variant")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
-        "--default-malloc", action="store_true",
-        help="keep glibc's default allocator settings (freed large blocks go back to the OS; see keep_freed_memory)",
+        "--keep-freed-memory", action="store_true",
+        help="glibc keeps freed memory in the process (steadier timings on a machine short of free memory; "
+        "see keep_freed_memory)",
     )
     return p.parse_args(argv)
 
@@ -200,7 +201,7 @@ def profile(model, forward, ids, valid, device, name):
 def main(argv=None):
     args = parse_args(argv)
     args.malloc = "glibc default"
-    if args.device == "cpu" and not args.default_malloc and keep_freed_memory():
+    if args.device == "cpu" and args.keep_freed_memory and keep_freed_memory():
         args.malloc = "glibc, freed memory kept (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
     if args.threads:
         torch.set_num_threads(args.threads)
