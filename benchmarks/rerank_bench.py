@@ -41,15 +41,16 @@ def megarank_scores(step_dir, pairs, queries, corpus, batch_size, dtype):
     scores = score_batches(model, batches_for_pairs(pairs, queries, corpus, batch_size, tok))
     elapsed = time.perf_counter() - t
     tokens = sum(tok.lengths([queries[q] for q, _ in pairs], [corpus[d] for _, d in pairs]))
-    return scores, elapsed, tokens
+    return scores, elapsed, tokens, cfg.data.max_length
 
 
-def crossencoder_scores(hf_dir, pairs, queries, corpus, batch_size, device, dtype):
+def crossencoder_scores(hf_dir, pairs, queries, corpus, batch_size, device, dtype, max_length):
     import torch
     from sentence_transformers import CrossEncoder
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model = CrossEncoder(str(hf_dir), trust_remote_code=True, device=device, model_kwargs={"dtype": torch_dtype})
+    model = CrossEncoder(str(hf_dir), trust_remote_code=True, device=device, max_length=max_length,
+                         model_kwargs={"dtype": torch_dtype})
     texts = [(queries[q], corpus[d]) for q, d in pairs]
     model.predict(texts[:batch_size], batch_size=batch_size)  # warm-up
     t = time.perf_counter()
@@ -80,12 +81,12 @@ def main() -> int:
     hf_dir = Path(args.hf) if args.hf else Path(tempfile.mkdtemp()) / "hf"
     if not args.hf:
         subprocess.run([sys.executable, "-m", "checkpoint_tools", "megatron-to-hf", str(step_dir), str(hf_dir), "--quiet"], check=True)
-    ours, t_ours, tokens = megarank_scores(step_dir, pairs, beir.queries, beir.corpus, args.batch_size, args.dtype)
-    theirs, t_theirs = crossencoder_scores(hf_dir, pairs, beir.queries, beir.corpus, args.batch_size, args.device, args.dtype)
+    ours, t_ours, tokens, max_length = megarank_scores(step_dir, pairs, beir.queries, beir.corpus, args.batch_size, args.dtype)
+    theirs, t_theirs = crossencoder_scores(hf_dir, pairs, beir.queries, beir.corpus, args.batch_size, args.device, args.dtype, max_length)
     import torch
 
     report = {
-        "pairs": len(pairs), "megarank_tokens": tokens, "threads": torch.get_num_threads(), "device": args.device,
+        "pairs": len(pairs), "max_length": max_length, "megarank_tokens": tokens, "threads": torch.get_num_threads(), "device": args.device,
         "dtype": args.dtype, "batch_size": args.batch_size,
         "megarank_pairs_per_s": len(pairs) / t_ours, "crossencoder_pairs_per_s": len(pairs) / t_theirs,
         "ratio_megarank_over_crossencoder": t_theirs / t_ours,
