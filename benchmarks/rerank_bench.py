@@ -11,7 +11,6 @@ with its template. Token counts differ by a few template tokens per pair, which 
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -71,9 +70,9 @@ def main() -> int:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = p.parse_args()
     from megarank.data import candidate_pairs, find_run_file, read_beir, read_run
-    from megarank.evaluate_cli import _resolve_checkpoint
+    from megarank.checkpoint import resolve_checkpoint
 
-    step_dir = _resolve_checkpoint(args.checkpoint)
+    step_dir = resolve_checkpoint(args.checkpoint)
     beir = read_beir(args.data, args.split)
     run = read_run(find_run_file(args.data, args.split))
     qids = [q for q in run if q in beir.qrels][: args.max_queries]

@@ -24,21 +24,13 @@ from checkpoint_tools.keymap import (
 
 def resolve_checkpoint(src) -> Path:
     """A megarank checkpoint folder: SRC itself, or the step folder a run directory's ``latest`` names."""
-    from megarank.checkpoint import CheckpointError, latest_checkpoint
+    from megarank.checkpoint import CheckpointError
+    from megarank.checkpoint import resolve_checkpoint as resolve
 
-    src = Path(src)
-    if not src.is_dir():
-        raise ConversionError(f"{src} does not exist or is not a folder")
-    if not (src / "model").is_dir() and (src / "latest").is_file():
-        try:
-            src = latest_checkpoint(src)
-        except CheckpointError as e:
-            raise ConversionError(str(e)) from None
-    if not (src / "model" / "metadata.json").is_file():
-        raise ConversionError(f"{src} is not a megarank checkpoint (no model/metadata.json)")
-    if not (src / "config.yaml").is_file():
-        raise ConversionError(f"{src} is not a megarank checkpoint (no config.yaml)")
-    return src
+    try:
+        return resolve(src)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 def ensure_process_group() -> None:

@@ -130,6 +130,20 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return step_dir
 
 
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder itself, or the step folder that a run directory's ``latest`` names."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist or is not a folder")
+    if not (path / MODEL_DIR).is_dir() and (path / "latest").is_file():
+        path = latest_checkpoint(path)
+    if not (path / MODEL_DIR / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a megarank checkpoint (no {MODEL_DIR}/metadata.json)")
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} is not a megarank checkpoint (no config.yaml)")
+    return path
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step}"
 

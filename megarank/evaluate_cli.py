@@ -11,14 +11,6 @@ from megarank.config import apply_overrides, config_from_dict, config_to_dict, v
 log = logging.getLogger("megarank.evaluate")
 
 
-def _resolve_checkpoint(path: str) -> Path:
-    p = Path(path)
-    if (p / "latest").is_file():
-        return ckpt.latest_checkpoint(p)
-    ckpt.read_marker(p)  # raises a named error for a folder that is not a checkpoint
-    return p
-
-
 def run_evaluation(args) -> int:
     from megarank.evaluation import evaluate_beir
     from megarank.metrics import write_trec_run
@@ -26,7 +18,7 @@ def run_evaluation(args) -> int:
     from megarank.parallel.init import destroy_distributed, init_distributed
     from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
 
-    step_dir = _resolve_checkpoint(args.checkpoint)
+    step_dir = ckpt.resolve_checkpoint(args.checkpoint)
     cfg = ckpt.load_checkpoint_config(step_dir)
     # The checkpoint fixes the model; the command line may change the layout (TP/PP) and data settings.
     cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(args.overrides)))

@@ -25,6 +25,7 @@ def _run(cmd: list, nproc: int = 1) -> None:
 
 
 def main(argv=None) -> int:
+    from megarank.checkpoint import resolve_checkpoint
     from megarank.data import sample_data_dir
 
     p = argparse.ArgumentParser(prog="megarank quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     if args.steps:
         train.append(f"train.steps={args.steps}")
     _run(train + list(args.overrides), args.nproc)
-    step_dir = w / "train" / (w / "train" / "latest").read_text().strip()
+    step_dir = resolve_checkpoint(w / "train")
     _run(["megarank", "evaluate", step_dir, "--data", data, "--split", "test", "--out", w / "test.run.trec",
           "--metrics-out", w / "test.metrics.json"], args.nproc)
     _run(["checkpoint_tools", "megatron-to-hf", step_dir, w / "reranker-hf", "--overwrite"])

@@ -122,3 +122,17 @@ def random_batch(vocab: int = 256, lengths=(23, 9, 16, 1), seed: int = 0):
         ids[i, 0] = 256
         mask[i, :n] = True
     return ids, mask
+
+
+def megarank_scores_tp1(checkpoint, ids, mask):
+    """megarank's scores [b] from a checkpoint folder, in this process at TP=1/PP=1."""
+    from megarank.checkpoint import load_checkpoint_config, load_model_weights
+    from megarank.model import build_model
+    from megarank.parallel.init import init_distributed
+
+    cfg = load_checkpoint_config(checkpoint)
+    init_distributed(1, 1)
+    model = build_model(cfg.model, cfg.parallel).eval()
+    load_model_weights(model, checkpoint)
+    with torch.no_grad():
+        return model(ids, mask)[:, 0]

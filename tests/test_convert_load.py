@@ -20,7 +20,7 @@ import torch
 
 from checkpoint_tools.cli import main
 from tests.dist_utils import run_distributed
-from tests.helpers_hf import make_hf_llama, random_batch, read_safetensors_folder
+from tests.helpers_hf import make_hf_llama, megarank_scores_tp1, random_batch, read_safetensors_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TOL = 1e-5
@@ -58,19 +58,6 @@ def converted(tmp_path_factory):
     return out
 
 
-def megarank_tp1(mg, ids, mask):
-    from megarank.checkpoint import load_checkpoint_config, load_model_weights
-    from megarank.model import build_model
-    from megarank.parallel.init import init_distributed
-
-    cfg = load_checkpoint_config(mg)
-    init_distributed(1, 1)
-    model = build_model(cfg.model, cfg.parallel).eval()
-    load_model_weights(model, mg)
-    with torch.no_grad():
-        return model(ids, mask)[:, 0]
-
-
 def hf_scores(export, ids, mask, attn):
     from transformers import AutoModelForSequenceClassification
 
@@ -83,7 +70,7 @@ def hf_scores(export, ids, mask, attn):
 def test_exported_hf_model_scores_like_megarank(converted, case):
     _, mg, export = converted[case]
     ids, mask = random_batch()
-    ours = megarank_tp1(mg, ids, mask)
+    ours = megarank_scores_tp1(mg, ids, mask)
     for attn in ("eager", "sdpa"):
         theirs = hf_scores(export, ids, mask, attn)
         assert (theirs - ours).abs().max().item() <= TOL, (case, attn, theirs, ours)
@@ -97,7 +84,7 @@ def test_crossencoder_loads_export_and_scores_like_megarank(converted):
     ce = CrossEncoder(str(export), trust_remote_code=True, device="cpu")
     scores = ce.predict(PAIRS, activation_fn=torch.nn.Identity(), convert_to_tensor=True).float()
     enc = ce.tokenizer([q for q, _ in PAIRS], [p for _, p in PAIRS], padding=True, return_tensors="pt")
-    ours = megarank_tp1(mg, enc["input_ids"], enc["attention_mask"].bool())
+    ours = megarank_scores_tp1(mg, enc["input_ids"], enc["attention_mask"].bool())
     assert (scores - ours).abs().max().item() <= TOL
 
 

@@ -109,15 +109,15 @@ def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path
     proc = run(megarank_cmd(1, "evaluate", str(tmp_path), "--data", str(SAMPLE)), cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stdout[-3000:]
     errors = [ln for ln in proc.stdout.splitlines() if "error" in ln.lower()]
-    message = f"megarank evaluate: error: {tmp_path} is not a megarank checkpoint (no megarank_checkpoint.json)"
+    message = f"megarank evaluate: error: {tmp_path} is not a megarank checkpoint (no model/metadata.json)"
     assert errors == [message], errors
     assert "Traceback" not in proc.stdout
 
 
 def test_a_latest_marker_that_names_a_missing_step_is_a_named_error(tmp_path):
     from megarank.checkpoint import CheckpointError
-    from megarank.evaluate_cli import _resolve_checkpoint
+    from megarank.checkpoint import resolve_checkpoint
 
     (tmp_path / "latest").write_text("step-7\n")
     with pytest.raises(CheckpointError, match=r"latest points at .*step-7, which is not a complete checkpoint"):
-        _resolve_checkpoint(str(tmp_path))
+        resolve_checkpoint(str(tmp_path))

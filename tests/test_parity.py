@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint_tools.cli import main
-from tests.helpers_hf import TINY, make_hf_llama, random_batch, read_safetensors_folder
+from tests.helpers_hf import TINY, make_hf_llama, megarank_scores_tp1, random_batch, read_safetensors_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TOL = 1e-5
@@ -36,26 +36,13 @@ def reference_scores(src, ids, mask, temperature: float, attn: str, score_weight
     return (pooled @ head.T)[:, 0] / temperature
 
 
-def megarank_scores(mg, ids, mask):
-    from megarank.checkpoint import load_checkpoint_config, load_model_weights
-    from megarank.model import build_model
-    from megarank.parallel.init import init_distributed
-
-    cfg = load_checkpoint_config(mg)
-    init_distributed(1, 1)
-    model = build_model(cfg.model, cfg.parallel).eval()
-    load_model_weights(model, mg)
-    with torch.no_grad():
-        return model(ids, mask)[:, 0]
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_megarank_matches_transformers_llama_reference(tmp_path, attn):
     src = make_hf_llama(tmp_path / "hf", "seq_cls", seed=5)
     mg = tmp_path / "mg"
     assert main(["hf-to-megatron", str(src), str(mg), "--temperature", "1.5", "--make-vocab-size-divisible-by", "64", "--quiet"]) == 0
     ids, mask = random_batch(lengths=(31, 5, 18, 2), seed=3)
-    ours = megarank_scores(mg, ids, mask)
+    ours = megarank_scores_tp1(mg, ids, mask)
     ref = reference_scores(src, ids, mask, temperature=1.5, attn=attn)
     assert (ours - ref).abs().max().item() <= TOL, (ours, ref)
     # the reference really is bidirectional and padding-blind: a late token moves the score, a pad token does not
@@ -63,7 +50,7 @@ def test_megarank_matches_transformers_llama_reference(tmp_path, attn):
     late[0, 30] = (late[0, 30] + 1) % 256
     pad[1, 7] = 0
     assert not torch.allclose(reference_scores(src, late, mask, 1.5, attn)[0], ref[0])
-    assert torch.equal(megarank_scores(mg, pad, mask)[1], ours[1])
+    assert torch.equal(megarank_scores_tp1(mg, pad, mask)[1], ours[1])
 
 
 def test_base_lm_import_matches_reference_with_new_head(tmp_path):
@@ -75,4 +62,4 @@ def test_base_lm_import_matches_reference_with_new_head(tmp_path):
     head = dist_checkpointing.load_plain_tensors(str(mg / "model"))["score.weight"]
     ids, mask = random_batch(seed=4)
     ref = reference_scores(src, ids, mask, temperature=1.0, attn="eager", score_weight=head)
-    assert (megarank_scores(mg, ids, mask) - ref).abs().max().item() <= TOL
+    assert (megarank_scores_tp1(mg, ids, mask) - ref).abs().max().item() <= TOL
