@@ -7,6 +7,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -26,23 +27,37 @@ def _quiet_warnings() -> None:
 
 def cmd_train(args) -> int:
     from megarank.config import load_config
-    from megarank.training.loop import train
+    from megarank.preflight import check_train_config
 
     cfg = load_config(args.config, args.overrides)
+    check_train_config(cfg)  # missing inputs and unwritable outputs fail here, before torch/megatron import
     _setup_logging(cfg.logging.level)
+    from megarank.training.loop import train
+
     train(cfg)
     return 0
 
 
-def _eval_args(p: argparse.ArgumentParser) -> None:
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--top-k 0`` would rerank nothing and report zeros)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _eval_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("checkpoint", help="a megarank checkpoint folder (converted or step-N), or a run dir with `latest`")
     p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
     p.add_argument("--run", default=None, help="first-stage run to rerank (default: <data>/candidates/<split>.*.tsv)")
-    p.add_argument("--top-k", type=int, default=100, help="candidates reranked per query (default 100)")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per scoring batch (default 32)")
-    p.add_argument("--max-queries", type=int, default=None, help="only the first N queries (quick checks)")
-    p.add_argument("--out", default=None, help="write the reranked TREC run file here")
+    p.add_argument("--top-k", type=_positive_int, default=100, help="candidates reranked per query (default 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per scoring batch (default 32)")
+    p.add_argument("--max-queries", type=_positive_int, default=None, help="only the first N queries (quick checks)")
+    p.add_argument("--out", default=None, required=out_required, help="write the reranked TREC run file here")
     p.add_argument("--metrics-out", default=None, help="write the metrics as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tensor_model_parallel_size=2")
 
@@ -77,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5")
     p.set_defaults(fn=cmd_train)
     for name, text in (("evaluate", "rerank a BEIR split and report nDCG@10 / MRR@10 / Recall"),
-                       ("rerank", "rerank first-stage candidates and write a TREC run")):
+                       ("rerank", "rerank first-stage candidates and write a TREC run (--out)")):
         p = sub.add_parser(name, help=text)
-        _eval_args(p)
+        _eval_args(p, out_required=name == "rerank")
         p.set_defaults(fn=cmd_evaluate)
     p = sub.add_parser("init-tiny", help="write the built-in tiny random HF Llama + tokenizer (the quickstart's base model)")
     p.add_argument("out", help="output folder")
@@ -94,15 +109,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The exceptions that mean "bad input", shown as one line (no traceback) with their exit code. They are looked
+# up in sys.modules rather than imported: a type whose module was never imported cannot have been raised, and
+# a command that fails on its config must not wait for torch and megatron-core to import first.
+_ONE_LINE_ERRORS = (
+    ("megarank.config", "ConfigError", 2),
+    ("megarank.preflight", "UsageError", 2),
+    ("megarank.data.errors", "DataError", 2),
+    ("megarank.checkpoint", "CheckpointError", 2),
+    ("megarank.training.loop", "NonFiniteError", 1),
+    ("megarank.quickstart", "StepFailed", 1),  # the step's own exit code when it has one (exit_code)
+)
+
+
+def _one_line(e: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) for a user-facing error, or None for a bug (which keeps its traceback)."""
+    for module, name, code in _ONE_LINE_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return str(e), getattr(e, "exit_code", code)
+    if isinstance(e, OSError) and e.filename is not None:  # e.g. a disk that fills up: name the file
+        return f"{e.filename}: {e.strerror or e}", 1
+    return None
+
+
+def run_reporting_errors(command: str, fn, *args) -> int:
+    """Run one command; a user-facing error becomes ``megarank <command>: error: <sentence>`` on stderr.
+
+    MEGARANK_TRACEBACK=1 shows the traceback as well (debugging).
+    """
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised untouched
+        shown = _one_line(e)
+        if shown is None or os.environ.get("MEGARANK_TRACEBACK") == "1":
+            raise
+        print(f"megarank {command}: error: {shown[0]}", file=sys.stderr, flush=True)
+        return shown[1]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_warnings()
     if argv[:1] == ["launch"]:
-        return cmd_launch(argv[1:])
+        return run_reporting_errors("launch", cmd_launch, argv[1:])
     if argv[:1] == ["quickstart"]:
         from megarank.quickstart import main as quickstart_main
 
-        return quickstart_main(argv[1:])
+        return run_reporting_errors("quickstart", quickstart_main, argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Dotted overrides may come after options too (`evaluate CKPT --data X parallel.tensor_model_parallel_size=2`).
@@ -110,19 +164,7 @@ def main(argv=None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from megarank.checkpoint import CheckpointError
-    from megarank.config import ConfigError
-    from megarank.data import DataError
-    from megarank.training.loop import NonFiniteError
-
-    try:
-        return args.fn(args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"megarank {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"megarank {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return run_reporting_errors(args.command, args.fn, args)
 
 
 if __name__ == "__main__":

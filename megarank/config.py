@@ -106,7 +106,7 @@ class DataConfig:
     negatives_top_k: int = _f(100, "Hard negatives are drawn from the run's top-k minus judged-relevant docs.")
     tokenizer: Optional[str] = _f(None, "Tokenizer folder; null = the checkpoint's tokenizer, else the built-in tiny one.")
     max_length: int = _f(512, "Tokens per query-passage sequence (BOS included); longer ones are cut on the right.")
-    pad_to_multiple_of: int = _f(8, "Batches are right-padded to a multiple of this (fixed max_length when PP > 1).")
+    pad_to_multiple_of: int = _f(8, "Each batch is right-padded to its longest sequence rounded up to a multiple of this.")
     template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
     skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
@@ -244,37 +244,100 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _override_type(parts: list[str], item: str):
+    """The annotated type of the Config field a dotted override names; errors blame the command line."""
+    tp, walked = Config, []
+    for part in parts:
+        if get_origin(tp) is typing.Union:  # Optional[Section]
+            tp = next(a for a in get_args(tp) if a is not type(None))
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"command-line override {item}: {'.'.join(walked)} is not a section")
+        names = [f.name for f in dataclasses.fields(tp)]
+        if part not in names:
+            key = ".".join([*walked, part])
+            raise ConfigError(f"command-line override {item}: unknown key {key}; valid keys of "
+                              f"{'.'.join(walked) or 'the top level'}: {', '.join(names)}"
+                              " (run `megarank config-help` for their meaning)")
+        tp = typing.get_type_hints(tp)[part]
+        walked.append(part)
+    return tp
+
+
+def _check_override(parts: list[str], value: Any, item: str) -> None:
+    """Type-check one override's value on its own, so a bad value is blamed on the command line, not the YAML."""
+    dotted = ".".join(parts)
+    tp = _override_type(parts, item)
+    try:
+        _coerce(value, tp, dotted)
+    except ConfigError as e:
+        problem = str(e)
+        problem = problem[len(dotted) + 2:] if problem.startswith(f"{dotted}: ") else problem
+        raise ConfigError(f"command-line override {item}: {problem}") from None
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) to a nested dict."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars) to a nested dict.
+
+    Each override is checked against the Config schema first: an unknown key or a value of the wrong type
+    raises a ConfigError that quotes the override (``command-line override train.lr=abc: expected a number``).
+    """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+            raise ConfigError(f"command-line override {item!r} is not of the form section.key=value")
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"command-line override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"command-line override {item}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or e})") from None
+        _check_override(parts, value, item)
         node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # an absent section, or an Optional one that is null (rope_scaling)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+                raise ConfigError(f"command-line override {item}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def _read_yaml(path: str) -> dict:
+    """The YAML mapping in `path`; a missing file, bad bytes or bad YAML is one sentence naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a folder, expected a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path} line {line}: is not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a YAML config (or the defaults when path is None) strictly, then apply dotted overrides."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    """Load a YAML config (or the defaults when path is None) strictly, then apply dotted overrides.
+
+    Errors name their source: the YAML file (with its line where YAML gives one) or the command-line override.
+    """
+    data = _read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     try:
         return config_from_dict(data)

@@ -1,17 +1,51 @@
-"""`megarank evaluate` / `megarank rerank`: load a checkpoint at any TP/PP, rerank a BEIR split, report."""
+"""`megarank evaluate` / `megarank rerank`: load a checkpoint at any TP/PP, rerank a BEIR split, report.
+
+The arguments are checked first (the checkpoint and data exist, --out / --metrics-out can be written), before
+torch and megatron-core are imported, so that a typo fails in a second and not after all the scoring; the
+outputs are written to temporary files and renamed, so an existing --out is replaced whole or not at all.
+"""
 import json
 import logging
+import os
+import tempfile
 from pathlib import Path
 
-import torch.distributed as dist
-
-from megarank import checkpoint as ckpt
-from megarank.config import apply_overrides, config_from_dict, config_to_dict, validate
+from megarank.preflight import UsageError, beir_problem, check_input, check_output_file
 
 log = logging.getLogger("megarank.evaluate")
 
 
+def check_evaluation_args(args) -> None:
+    """Everything about the command line that can be checked without the model; raises UsageError."""
+    check_input(args.checkpoint, "checkpoint", "folder")
+    if problem := beir_problem(args.data, args.split):
+        raise UsageError(f"--data {args.data} {problem}")
+    check_input(args.run, "--run", "file")
+    check_output_file(args.out, "--out")
+    check_output_file(args.metrics_out, "--metrics-out")
+    if args.out and args.metrics_out and Path(args.out).resolve() == Path(args.metrics_out).resolve():
+        raise UsageError(f"--out and --metrics-out are the same file ({args.out})")
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def run_evaluation(args) -> int:
+    check_evaluation_args(args)
+    import torch.distributed as dist
+
+    from megarank import checkpoint as ckpt
+    from megarank.config import apply_overrides, config_from_dict, config_to_dict, validate
     from megarank.evaluation import evaluate_beir
     from megarank.metrics import write_trec_run
     from megarank.model import build_model
@@ -34,10 +68,10 @@ def run_evaluation(args) -> int:
     if dist.get_rank() == 0:
         report = {"checkpoint": str(step_dir), "split": args.split, "top_k": args.top_k,
                   "queries": len(scores), "megarank": ours, "first_stage": first_stage}
+        print(json.dumps(report), flush=True)  # first: the metrics survive even a disk that fills up below
         if args.out:
             write_trec_run(args.out, scores, tag="megarank")
         if args.metrics_out:
-            Path(args.metrics_out).write_text(json.dumps(report, indent=1))
-        print(json.dumps(report))
+            _write_text_atomically(args.metrics_out, json.dumps(report, indent=1))
     destroy_distributed()
     return 0

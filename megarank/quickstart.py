@@ -15,17 +15,43 @@ from pathlib import Path
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _run(cmd: list, nproc: int = 1) -> None:
+class StepFailed(RuntimeError):
+    """A pipeline step exited non-zero; it has printed its own error, this names the step."""
+
+    def __init__(self, cmd: list, returncode: int):
+        super().__init__(f"step `{' '.join(str(c) for c in cmd[:4])} ...` exited with code {returncode} "
+                         "(its error is printed above); nothing after it was run")
+        self.exit_code = returncode if 0 < returncode < 128 else 1
+
+
+def _run(step: list, nproc: int = 1) -> None:
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] + cmd
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"] + step
     else:
-        cmd = [sys.executable, "-m"] + cmd
+        cmd = [sys.executable, "-m"] + step
     print("\n$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    subprocess.run([str(c) for c in cmd], check=True)
+    returncode = subprocess.run([str(c) for c in cmd]).returncode
+    if returncode != 0:
+        raise StepFailed(step, returncode)
+
+
+def _check_args(args, data: str) -> None:
+    """Fail before the first step on what would fail later: the data folder, the config, the work folder."""
+    from megarank.config import load_config
+    from megarank.preflight import UsageError, beir_problem, check_output_dir
+
+    for split in ("train", "test"):
+        if problem := beir_problem(data, split):
+            raise UsageError(f"--data {data} {problem} (the quickstart trains on 'train' and evaluates on 'test')")
+    load_config(args.config, list(args.overrides))  # a bad override is named now, not after init and convert
+    check_output_dir(args.workdir, "--workdir")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
 
 
 def main(argv=None) -> int:
-    from megarank.checkpoint import resolve_checkpoint
     from megarank.data import sample_data_dir
 
     p = argparse.ArgumentParser(prog="megarank quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,9 +62,10 @@ def main(argv=None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes for train/evaluate (torchrun); e.g. 2 with TP=2 overrides")
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for training, e.g. parallel.tensor_model_parallel_size=2")
     args = p.parse_args(argv)
+    data = args.data or str(sample_data_dir())
+    _check_args(args, data)
     w = Path(args.workdir).resolve()
     w.mkdir(parents=True, exist_ok=True)
-    data = args.data or str(sample_data_dir())
     start = time.time()
     _run(["megarank", "init-tiny", w / "base-hf", "--config", args.config, "--overwrite"])
     _run(["checkpoint_tools", "hf-to-megatron", w / "base-hf", w / "base-megatron", "--config", args.config, "--overwrite"])
@@ -47,6 +74,8 @@ def main(argv=None) -> int:
     if args.steps:
         train.append(f"train.steps={args.steps}")
     _run(train + list(args.overrides), args.nproc)
+    from megarank.checkpoint import resolve_checkpoint
+
     step_dir = resolve_checkpoint(w / "train")
     _run(["megarank", "evaluate", step_dir, "--data", data, "--split", "test", "--out", w / "test.run.trec",
           "--metrics-out", w / "test.metrics.json"], args.nproc)

@@ -12,16 +12,21 @@ _LENGTH_CHUNK = 4096  # pairs measured per tokenizer call: bounds memory on larg
 def candidate_pairs(queries: Mapping[str, str], corpus: Mapping[str, str], run: Mapping[str, Sequence[str]],
                     top_k: int) -> list[tuple[str, str]]:
     """(qid, docid) for the top_k candidates of every query in the run, in run order; ids are checked."""
-    run_path = getattr(run, "path", "<run>")
     pairs = []
     for qid, docids in run.items():
         if qid not in queries:
-            raise DataError(f"{run_path}: query id '{qid}' is not in the queries")
+            raise DataError(f"{_where(run, qid)}: query id '{qid}' is not in the queries")
         for docid in docids[:top_k]:
             if docid not in corpus:
-                raise DataError(f"{run_path}: candidate document '{docid}' of query '{qid}' is not in the corpus")
+                raise DataError(f"{_where(run, qid, docid)}: candidate document '{docid}' of query '{qid}' "
+                                "is not in the corpus")
             pairs.append((qid, docid))
     return pairs
+
+
+def _where(run, qid: str, docid: str | None = None) -> str:
+    """The run file and line of a row (a `Run` knows its file), for error messages."""
+    return run.where(qid, docid) if hasattr(run, "where") else getattr(run, "path", "<run>")
 
 
 def batches_for_pairs(pairs: Sequence[tuple[str, str]], queries: Mapping[str, str], corpus: Mapping[str, str],

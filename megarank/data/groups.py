@@ -97,6 +97,7 @@ class BeirGroupSource:
                  seed: int = 0, run_path: str | os.PathLike | None = None):
         _check_n_negatives(n_negatives)
         self.beir = beir
+        self.run = run
         self.n_negatives = n_negatives
         self.seed = seed
         self.run_path = os.fspath(run_path) if run_path is not None else getattr(run, "path", "<run>")
@@ -122,10 +123,30 @@ class BeirGroupSource:
     def _check(self, qid: str, negatives: list[str], top_k: int) -> None:
         if len(negatives) < self.n_negatives:
             raise DataError(f"{self.run_path}: query '{qid}' has {len(negatives)} hard negatives in its top {top_k} "
-                            f"after removing judged-relevant documents, but n_negatives={self.n_negatives} are needed")
+                            f"after removing judged-relevant documents, but data.n_passages={self.n_negatives + 1} needs "
+                            f"{self.n_negatives}; {self._depth_advice(top_k)}")
         missing = next((d for d in negatives if d not in self.beir.corpus), None)
         if missing is not None:
-            raise DataError(f"{self.run_path}: candidate document '{missing}' of query '{qid}' is not in the corpus")
+            run_where = self.run.where(qid, missing) if hasattr(self.run, "where") else self.run_path
+            raise DataError(f"{run_where}: candidate document '{missing}' of query '{qid}' is not in the corpus")
+
+    def _depth_advice(self, top_k: int) -> str:
+        """How to fix a shortage of negatives: the smallest data.negatives_top_k that serves every query."""
+        needed, short = 0, []
+        for qid, judged in self.beir.qrels.items():
+            if not any(s > 0 for s in judged.values()) or not self.run.get(qid):
+                continue  # dropped anyway
+            ranked = self.run[qid]
+            depths = [i + 1 for i, d in enumerate(ranked) if judged.get(d, 0) <= 0]
+            if len(depths) < self.n_negatives:
+                short.append(qid)
+            else:
+                needed = max(needed, depths[self.n_negatives - 1] if self.n_negatives else 0)
+        if short:
+            fewest = min(len([d for d in self.run[q] if self.beir.qrels[q].get(d, 0) <= 0]) for q in short)
+            return (f"{len(short)} queries (e.g. '{short[0]}') have fewer than {self.n_negatives} unjudged candidates "
+                    f"in the whole run, so lower data.n_passages to at most {fewest + 1} or use a deeper run")
+        return f"set data.negatives_top_k={needed} (or more; it is {top_k}) or lower data.n_passages"
 
     def __len__(self) -> int:
         return len(self.groups)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DataError, data_error
+from .errors import DataError, data_error, where
 from .template import doc_to_text
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,20 @@ class Run(dict):
         super().__init__(*args, **kwargs)
         self.path = os.fspath(path)
 
+    def where(self, qid: str, docid: str | None = None) -> str:
+        """``"<path> line N"`` of the row of (qid, docid), or of qid's first row when docid is None.
+
+        Line numbers are not kept in memory (a large run has tens of millions of rows): the file is scanned
+        again, which only happens on the way to an error message.
+        """
+        try:
+            for number, row_qid, row_docid, _, _ in iter_run_rows(self.path):
+                if row_qid == qid and (docid is None or row_docid == docid):
+                    return where(self.path, number)
+        except DataError:
+            pass
+        return self.path
+
 
 @dataclass
 class BeirData:
@@ -38,14 +52,44 @@ class BeirData:
     qrels_path: str = field(default="<qrels>", repr=False)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, stripped line) for the non-blank lines of a text file."""
+def _decode(path: Path, number: int, raw: bytes) -> str:
+    """One line as text; bytes that are not UTF-8 raise a DataError naming the line and the byte's column."""
+    try:
+        # utf-8-sig on line 1: a byte-order mark written by some editors is not part of the first JSON value.
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise data_error(path, number, f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         "re-encode the file as UTF-8") from None
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                yield number, line.rstrip("\r\n")
+
+
+def _lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its end) for the non-blank lines of a UTF-8 text file.
+
+    Lines are decoded one at a time so that a non-UTF-8 byte is reported with its line; with a `bad` list
+    such a line is recorded there and skipped instead of raising.
+    """
+    _check_readable(path)
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = _decode(path, number, raw)
+                except DataError as e:
+                    if bad is None:
+                        raise
+                    bad.append(str(e))
+                    continue
+                if line.strip():
+                    yield number, line.rstrip("\r\n")
+    except OSError as e:  # permission denied, I/O error: one sentence naming the file
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
@@ -98,7 +142,7 @@ def read_jsonl_groups(path: str | os.PathLike, skip_bad_lines: bool = False) -> 
     """
     path = Path(path)
     groups, bad = [], []
-    for number, line in _lines(path):
+    for number, line in _lines(path, bad if skip_bad_lines else None):
         try:
             groups.append(_parse_group(path, number, line))
         except DataError as e:

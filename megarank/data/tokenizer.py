@@ -7,6 +7,7 @@ tokens, BOS prepended explicitly, no EOS, truncated on the right so BOS + tokens
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,12 @@ import torch
 
 from .errors import DataError
 from .template import DEFAULT_TEMPLATE, format_pair
+
+log = logging.getLogger(__name__)
+
+# Warn when at least this share of the pairs seen (after at least _LOST_MIN_PAIRS) lost their whole passage.
+_LOST_WARN_FRACTION = 0.25
+_LOST_MIN_PAIRS = 16
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 
@@ -106,7 +113,7 @@ class PairTokenizer:
     """Encodes (query, passage) pairs into padded `input_ids` / `attention_mask` batches for the reranker."""
 
     def __init__(self, tokenizer, max_length: int = 512, pad_to_multiple_of: int | None = 8,
-                 fixed_length: bool = False, template: str = DEFAULT_TEMPLATE):
+                 template: str = DEFAULT_TEMPLATE):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if tokenizer.bos_token_id is None:
@@ -114,10 +121,35 @@ class PairTokenizer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.fixed_length = fixed_length
         self.template = template
         self.bos_id = tokenizer.bos_token_id
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+        self._check_room()
+        self.n_pairs = 0  # pairs encoded so far, and those of them cut before their passage's first token
+        self.n_passage_lost = 0
+        self._warned = False
+
+    def _template_head(self, query: str = "") -> str:
+        """The formatted text before the passage (template text and `query`), "" if it cannot be split."""
+        head = self.template.split("{passage}", 1)[0]
+        try:
+            return head.format(query=query)
+        except (KeyError, IndexError, ValueError):
+            return ""
+
+    def _check_room(self) -> None:
+        """Reject a max_length that BOS and the template's own text fill before any passage token.
+
+        Such sequences are all cut before the passage, so every passage of a group reads the same and the
+        listwise loss stays at ln(n_passages) without a word; this is only knowable with the real tokenizer.
+        """
+        head = self._template_head()
+        fixed = 1 + len(self.tokenizer(head, add_special_tokens=False)["input_ids"]) if head else 1
+        if fixed >= self.max_length:
+            raise DataError(
+                f"data.max_length={self.max_length} is too short for data.template: BOS and the template's text "
+                f"before {{passage}} ({head!r}) already take {fixed} tokens, so every passage would be cut off; "
+                f"set data.max_length well above {fixed} (e.g. {max(2 * fixed, 128)}) or shorten the template")
 
     def encode(self, queries: Sequence[str], passages: Sequence[str]) -> list[list[int]]:
         """Token ids per pair: BOS + tokens of the formatted string, cut on the right to max_length."""
@@ -127,18 +159,38 @@ class PairTokenizer:
             return []
         texts = [format_pair(q, p, self.template) for q, p in zip(queries, passages)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self._count_lost_passages(queries, passages, ids)
         return [[self.bos_id, *row[: self.max_length - 1]] for row in ids]
+
+    def _count_lost_passages(self, queries: Sequence[str], passages: Sequence[str], ids: list[list[int]]) -> None:
+        """Count pairs whose truncation leaves no passage token; warn once when that is a large share.
+
+        Only truncated pairs are checked: their head (template text + query) is tokenized on its own, and the
+        passage is lost when the head alone fills the budget.
+        """
+        keep = self.max_length - 1
+        cut = [i for i, row in enumerate(ids) if len(row) > keep and passages[i]]
+        if cut:
+            heads = self.tokenizer([self._template_head(queries[i]) for i in cut], add_special_tokens=False)
+            self.n_passage_lost += sum(len(h) >= keep for h in heads["input_ids"])
+        self.n_pairs += len(ids)
+        if (not self._warned and self.n_pairs >= _LOST_MIN_PAIRS
+                and self.n_passage_lost >= _LOST_WARN_FRACTION * self.n_pairs):
+            self._warned = True
+            log.warning("%d of the first %d query-passage pairs are cut to data.max_length=%d before any passage "
+                        "token (their query fills the sequence): the model cannot tell their passages apart; "
+                        "raise data.max_length", self.n_passage_lost, self.n_pairs, self.max_length)
 
     def lengths(self, queries: Sequence[str], passages: Sequence[str]) -> list[int]:
         """Token count of each pair after truncation (BOS included), e.g. for length-sorted batching."""
         return [len(row) for row in self.encode(queries, passages)]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Right-pad id lists to one length: fixed, or the longest rounded up to pad_to_multiple_of."""
+        """Right-pad id lists to the longest rounded up to pad_to_multiple_of (on every layout: pipeline
+        stages exchange each batch's shape, see ``variable_seq_lengths`` in model/transformer_config.py)."""
         if not rows:
             raise ValueError("cannot pad an empty batch")
-        longest = self.max_length if self.fixed_length else max(len(r) for r in rows)
-        seq = round_up(longest, self.pad_to_multiple_of)
+        seq = round_up(max(len(r) for r in rows), self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), seq), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), seq), dtype=torch.bool)  # True = real token
         for i, row in enumerate(rows):
