@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help=(
         "also read PyTorch .bin weights when SRC has no safetensors (pickle files can run code when loaded: only for "
         "files you trust; they are read with weights_only=True)"))
+    p.add_argument("--allow-causal", action="store_true", help=(
+        "import a llama_bidirec/NeMo config that says is_causal: true (refused otherwise: megarank runs every "
+        "reranker with bidirectional attention, so such weights would not score as they were trained)"))
     _common_output(p)
 
     p = sub.add_parser("megatron-to-hf", help="megarank checkpoint -> HF reranker folder", description=EXPORT_HELP)
@@ -92,7 +95,8 @@ def run(args) -> int:
         print(hf_to_megatron(
             args.src, args.dst, tp=args.tp, pp=args.pp, pooling=args.pooling, temperature=args.temperature,
             config=args.config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, dtype=args.dtype,
-            seed=args.seed, allow_pickle=args.allow_pickle, overwrite=args.overwrite, quiet=args.quiet,
+            seed=args.seed, allow_pickle=args.allow_pickle, allow_causal=args.allow_causal, overwrite=args.overwrite,
+            quiet=args.quiet,
         ))
         return 0
     if args.command == "megatron-to-hf":

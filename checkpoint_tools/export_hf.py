@@ -1,9 +1,14 @@
 """megatron-to-hf: a megarank checkpoint (converted or trained, any TP/PP) -> an HF reranker folder.
 
 The folder is NVIDIA's released-reranker format: config.json (``LlamaBidirectionalForSequenceClassification``,
-``model_type: llama_bidirec``, pooling, temperature, num_labels, auto_map), the modeling/configuration files from
-``hf_modeling/`` beside the weights, sharded safetensors + index (keys ``model.*`` and ``score.weight``, no
-``lm_head``), and the tokenizer files.
+``model_type: llama_bidirec``, pooling, temperature, num_labels, auto_map, ``is_causal: false``), the
+modeling/configuration files from ``hf_modeling/`` beside the weights, sharded safetensors + index (keys ``model.*``
+and ``score.weight``, no ``lm_head``), and the tokenizer files made readable by transformers 4.x and 5.x, with the
+trained input format as a chat template and a vLLM score template (``tokenizer_files.prepare_reranker_tokenizer``).
+
+The training temperature T is folded into the head (``score.weight / T``, config ``temperature: 1.0``,
+``megarank_folded_temperature: T``): vLLM never divides by ``temperature``, so only a folded head scores the same
+everywhere. ``hf-to-megatron`` multiplies it back.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch
 from checkpoint_tools import keymap
 from checkpoint_tools.atomic import atomic_output_dir, check_destination
 from checkpoint_tools.errors import ConversionError
-from checkpoint_tools.hf_config import export_config
+from checkpoint_tools.hf_config import export_config, fold_temperature
 from checkpoint_tools.hf_writer import DEFAULT_MAX_SHARD, Planned, write_sharded
 from checkpoint_tools.import_hf import DTYPES, _load_base_config, check_agreement
 from checkpoint_tools.layout import split_gate_up, split_qkv
@@ -25,6 +30,7 @@ from checkpoint_tools.progress import Progress
 from checkpoint_tools.tokenizer_files import (
     copy_tokenizer,
     ensure_pad_token,
+    prepare_reranker_tokenizer,
     tokenizer_files,
 )
 
@@ -108,7 +114,8 @@ def produce_tensors(weights: MegatronWeights, m, cast):
         for name, t in layer_tensors(m, weights.read_layer(i), i):
             yield name, conv(t)
     yield "model.norm.weight", conv(weights.read_global(keymap.FINAL_NORM.megatron))
-    yield "score.weight", conv(weights.read_global(keymap.SCORE.megatron))
+    # the temperature is folded into the head (in fp32, before any cast): every consumer then scores h.w/T
+    yield "score.weight", conv(fold_temperature(weights.read_global(keymap.SCORE.megatron), m.temperature))
 
 
 def _tokenizer_source(ckpt: Path, cfg, tokenizer):
@@ -149,6 +156,7 @@ def megatron_to_hf(src, dst, *, config=None, tokenizer=None, dtype=None, max_sha
             note = ensure_pad_token(tmp)
             if note:
                 notes.append(note)
+            notes.append(prepare_reranker_tokenizer(tmp, cfg.data.template, cfg.data.max_length))
         else:
             notes.append("no tokenizer found (pass --tokenizer DIR); sentence-transformers needs one")
     notes.insert(0, f"from {ckpt}")

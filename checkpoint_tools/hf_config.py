@@ -27,6 +27,10 @@ AUTO_MAP = {
     "AutoModelForSequenceClassification": "modeling_llama_bidirec.LlamaBidirectionalForSequenceClassification",
 }
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# Exports divide score.weight by the training temperature and write temperature 1.0, because vLLM (and any tool
+# that only reads weights) never divides by `temperature`; the folded value is recorded under this key so that
+# import can restore the training parameterization (head * T, temperature T) with the same scores.
+FOLDED_TEMPERATURE_KEY = "megarank_folded_temperature"
 # ModelConfig fields that describe the network itself (a checkpoint's config must agree on these)
 ARCHITECTURE_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
@@ -68,7 +72,7 @@ def _rope(hf: dict, where: str):
     if isinstance(params, dict) and "rope_theta" in params:
         theta, scaling = params["rope_theta"], params
     else:
-        theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
+        theta, scaling = hf.get("rope_theta", DEFAULTED_KEYS["rope_theta"]), hf.get("rope_scaling")
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return float(theta), None
@@ -88,6 +92,31 @@ def _reject_unsupported(hf: dict, where: str) -> None:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConversionError(f"{where}: {key}=true is not supported; megarank's Llama has no linear biases")
+
+
+# Keys a Llama config.json may leave out, and the value transformers' LlamaConfig uses then (configuration_llama.py).
+DEFAULTED_KEYS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048}
+
+
+def defaulted_keys(hf: dict) -> list:
+    """[(key, value)] for each DEFAULTED_KEYS entry config.json does not set (converters then use the default)."""
+    out = []
+    for key, value in DEFAULTED_KEYS.items():
+        present = key in hf or (key == "rope_theta" and isinstance(hf.get("rope_parameters"), dict)
+                                and "rope_theta" in hf["rope_parameters"])
+        if not present:
+            out.append((key, value))
+    return out
+
+
+def check_bidirectional(hf: dict, fmt: str, allow_causal: bool, where: str) -> None:
+    """A llama_bidirec (NVIDIA / NeMo) config that says is_causal: true describes a causal model: refuse it unless
+    the user asks for it (megarank would silently run those weights bidirectionally)."""
+    if fmt == "llama_bidirec" and hf.get("is_causal") is True and not allow_causal:
+        raise ConversionError(
+            f"{where} says is_causal: true, but megarank rerankers attend bidirectionally; pass --allow-causal to "
+            "import its weights anyway (they will then run with bidirectional attention)"
+        )
 
 
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -110,10 +139,10 @@ def hf_architecture(hf: dict, where="config.json") -> dict:
         "num_query_groups": hf.get("num_key_value_heads") or heads,
         "kv_channels": None if head_dim * heads == hf["hidden_size"] else head_dim,
         "vocab_size": hf["vocab_size"],
-        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+        "max_position_embeddings": hf.get("max_position_embeddings", DEFAULTED_KEYS["max_position_embeddings"]),
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "norm_eps": float(hf.get("rms_norm_eps", DEFAULTED_KEYS["rms_norm_eps"])),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
     }
 
@@ -135,8 +164,32 @@ def normalized_architecture(m) -> dict:
 
 
 
+def folded_temperature(hf: dict, where: str) -> float:
+    """The temperature a megarank export folded into its score.weight (1.0 for any other model)."""
+    value = hf.get(FOLDED_TEMPERATURE_KEY, 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConversionError(f"{where}: {FOLDED_TEMPERATURE_KEY} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def fold_temperature(score_weight, temperature: float):
+    """score.weight / temperature, computed in fp32 and returned in the weight's dtype (exactly the weight when 1)."""
+    if temperature == 1.0:
+        return score_weight
+    return (score_weight.float() / temperature).to(score_weight.dtype)
+
+
+def unfold_temperature(score_weight, temperature: float):
+    """Inverse of fold_temperature (the same scores; bit-exact only when temperature is 1 or a power of two)."""
+    if temperature == 1.0:
+        return score_weight
+    return (score_weight.float() * temperature).to(score_weight.dtype)
+
+
 def export_config(m, dtype: str, extra: dict | None = None) -> dict:
-    """config.json of an exported reranker (NVIDIA's llama_bidirec format; loads with trust_remote_code)."""
+    """config.json of an exported reranker (NVIDIA's llama_bidirec format; loads with trust_remote_code).
+
+    ``temperature`` is 1.0 because the exporter folds ``m.temperature`` into ``score.weight``."""
     d = m.kv_channels or m.hidden_size // m.num_attention_heads
     rope_scaling = None
     if m.rope_scaling is not None:
@@ -146,7 +199,9 @@ def export_config(m, dtype: str, extra: dict | None = None) -> dict:
         "model_type": EXPORT_MODEL_TYPE,
         "auto_map": dict(AUTO_MAP),
         "pooling": m.pooling,
-        "temperature": m.temperature,
+        "temperature": 1.0,  # folded into score.weight (see FOLDED_TEMPERATURE_KEY)
+        FOLDED_TEMPERATURE_KEY: m.temperature,
+        "is_causal": False,  # read by NeMo AutoModel and vLLM's llama_bidirec config handling
         "num_labels": m.num_labels,
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,

@@ -10,6 +10,7 @@ divisible_by 1: 301 stored rows loaded by a TP=2 model of 302). Export cuts back
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -20,11 +21,15 @@ from checkpoint_tools.atomic import atomic_output_dir, check_destination
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import (
     ARCHITECTURE_KEYS,
+    check_bidirectional,
+    defaulted_keys,
     detect_format,
+    folded_temperature,
     hf_architecture,
     hf_dtype,
     normalized_architecture,
     read_hf_config,
+    unfold_temperature,
 )
 from checkpoint_tools.hf_reader import HFWeights
 from checkpoint_tools.layout import fuse_qkv, pad_vocab
@@ -75,7 +80,9 @@ def build_config(hf: dict, fmt: str, weights: HFWeights, src: Path, opts: dict):
     check_agreement(cfg.model, arch, explicit, str(opts.get("config")), str(src / "config.json"))
     m = model_arch
     if fmt == "llama_bidirec":
-        m = dataclasses.replace(m, pooling=hf.get("pooling", m.pooling), temperature=float(hf.get("temperature", m.temperature)))
+        # a megarank export folded its temperature T into score.weight: the head is unfolded again (plan_chunks)
+        temperature = float(hf.get("temperature", 1.0)) * folded_temperature(hf, str(src / "config.json"))
+        m = dataclasses.replace(m, pooling=hf.get("pooling", m.pooling), temperature=temperature)
     if fmt != "causal_lm" and "score.weight" in weights:
         m = dataclasses.replace(m, num_labels=weights.shape("score.weight")[0])
     for key in ("pooling", "temperature", "make_vocab_size_divisible_by"):
@@ -118,7 +125,7 @@ def _storage_dtype(weights: HFWeights, names, cast):
     return dtypes.pop()
 
 
-def plan_chunks(weights: HFWeights, m, padded_vocab: int, cast, seed: int) -> list:
+def plan_chunks(weights: HFWeights, m, padded_vocab: int, cast, seed: int, unfold: float = 1.0) -> list:
     """Every stored chunk of the megatron checkpoint, layer by layer, each computed from HF tensors on demand."""
     shapes = keymap.megatron_shapes(m, padded_vocab)
     d = keymap.head_dim(m)
@@ -146,7 +153,8 @@ def plan_chunks(weights: HFWeights, m, padded_vocab: int, cast, seed: int) -> li
     tail = [whole_chunk(norm.megatron, shapes[norm.megatron], _storage_dtype(weights, list(norm.hf), cast), lambda: get(norm.hf[0]))]
     score_shape = shapes[keymap.SCORE.megatron]
     if "score.weight" in weights:  # (check_tensors made sure it has score_shape)
-        tail.append(whole_chunk("score.weight", score_shape, _storage_dtype(weights, ["score.weight"], cast), lambda: get("score.weight")))
+        tail.append(whole_chunk("score.weight", score_shape, _storage_dtype(weights, ["score.weight"], cast),
+                                lambda: unfold_temperature(get("score.weight"), unfold)))
     else:  # a base LM: a new head, normal(0, init_method_std), seeded so conversions are reproducible
         def new_head():
             g = torch.Generator().manual_seed(seed)
@@ -156,9 +164,21 @@ def plan_chunks(weights: HFWeights, m, padded_vocab: int, cast, seed: int) -> li
     return head + layer_major + tail
 
 
+def import_warnings(hf: dict, fmt: str, m, where: str) -> list:
+    """Things the user must know about the converted model (printed on stderr, one line each)."""
+    out = [f"{where} has no {key}; using transformers' default {key} = {value}" for key, value in defaulted_keys(hf)]
+    if fmt == "seq_cls" and m.pooling != "last":
+        out.append(
+            f"{where}: a LlamaForSequenceClassification head was trained on the last token's state of a causal model "
+            f"(last-token pooling); it is reused here with {m.pooling} pooling and bidirectional attention, so its "
+            "scores start from scratch: fine-tune, or pass --pooling last to keep its pooling"
+        )
+    return out
+
+
 def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperature=None, config=None,
                    make_vocab_size_divisible_by=None, dtype=None, seed: int = 1234, allow_pickle: bool = False,
-                   overwrite: bool = False, quiet: bool = False) -> str:
+                   allow_causal: bool = False, overwrite: bool = False, quiet: bool = False) -> str:
     """Convert; returns the summary line. ``pp`` does not change anything (see the CLI help)."""
     from megarank.checkpoint import write_marker
     from megarank.config import padded_vocab_size, save_config
@@ -168,6 +188,7 @@ def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperat
         raise ConversionError(f"{src} does not exist or is not a folder")
     hf = read_hf_config(src)
     fmt = detect_format(hf, where=str(src / "config.json"))
+    check_bidirectional(hf, fmt, allow_causal, str(src / "config.json"))
     dst = check_destination(src, dst, overwrite)
     weights = HFWeights(src, allow_pickle=allow_pickle)
     opts = {"config": config, "pooling": pooling, "temperature": temperature, "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
@@ -175,7 +196,10 @@ def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperat
     m = cfg.model
     ignored = check_tensors(weights, m, fmt, src)
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
-    chunks = plan_chunks(weights, m, padded, DTYPES[dtype] if dtype else None, seed)
+    unfold = folded_temperature(hf, str(src / "config.json")) if fmt == "llama_bidirec" else 1.0
+    chunks = plan_chunks(weights, m, padded, DTYPES[dtype] if dtype else None, seed, unfold)
+    for line in import_warnings(hf, fmt, m, str(src / "config.json")):
+        print(f"megarank-convert hf-to-megatron: warning: {line}", file=sys.stderr)
 
     progress = Progress("hf-to-megatron", len(chunks), sum(c.nbytes for c in chunks), quiet=quiet)
     with atomic_output_dir(dst) as tmp:
@@ -188,6 +212,8 @@ def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperat
         notes.append(f"ignored {', '.join(ignored[:2])}{' ...' if len(ignored) > 2 else ''}")
     if fmt == "causal_lm" or "score.weight" not in weights:
         notes.append(f"new score head normal(0, {m.init_method_std}) seed {seed}")
+    if unfold != 1.0:
+        notes.append(f"score head unfolded from the export's folded temperature {unfold:g}")
     if not tokenizer:
         notes.append("no tokenizer files found in SRC")
     return f"{progress.summary()} -> {dst} ({'; '.join(notes)})"

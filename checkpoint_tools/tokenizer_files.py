@@ -40,3 +40,88 @@ def ensure_pad_token(folder) -> str | None:
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     eos = cfg["eos_token"]["content"] if isinstance(cfg["eos_token"], dict) else cfg["eos_token"]
     return f"tokenizer had no pad token; set pad_token = eos_token ({eos}) in tokenizer_config.json"
+
+
+# Written next to the tokenizer of an export. vLLM's score/rerank API renders it with the (query, document) messages
+# and then tokenizes the result like any prompt, adding the tokenizer's own special tokens.
+VLLM_SCORE_TEMPLATE = "vllm_score_template.jinja"
+# Classes transformers 5 writes that 4.x does not know, and the 4.x name of the same tokenizer.
+PORTABLE_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+_MESSAGES = (
+    '{%- set ns = namespace(query="", passage="") -%}'
+    "{%- for message in messages -%}"
+    '{%- if message["content"] is string -%}{%- set text = message["content"] -%}'
+    '{%- else -%}{%- set text = message["content"] | selectattr("type", "equalto", "text") | map(attribute="text") | join("") -%}'
+    "{%- endif -%}"
+    '{%- if message["role"] == "query" -%}{%- set ns.query = text -%}'
+    '{%- elif message["role"] == "document" -%}{%- set ns.passage = text -%}{%- endif -%}'
+    "{%- endfor -%}"
+)
+
+
+def reranker_chat_template(template: str, with_bos: bool) -> str:
+    """A Jinja chat template that renders [{role: query}, {role: document}] messages (string or structured content,
+    as sentence-transformers and vLLM send them) into megarank's single input string ``template``, optionally
+    preceded by ``bos_token``. Literal text is emitted as escaped Jinja strings, so no template text can be taken
+    for Jinja syntax."""
+    import json
+    import string
+
+    parts = [_MESSAGES, "{{- bos_token -}}" if with_bos else ""]
+    for literal, field, _, _ in string.Formatter().parse(template):
+        if literal:
+            parts.append("{{- " + json.dumps(literal) + " -}}")
+        if field is not None:
+            if field not in ("query", "passage"):
+                raise ValueError(f"data.template field {{{field}}} is not {{query}} or {{passage}}")
+            parts.append("{{- ns." + field + " -}}")
+    return "".join(parts)
+
+
+def _adds_bos(folder) -> tuple:
+    """(bos_token_id, whether tokenizing text with the tokenizer's defaults puts BOS first) for the files in folder."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:  # tokenizer files only: AutoTokenizer must not read a config.json
+        copy_tokenizer(folder, tmp)
+        tok = AutoTokenizer.from_pretrained(tmp)
+    if tok.bos_token_id is None:
+        return None, False
+    return tok.bos_token_id, tok("a")["input_ids"][:1] == [tok.bos_token_id]
+
+
+def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
+    """Make an export's tokenizer produce megarank's input everywhere; returns a note for the summary line.
+
+    * ``tokenizer_class`` names a class transformers 4.x knows (5.x writes ``TokenizersBackend``).
+    * ``chat_template`` (in tokenizer_config.json, read by 4.x and 5.x) = BOS + the trained template: what
+      sentence-transformers' CrossEncoder renders for (query, passage) pairs. transformers tokenizes a rendered
+      chat template without adding special tokens, so the BOS comes from the template for every tokenizer.
+      A chat template inherited from the base LM is removed (chat_template.jinja/.json): it describes a chat model.
+    * ``vllm_score_template.jinja`` = the trained template, with BOS only when the tokenizer does not add one itself
+      (Llama 3 adds BOS; SmolLM2 and megarank's tiny tokenizer do not): exactly one BOS in vLLM's input.
+    * ``model_max_length`` = data.max_length, so consumers truncate on the right where megarank did.
+    """
+    import json
+
+    folder = Path(folder)
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return "no tokenizer_config.json: no chat/score template written"
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = PORTABLE_CLASSES.get(cfg.get("tokenizer_class"), cfg.get("tokenizer_class"))
+    cfg.pop("chat_template", None)
+    cfg["model_max_length"] = max_length
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    bos_id, adds_bos = _adds_bos(folder)
+    if bos_id is None:
+        return "tokenizer has no BOS token: no chat/score template written"
+    cfg["chat_template"] = reranker_chat_template(template, with_bos=True)
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (folder / VLLM_SCORE_TEMPLATE).write_text(reranker_chat_template(template, with_bos=not adds_bos))
+    return f"chat template and {VLLM_SCORE_TEMPLATE} written (tokenizer {'adds' if adds_bos else 'does not add'} BOS itself)"

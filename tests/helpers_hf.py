@@ -21,9 +21,12 @@ FORMATS = ("causal_lm", "seq_cls", "llama_bidirec")
 DIVISIBLE_BY = 64  # --make-vocab-size-divisible-by 64: vocab 300 -> 320 rows (lcm(64, tp) for TP 1 and 2)
 
 
-def build_tokenizer(out_dir) -> Path:
-    """A byte-level tokenizer (ids 0-255 = bytes, 256/257/258 = BOS/EOS/PAD) saved with save_pretrained."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+def build_tokenizer(out_dir, adds_bos: bool = False) -> Path:
+    """A byte-level tokenizer (ids 0-255 = bytes, 256/257/258 = BOS/EOS/PAD) saved with save_pretrained.
+
+    ``adds_bos``: its post-processor puts BOS first whenever special tokens are added, as Llama 3's does (without
+    it the tokenizer adds nothing, as SmolLM2's)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -38,6 +41,9 @@ def build_tokenizer(out_dir) -> Path:
     tok.decoder = decoders.ByteLevel()
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{specials[0]} $A", pair=f"{specials[0]} $A $B", special_tokens=[(specials[0], 256)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], pad_token=specials[2])
     fast.padding_side = "right"
     fast.save_pretrained(str(out_dir))
@@ -56,7 +62,7 @@ def _randomize(model, seed: int) -> None:
 
 def make_hf_llama(out_dir, fmt: str = "causal_lm", tied: bool = False, seed: int = 0, dtype=torch.float32,
                   shard: str | None = None, tokenizer: bool = True, pooling: str = "avg", temperature: float = 1.0,
-                  **overrides) -> Path:
+                  adds_bos: bool = False, **overrides) -> Path:
     """Save a tiny random HF model in one of FORMATS (safetensors, optionally sharded) with a tokenizer."""
     from transformers import (
         LlamaConfig,
@@ -90,7 +96,7 @@ def make_hf_llama(out_dir, fmt: str = "causal_lm", tied: bool = False, seed: int
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(str(out_dir), **kwargs)
     if tokenizer:
-        build_tokenizer(out_dir)
+        build_tokenizer(out_dir, adds_bos=adds_bos)
     return out_dir
 
 

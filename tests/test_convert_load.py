@@ -78,13 +78,18 @@ def test_exported_hf_model_scores_like_megarank(converted, case):
 
 
 def test_crossencoder_loads_export_and_scores_like_megarank(converted):
+    """Plain (query, passage) pairs: the export's chat template makes CrossEncoder build megarank's own input."""
     from sentence_transformers import CrossEncoder
+
+    from megarank.checkpoint import load_checkpoint_config
+    from megarank.data.tokenizer import PairTokenizer, load_tokenizer
 
     _, mg, export = converted["gqa_avg"]
     ce = CrossEncoder(str(export), trust_remote_code=True, device="cpu")
     scores = ce.predict(PAIRS, activation_fn=torch.nn.Identity(), convert_to_tensor=True).float()
-    enc = ce.tokenizer([q for q, _ in PAIRS], [p for _, p in PAIRS], padding=True, return_tensors="pt")
-    ours = megarank_scores_tp1(mg, enc["input_ids"], enc["attention_mask"].bool())
+    cfg = load_checkpoint_config(mg)
+    enc = PairTokenizer(load_tokenizer(mg / "tokenizer"), template=cfg.data.template)([q for q, _ in PAIRS], [p for _, p in PAIRS])
+    ours = megarank_scores_tp1(mg, enc["input_ids"], enc["attention_mask"])
     assert (scores - ours).abs().max().item() <= TOL
 
 

@@ -86,7 +86,13 @@ def test_bidirec_pooling_and_temperature_travel(tmp_path):
     m = load_checkpoint_config(mg).model
     assert (m.pooling, m.temperature) == ("last", 2.5)
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["pooling"], cfg["temperature"]) == ("last", 2.5)
+    # the export folds the temperature into the head (vLLM never divides by it) and records what it folded
+    assert (cfg["pooling"], cfg["temperature"], cfg["megarank_folded_temperature"]) == ("last", 1.0, 2.5)
+    a, b = read_safetensors_folder(src), read_safetensors_folder(out)
+    assert torch.equal(b["score.weight"], a["score.weight"] / 2.5)
+    # re-import unfolds it: the training parameterization (head, temperature 2.5) comes back
+    convert("hf-to-megatron", out, tmp_path / "mg3", "--quiet")
+    assert load_checkpoint_config(tmp_path / "mg3").model.temperature == 2.5
     # flags override the source's
     convert("hf-to-megatron", src, tmp_path / "mg2", "--pooling", "cls", "--temperature", "0.5", "--quiet")
     m2 = load_checkpoint_config(tmp_path / "mg2").model

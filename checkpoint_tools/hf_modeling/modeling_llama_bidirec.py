@@ -7,9 +7,10 @@ Llama, pooling over valid tokens only (``avg`` = mean including BOS, ``last`` = 
 token), ``Linear(hidden, num_labels, bias=False)``, divided by ``temperature``.
 
 Bidirectional attention: on transformers >= 5 ``config.is_causal = False`` makes the model build a padding-only mask
-for whatever attention implementation is active (eager, sdpa, flash); on older versions a 4-D additive float mask
-(0 for valid keys, the dtype's minimum for padding) is passed instead. A 4-D *boolean* mask would be wrong under
-eager attention, which adds the mask to the scores.
+for whatever attention implementation is active (eager, sdpa, flash); on 4.x (whose ``LlamaModel`` always builds a
+causal mask from a 2-D mask, and whose sdpa path runs causally when it gets no mask) a 4-D additive float mask (0 for
+valid keys, the dtype's minimum for padding) is always passed, all zeros when the caller gave no ``attention_mask``.
+A 4-D *boolean* mask would be wrong under eager attention, which adds the mask to the scores.
 """
 
 import torch
@@ -19,12 +20,11 @@ from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrained
 
 from .configuration_llama_bidirec import LlamaBidirectionalConfig
 
-try:  # transformers >= 5: config.is_causal=False is honoured by the mask builder
-    from transformers.masking_utils import create_bidirectional_mask  # noqa: F401
+import transformers
 
-    _NATIVE_BIDIRECTIONAL = True
-except ImportError:  # pragma: no cover - transformers 4.x
-    _NATIVE_BIDIRECTIONAL = False
+# transformers >= 5 honours config.is_causal=False in its mask builder. 4.5x ship masking_utils (some even
+# create_bidirectional_mask) but LlamaModel there still calls create_causal_mask, so the version decides, not an import.
+_NATIVE_BIDIRECTIONAL = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def additive_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,7 +62,10 @@ class LlamaBidirectionalModel(LlamaModel):
             layer.self_attn.is_causal = False  # sdpa/flash with no mask must not fall back to causal
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
-        if attention_mask is not None and attention_mask.dim() == 2 and not _NATIVE_BIDIRECTIONAL:
+        if attention_mask is None:  # no mask = every token is real (never "causal")
+            ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
+        if attention_mask.dim() == 2 and not _NATIVE_BIDIRECTIONAL:
             dtype = inputs_embeds.dtype if inputs_embeds is not None else self.embed_tokens.weight.dtype
             attention_mask = additive_padding_mask(attention_mask, dtype)
         kwargs.pop("use_cache", None)
