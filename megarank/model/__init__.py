@@ -4,17 +4,34 @@ from megarank.model.reranker import LlamaReranker
 __all__ = ["LlamaReranker", "build_model"]
 
 
-def build_model(model_cfg, parallel_cfg) -> LlamaReranker:
-    """Build this rank's stage of the reranker (parallel state must be initialised)."""
+def build_model(model_cfg, parallel_cfg, *, init_weights: bool = True, ddp_training: bool = False) -> LlamaReranker:
+    """Build this rank's stage of the reranker (parallel state must be initialised).
+
+    init_weights: False when every weight is loaded right after (``checkpoint.load`` or a resume): the
+        transformer layers are then allocated without their random initialisation (megatron's
+        ``perform_initialization=False``), which for 8B is minutes of RNG work thrown away. Only for callers
+        that load strictly (checkpoint.load_model_weights / load_training_checkpoint): the values are
+        uninitialised memory until then.
+    ddp_training: the model is about to be wrapped by ``training.optimizer.wrap_ddp`` for training; lets TE
+        accumulate weight gradients into DDP's main_grad (``model.gradient_accumulation_fusion``). A model run
+        backward without DDP must keep this False.
+    """
+    import logging
+
     import torch
     from megatron.core import parallel_state
 
     from megarank.config import padded_vocab_size
+    from megarank.launch import cuda_max_connections_problem
     from megarank.model.spec import block_spec, resolve_impl
     from megarank.model.transformer_config import make_transformer_config
 
     impl = resolve_impl(model_cfg.transformer_impl)
-    config = make_transformer_config(model_cfg, parallel_cfg, impl)
+    config = make_transformer_config(model_cfg, parallel_cfg, impl, init_weights=init_weights, ddp_training=ddp_training)
+    if torch.cuda.is_available():
+        problem = cuda_max_connections_problem(parallel_cfg.tensor_model_parallel_size)
+        if problem:
+            logging.getLogger(__name__).warning(problem)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     model = LlamaReranker(
         config,

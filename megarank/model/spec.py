@@ -55,21 +55,53 @@ def local_layer_spec(attention_backend: str = "sdpa") -> ModuleSpec:
     return spec
 
 
-def te_layer_spec() -> ModuleSpec:
-    try:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+TE_MISSING = (
+    "model.transformer_impl=transformer_engine needs Transformer Engine: install transformer-engine "
+    "(pip install 'megarank[gpu]', or run in an NGC PyTorch container), or set model.transformer_impl=local"
+)
 
-        return _bidirectional(get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm"))
-    except ImportError as e:  # pragma: no cover - GPU only
-        raise RuntimeError(f"the Transformer Engine spec needs transformer-engine: pip install 'megarank[gpu]' ({e})") from e
+
+def _te_backend():
+    """megatron-core's Transformer Engine spec provider, or the one-line install error.
+
+    ``gpt_layer_specs`` imports TE and ``TESpecProvider`` in one try block and records the outcome in its
+    ``HAVE_TE`` flag (megatron-core 0.16.1 gpt_layer_specs.py:41-49); without TE the name ``TESpecProvider``
+    does not exist there and ``get_gpt_layer_with_transformer_engine_spec`` would raise ``NameError``. Reading
+    both from that module (not importing TE here) keeps TE lazy and gives tests one seam to substitute.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if not getattr(gpt_layer_specs, "HAVE_TE", False) or not hasattr(gpt_layer_specs, "TESpecProvider"):
+        raise RuntimeError(TE_MISSING)
+    return gpt_layer_specs
+
+
+def te_layer_spec() -> ModuleSpec:
+    """megatron-core's TE layer spec with bidirectional (padding-mask) self-attention.
+
+    megatron-core 0.16.1 ``get_gpt_layer_with_transformer_engine_spec`` (gpt_layer_specs.py:171) takes
+    ``num_experts, moe_grouped_gemm, qk_layernorm, multi_latent_attention, fp8, moe_use_legacy_grouped_gemm,
+    qk_l2_norm, use_te_op_fuser, use_kitchen, use_te_activation_func, use_kitchen_attention,
+    kitchen_attention_backend`` -- no ``normalization``. RMSNorm is chosen from the TransformerConfig instead:
+    ``TELayerNormColumnParallelLinear`` passes ``normalization=config.normalization`` to TE's LayerNormLinear
+    (extensions/transformer_engine.py:773-774) and ``TENorm`` builds ``te.pytorch.RMSNorm`` when
+    ``config.normalization == "RMSNorm"`` (extensions/transformer_engine.py:453), which
+    ``make_transformer_config`` always sets. The defaults give the dense Llama layer: the pre-attention and
+    pre-MLP norms fused into ``linear_qkv`` / ``linear_fc1`` and ``use_te_activation_func=False`` (the MLP
+    applies ``config.activation_func`` with the gated unit, or megatron's fused SwiGLU).
+    """
+    return _bidirectional(_te_backend().get_gpt_layer_with_transformer_engine_spec())
+
+
+def te_final_norm():
+    """The final norm of the TE block: the TE provider's norm (``TENorm``, RMSNorm from config.normalization)."""
+    return _te_backend().TESpecProvider().layer_norm(rms_norm=True, for_qk=False)
 
 
 def block_spec(config, impl: str, attention_backend: str = "sdpa", pp_rank=None) -> TransformerBlockSubmodules:
     """The decoder block for this pipeline stage: its share of layers plus the final norm."""
     if impl == "transformer_engine":
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        layer, final_norm = te_layer_spec(), TENorm
+        layer, final_norm = te_layer_spec(), te_final_norm()
     else:
         layer, final_norm = local_layer_spec(attention_backend), RMSNorm
     n = get_num_layers_to_build(config, pp_rank=pp_rank)
