@@ -79,8 +79,31 @@ class ModelConfig:
     fp8: Optional[Literal["hybrid", "e4m3"]] = _f(None, "FP8 format through Transformer Engine (needs TE + CUDA); null = off.")
     fp8_recipe: Literal["delayed", "tensorwise"] = _f("tensorwise", "FP8 scaling recipe: delayed or tensorwise (current scaling).")
     fp8_first_last_bf16: bool = _f(False, "Keep the first and last transformer layers in bf16 under FP8.")
-    recompute_granularity: Optional[Literal["full", "selective"]] = _f(None, "Activation recomputation; null = off.")
+    recompute_granularity: Optional[Literal["full", "selective"]] = _f(
+        None, "Activation recomputation: selective = the submodules in recompute_modules, full = whole layers; null = off."
+    )
     recompute_num_layers: int = _f(1, "Layers per recompute chunk for recompute_granularity=full.")
+    recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] = _f(
+        ["core_attn"],
+        "What recompute_granularity=selective recomputes. core_attn: the attention scores (saves the s x s "
+        "probabilities of the local spec's attention; Transformer Engine's flash/fused attention keeps no score "
+        "matrix, so nothing to save there); mlp: the whole MLP (saves its 2 x ffn-wide activations, the largest "
+        "per token, for one extra MLP forward); layernorm: the norms (local spec only; TE fuses them into the "
+        "next linear, where this does nothing).",
+    )
+    gradient_accumulation_fusion: bool = _f(
+        True,
+        "TE GEMMs accumulate weight gradients straight into the fp32 main_grad of megatron DDP (no bf16 grad "
+        "tensor and add per micro-batch). Used only when training with Transformer Engine on CUDA.",
+    )
+    bias_swiglu_fusion: bool = _f(
+        True,
+        "megatron's fused SwiGLU kernel in the TE spec's MLP (one elementwise kernel instead of chunk/silu/mul). "
+        "Used only with Transformer Engine on CUDA; the local spec has its own single-function SwiGLU.",
+    )
+    apply_rope_fusion: bool = _f(
+        True, "Transformer Engine's fused RoPE kernel for q and k. Used only with Transformer Engine on CUDA."
+    )
 
 
 @dataclass
@@ -91,6 +114,16 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size (PP).")
     sequence_parallel: bool = _f(False, "Shard norms/dropout activations along the sequence over TP ranks (needs TP > 1).")
     use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = _f(
+        True,
+        "Start each gradient bucket's data-parallel all-reduce / reduce-scatter during the backward pass. "
+        "GPU only (CUDA streams); same numbers.",
+    )
+    overlap_param_gather: bool = _f(
+        True,
+        "With the distributed optimizer: all-gather the updated parameters bucket by bucket during the next "
+        "forward instead of all at once after the optimizer step. GPU only; same numbers.",
+    )
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
 
 
@@ -193,6 +226,11 @@ def _coerce(value: Any, tp, key: str):
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -389,7 +427,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_environment: b
     config can be checked on a login node (``megarank launch --dry-run``).
     """
     errors = (_model_errors(cfg.model, check_environment) + _parallel_errors(cfg, world_size, check_environment)
-              + _train_errors(cfg))
+              + _train_errors(cfg) + _gpu_layout_errors(cfg, check_environment))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -467,4 +505,65 @@ def _train_errors(cfg: Config) -> list[str]:
         errs.append("data.template must contain {query} and {passage}")
     if d.format == "jsonl" and d.train_path is None:
         errs.append("data.train_path must name a JSONL file when data.format=jsonl")
+    return errs
+
+
+def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
+    """What megatron-core 0.16.1 and Transformer Engine would reject later, at build time or in a GEMM.
+
+    Every padded batch length (training and evaluation; see PairTokenizer.pad) is a multiple of
+    data.pad_to_multiple_of, and an evaluation batch can hold a single sequence (the last of a run).
+    """
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp = p.tensor_model_parallel_size
+    if tp < 1:
+        return []  # reported by _parallel_errors
+    errs = []
+    multiple = d.pad_to_multiple_of if d.pad_to_multiple_of > 1 else 1
+    if p.sequence_parallel and tp > 1 and multiple % tp:
+        # megatron scatters the embedding output over TP ranks along the sequence dimension.
+        errs.append(
+            f"data.pad_to_multiple_of ({d.pad_to_multiple_of}) must be a multiple of parallel.tensor_model_parallel_size "
+            f"({tp}) with parallel.sequence_parallel: every padded batch length is split over the TP ranks"
+        )
+    if m.fp8 is not None:
+        # Transformer Engine checks every FP8 GEMM: the product of the input's leading dims (the tokens of
+        # this rank, sequence-parallel shard included) divisible by 8, the last dim and the weight's input
+        # dim by 16, the weight's output dim by 8 (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec,
+        # called on (input, weight) in module/linear.py and module/layernorm_linear.py; TE 2.x).
+        shard = tp if p.sequence_parallel else 1
+        if multiple % (8 * shard):
+            need = f"8 x TP {tp} under sequence parallel = {8 * shard}" if shard > 1 else "8"
+            errs.append(
+                f"data.pad_to_multiple_of ({d.pad_to_multiple_of}) must be a multiple of {need} with model.fp8: "
+                "Transformer Engine needs the tokens of every FP8 GEMM on a rank divisible by 8, and an evaluation "
+                "batch can be one sequence"
+            )
+        if m.num_attention_heads > 0 and m.num_query_groups > 0 and not m.num_attention_heads % tp and not m.num_query_groups % tp:
+            kv = m.kv_channels or (m.hidden_size // m.num_attention_heads)
+            dims = {
+                "model.hidden_size (input of linear_qkv and linear_fc1)": (m.hidden_size, 16),
+                "query+key+value width per TP rank (linear_qkv output)": ((m.num_attention_heads + 2 * m.num_query_groups) * kv // tp, 8),
+                "attention width per TP rank (linear_proj input)": (m.num_attention_heads * kv // tp, 16),
+                "model.ffn_hidden_size per TP rank (linear_fc2 input)": (m.ffn_hidden_size // tp, 16),
+            }
+            for what, (value, div) in dims.items():
+                if value % div:
+                    errs.append(f"model.fp8: {what} is {value}, but Transformer Engine's FP8 GEMMs need a multiple of {div}")
+        if m.fp8_recipe == "delayed" and m.fp8_first_last_bf16:
+            # megatron-core 0.16.1 transformer_config.py:990-991 raises when the model is built.
+            errs.append("model.fp8_first_last_bf16 cannot be used with model.fp8_recipe=delayed (megatron-core rejects it); "
+                        "use fp8_recipe=tensorwise or fp8_first_last_bf16=false")
+        if m.recompute_granularity == "selective" and "layernorm" in m.recompute_modules:
+            if m.fp8_recipe == "delayed":
+                # transformer_config.py:1242-1246
+                errs.append("model.recompute_modules: layernorm recompute cannot be used with model.fp8_recipe=delayed "
+                            "(megatron-core rejects it)")
+            elif env and transformer_engine_available():
+                from megatron.core.utils import is_te_min_version
+
+                if not is_te_min_version("2.6.0dev0"):  # transformer_config.py:1247-1252
+                    errs.append("model.recompute_modules: layernorm recompute with model.fp8 needs transformer-engine >= 2.6")
+    if m.recompute_granularity == "full" and m.recompute_num_layers < 1:
+        errs.append(f"model.recompute_num_layers must be >= 1 with model.recompute_granularity=full (got {m.recompute_num_layers})")
     return errs

@@ -26,6 +26,34 @@ from typing import Optional, Sequence
 
 DEFAULT_PORT = 29500
 
+# Set for every worker unless the environment already has it. With one hardware work queue per GPU, kernels
+# start in the order they were launched, so an asynchronous collective launched before a GEMM really runs
+# first: megatron-core's tensor-parallel layers rely on this to overlap the sequence-parallel all-gather and
+# the gradient all-reduce / reduce-scatter with the backward GEMMs (tensor_parallel/layers.py:526, :545, :558,
+# "we rely on CUDA_DEVICE_MAX_CONNECTIONS=1"), and DDP's bucketed gradient reduction likewise
+# (distributed_data_parallel.py:219). Megatron-LM's Llama scripts export it. It must be set before CUDA
+# starts, hence here, in the launcher; on CPU it changes nothing.
+WORKER_ENV = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+def worker_env(environ=None) -> dict:
+    """The variables the launcher adds for the workers (those not already set in ``environ``)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in WORKER_ENV.items() if k not in environ}
+
+
+def cuda_max_connections_problem(tensor_parallel_size: int, environ=None) -> Optional[str]:
+    """A warning when TP communication overlap cannot work because CUDA_DEVICE_MAX_CONNECTIONS is not 1."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if tensor_parallel_size > 1 and value != "1":
+        return (
+            f"CUDA_DEVICE_MAX_CONNECTIONS is {value!r}, not '1': with tensor parallelism ({tensor_parallel_size}) "
+            "megatron's communication overlap may run collectives after the GEMMs they should overlap "
+            "(start workers with `megarank launch`, which sets it, or export CUDA_DEVICE_MAX_CONNECTIONS=1)"
+        )
+    return None
+
 
 class LaunchError(ValueError):
     """A launch setting that cannot work; the message names the setting."""
@@ -268,9 +296,15 @@ def _run(args: argparse.Namespace) -> int:
                   f" = TP {tp} x PP {pp} x DP {layout.world_size // (tp * pp)}")
             print("# resolved config:")
             print("\n".join(f"#   {line}" for line in config_yaml(cfg).rstrip().splitlines()))
+        env = worker_env()
+        if env:
+            print("# worker environment: " + " ".join(f"{k}={v}" for k, v in env.items()))
         print(shlex.join(cmd))
         return 0
-    print(f"megarank launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)  # the log says what ran
+    env = worker_env()
+    os.environ.update(env)  # inherited by torchrun and its workers through execv
+    shown = "".join(f"{k}={v} " for k, v in env.items())
+    print(f"megarank launch: {shown}{shlex.join(cmd)}", file=sys.stderr, flush=True)  # the log says what ran
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # exec: SLURM's and the shell's signals reach the torchrun agent directly
     return 0  # not reached
