@@ -13,13 +13,28 @@ from megarank.config import Config
 from megarank.model.transformer_config import DTYPES
 
 
-def wrap_ddp(model, cfg: Config) -> DistributedDataParallel:
-    """Gradient buffers + data-parallel all-reduce (or reduce-scatter for the distributed optimizer)."""
+def wrap_ddp(model, cfg: Config, *, cuda: bool | None = None, syncs_params_before_reads: bool = False) -> DistributedDataParallel:
+    """Gradient buffers + data-parallel all-reduce (or reduce-scatter for the distributed optimizer).
+
+    The two overlaps are the communication settings of Megatron-LM's Llama recipes; they change no numbers
+    and need CUDA streams, so they are on only with CUDA (``cuda`` defaults to torch.cuda.is_available()).
+
+    With ``parallel.overlap_param_gather`` the distributed optimizer's step leaves the parameters owned by
+    other data-parallel ranks stale; forward pre-hooks all-gather them during the next *training* forward
+    (distributed_data_parallel.py:384-419). Anything that reads weights in between -- a checkpoint save, an
+    evaluation forward (the hooks see the gather as already dispatched) -- must first call
+    ``ddp.start_param_sync(force_sync=True)`` (what Megatron-LM's ``disable_forward_pre_hook`` does). The
+    overlap is therefore used only when the caller says it does that (``syncs_params_before_reads=True``).
+    """
+    p = cfg.parallel
+    on_gpu = torch.cuda.is_available() if cuda is None else cuda
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        # Overlap needs CUDA streams; it is a GPU-only speed-up and changes no numerics.
-        overlap_grad_reduce=torch.cuda.is_available(),
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=on_gpu and p.overlap_grad_reduce,
+        # The all-gather of updated parameters only exists with the distributed optimizer.
+        overlap_param_gather=(on_gpu and p.use_distributed_optimizer and p.overlap_param_gather
+                              and syncs_params_before_reads),
+        use_distributed_optimizer=p.use_distributed_optimizer,
         average_in_collective=True,
     )
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
