@@ -1,5 +1,6 @@
 """Rerank a BEIR split's first-stage candidates with the model and measure it (and the first stage itself)."""
 import logging
+import math
 from typing import Optional
 
 from megarank.data import Run, find_run_file, read_beir, read_run, rerank_batches
@@ -14,11 +15,26 @@ def first_stage_scores(run: dict, top_k: int) -> dict:
     return {qid: {d: float(top_k - i) for i, d in enumerate(docs[:top_k])} for qid, docs in run.items()}
 
 
+def count_nan(scores: dict) -> int:
+    """Number of NaN scores in {qid: {docid: score}}."""
+    return sum(math.isnan(s) for docs in scores.values() for s in docs.values())
+
+
+def nan_ranked_last(scores: dict) -> dict:
+    """NaN scores replaced by -inf: such candidates rank below every scored one (ties by docid, as for any
+    equal scores), so a query whose scores all went NaN counts as a ranking by docid, not as an error."""
+    return {qid: {d: -math.inf if math.isnan(s) else s for d, s in docs.items()} for qid, docs in scores.items()}
+
+
 def evaluate_beir(
     model, pair_tokenizer, folder: str, split: str, run_path: Optional[str] = None, top_k: int = 100,
-    batch_size: int = 32, max_queries: Optional[int] = None,
+    batch_size: int = 32, max_queries: Optional[int] = None, nan_last: bool = False,
 ):
-    """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank."""
+    """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank.
+
+    A NaN score is an error in the metrics unless ``nan_last``, which ranks such candidates last
+    (`nan_ranked_last`); the returned scores keep the NaNs either way.
+    """
     beir = read_beir(folder, split)
     run_path = run_path or find_run_file(folder, split)
     run = read_run(run_path)
@@ -29,4 +45,5 @@ def evaluate_beir(
     qrels = {q: beir.qrels[q] for q in qids}
     batches = rerank_batches(beir.queries, beir.corpus, run, top_k, batch_size, pair_tokenizer)
     scores = scores_by_query(score_batches(model, batches))
-    return evaluate_run(qrels, scores), evaluate_run(qrels, first_stage_scores(run, top_k)), scores
+    ours = evaluate_run(qrels, nan_ranked_last(scores) if nan_last else scores)
+    return ours, evaluate_run(qrels, first_stage_scores(run, top_k)), scores

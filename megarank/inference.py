@@ -1,9 +1,15 @@
 """Batched, no-grad scoring and reranking of query-candidate pairs on any TP/PP/DP layout.
 
-Batches come length-sorted from ``megarank.data.rerank_batches``; data-parallel ranks take every dp-th batch;
-each batch runs through megatron-core's schedule in forward-only mode (so pipeline stages work), and the
-scores from every last-stage, first-TP rank are gathered on all ranks.
+Batches come length-sorted from ``megarank.data.rerank_batches``, each padded to its own longest pair (pipeline
+stages exchange every activation's shape: ``variable_seq_lengths`` in model/transformer_config.py). They are
+dealt to data-parallel ranks in rounds of dp: in each round rank r scores the round's r-th batch. Every rank
+makes the same number of forward calls: in a last, short round the ranks without a batch of their own score
+the round's last batch again and drop the result, because collectives inside the forward must match across
+ranks (Transformer Engine's FP8 delayed scaling all-reduces amax at the end of every autocast). Each batch
+runs through megatron-core's schedule in forward-only mode (so pipeline stages work), and the scores from
+every last-stage, first-TP rank are gathered on all ranks.
 """
+from itertools import islice
 
 import torch
 import torch.distributed as dist
@@ -23,30 +29,44 @@ def _forward(data_iterator, model):
     return model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev)), _collect
 
 
+def _score(model, batch) -> list:
+    """Scores of one batch on the ranks that hold them (last stage, TP rank 0), else []."""
+    out = get_forward_backward_func()(
+        forward_step_func=_forward,
+        data_iterator=iter([batch]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=batch["input_ids"].shape[1],
+        micro_batch_size=batch["input_ids"].shape[0],
+        forward_only=True,
+    )
+    return out[0]["scores"].tolist() if out else []
+
+
+def dp_rounds(batches, dp_size: int):
+    """Yield lists of up to dp_size consecutive items of ``batches`` (the last list may be shorter)."""
+    it = iter(batches)
+    while chunk := list(islice(it, dp_size)):
+        yield chunk
+
+
 @torch.no_grad()
 def score_batches(model, batches) -> dict:
-    """Score ``(pairs, batch)`` items; returns {(qid, docid): score} on every rank."""
+    """Score ``(pairs, batch)`` items; returns {(qid, docid): score} on every rank. Collective over the world."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     holds_scores = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     was_training = model.training
     model.eval()
     local = []
-    for i, (pairs, batch) in enumerate(batches):
-        if i % dp_size != dp_rank:
-            continue
-        out = get_forward_backward_func()(
-            forward_step_func=_forward,
-            data_iterator=iter([batch]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=batch["input_ids"].shape[1],
-            micro_batch_size=batch["input_ids"].shape[0],
-            forward_only=True,
-        )
-        if holds_scores:
-            local.extend(zip(pairs, out[0]["scores"].tolist()))
-    model.train(was_training)
+    try:
+        for chunk in dp_rounds(batches, dp_size):
+            pairs, batch = chunk[dp_rank] if dp_rank < len(chunk) else (None, chunk[-1][1])
+            scores = _score(model, batch)
+            if holds_scores and pairs is not None:  # pairs is None: the padding forward, result dropped
+                local.extend(zip(pairs, scores))
+    finally:
+        model.train(was_training)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     return {pair: score for part in gathered for pair, score in part}

@@ -42,8 +42,6 @@ def make_pair_tokenizer(cfg: Config, tokenizer_dir) -> PairTokenizer:
         load_tokenizer(tokenizer_dir),
         max_length=cfg.data.max_length,
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-        # Pipeline stages exchange fixed-shape activations: pad every batch to max_length.
-        fixed_length=cfg.parallel.pipeline_model_parallel_size > 1,
         template=cfg.data.template,
     )
 

@@ -60,11 +60,17 @@ def _resume_or_init(cfg: Config, model, optimizer, scheduler, sampler) -> tuple[
 
 
 def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
-    from megarank.evaluation import evaluate_beir
+    """Evaluate on data.eval_*; NaN scores rank their candidates last (see evaluation.py) with a warning, so a
+    diverging model shows up in the metrics instead of ending the run."""
+    from megarank.evaluation import count_nan, evaluate_beir
 
     d = cfg.data
-    ours, first_stage, _ = evaluate_beir(model, pair_tokenizer, d.eval_path, d.eval_split, d.eval_run, d.eval_top_k,
-                                         d.eval_batch_size, d.eval_max_queries)
+    ours, first_stage, scores = evaluate_beir(model, pair_tokenizer, d.eval_path, d.eval_split, d.eval_run,
+                                              d.eval_top_k, d.eval_batch_size, d.eval_max_queries, nan_last=True)
+    nan = count_nan(scores)
+    if nan and _is_logging_rank():
+        log.warning("eval step %d: %d of %d candidate scores are NaN; they rank last in the metrics", step, nan,
+                    sum(len(docs) for docs in scores.values()))
     if _is_logging_rank():
         log.info("eval step %d | %s | first stage: %s", step,
                  " ".join(f"{k} {v:.4f}" for k, v in ours.items()), " ".join(f"{k} {v:.4f}" for k, v in first_stage.items()))
@@ -92,7 +98,6 @@ def train(cfg: Config) -> dict:
     tb_dir = cfg.logging.tensorboard_dir or (str(Path(cfg.checkpoint.dir) / "tensorboard") if cfg.checkpoint.dir else None)
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
     watcher = PreemptionWatcher(cfg.checkpoint.dir)
-    seq_len = pair_tokenizer.max_length if p.pipeline_model_parallel_size > 1 else 0
     save = lambda s: ckpt.save_training_checkpoint(  # noqa: E731
         cfg.checkpoint.dir, s, model, optimizer if cfg.checkpoint.save_optimizer else None,
         _train_state(s, scheduler, sampler, nonfinite), cfg, tokenizer_dir)
@@ -101,7 +106,7 @@ def train(cfg: Config) -> dict:
         tic = time.time()
         groups = [source.get(i, epoch) for i, epoch in next(sampler)]
         micro = _micro_batches(groups, cfg, pair_tokenizer)
-        result = train_step(ddp, optimizer, scheduler, micro, t.loss, seq_len or micro[0]["input_ids"].shape[1])
+        result = train_step(ddp, optimizer, scheduler, micro, t.loss)
         step += 1
         nonfinite = nonfinite + 1 if result["skipped"] else 0
         if nonfinite >= t.max_nonfinite_steps:

@@ -67,15 +67,27 @@ def build_optimizer(ddp_model, cfg: Config):
 
 
 def build_scheduler(optimizer, cfg: Config) -> OptimizerParamScheduler:
+    """Linear warm-up over W = train.lr_warmup_steps steps, then decay to min_lr. Step k (1-based) trains at
+
+        lr * k / W                                          for 1 <= k <= W,
+        decay from lr at ratio (k - V) / (steps + 1 - V)    for k >= V = max(W, 1)
+
+    (cosine or linear; "constant" stays at lr). The scheduler is stepped after each applied update, so step k
+    runs at ``get_lr()`` with num_steps = k - 1 (optimizer_param_scheduler.py:227-230). Megatron-LM steps it
+    the same way, after ``optimizer.step()``, so with init_lr 0 its first update runs at lr 0 (its
+    --lr-warmup-init default); here init_lr = lr / W and a warm-up of W - 1 scheduler steps give exactly
+    lr * k / W, while ``num_steps`` still counts applied updates (what checkpoints store). W = 0 and W = 1
+    give the same schedule: step 1 at the full lr.
+    """
     t = cfg.train
     warmup = min(t.lr_warmup_steps, t.steps)
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0,
+        init_lr=t.lr / warmup if warmup > 1 else 0.0,
         max_lr=t.lr,
         min_lr=t.min_lr,
-        lr_warmup_steps=warmup,
-        lr_decay_steps=max(t.steps, warmup + 1),
+        lr_warmup_steps=max(warmup - 1, 0),
+        lr_decay_steps=t.steps,
         lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,

@@ -1,14 +1,27 @@
-"""One optimizer step through megatron-core's pipeline schedule (micro-batches of whole query groups)."""
+"""One optimizer step through megatron-core's pipeline schedule (micro-batches of whole query groups).
+
+The optimizer step is megatron's own ``ChainedOptimizer.step`` (megatron/core/optimizer/optimizer.py:1308-1338:
+prepare_grads, get_grad_norm, clip_grad_by_total_norm_fp32, step_with_ready_grads) taken apart so that the
+NaN/Inf guard can sit between the grad norm and the update. megatron itself only skips a step when fp16's
+loss scaler finds an overflow (``prepare_grads`` returns found_inf, optimizer.py:596-598); with bf16/fp32 a NaN
+grad norm gives a NaN clip coefficient, ``clip_coeff < 1.0`` is False (clip_grads.py), so the NaN gradients are
+applied unclipped and every weight turns NaN. The guard reads the one global grad norm megatron computes anyway
+(one all-reduce and one host sync per step, however many parameters), plus one flag all-reduce for the loss.
+"""
+import math
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarank.parallel.init import any_rank, device
-
 from megarank.training.loss import LOSSES, group_metrics
+from megarank.training.optimizer import inner_optimizers
+
+_LOGGED = ("loss", "acc", "mrr")
 
 
 def _loss_func(loss_name: str, group_size: int, scores: torch.Tensor):
@@ -26,14 +39,15 @@ def forward_step(data_iterator, model, loss_name: str):
     return scores, partial(_loss_func, loss_name, batch["group_size"])
 
 
-def _grads_finite(model) -> bool:
-    for p in model.parameters():
-        g = getattr(p, "main_grad", None)
-        if g is None:
-            g = p.grad
-        if g is not None and not torch.isfinite(g).all():
-            return False
-    return True
+def check_pipeline_shapes(model_config, micro_batches: list) -> None:
+    """Pipeline stages size their receive buffers from one shape unless ``variable_seq_lengths`` makes them
+    exchange each micro-batch's shape first (p2p_communication.py:301-307): fail clearly instead of in p2p."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1 or model_config.variable_seq_lengths:
+        return
+    shapes = {tuple(b["input_ids"].shape) for b in micro_batches}
+    if len(shapes) > 1:
+        raise ValueError(f"micro-batches of shapes {sorted(shapes)} under pipeline parallelism need "
+                         "TransformerConfig.variable_seq_lengths=True (set by make_transformer_config)")
 
 
 def _mean_over_dp(values: dict) -> dict:
@@ -45,37 +59,65 @@ def _mean_over_dp(values: dict) -> dict:
     return dict(zip(keys, t.tolist()))
 
 
-def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss_name: str, seq_length: int) -> dict:
+def _clip(optimizer, grad_norm: float) -> None:
+    """Clip by the global norm as megatron's step does (optimizer.py:1316-1330). ``clip_grads`` is read at
+    call time: on CPU megarank.parallel.cpu replaces its function."""
+    for opt in inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grads.clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+
+
+@torch.no_grad()
+def guarded_optimizer_step(optimizer, loss_finite: bool) -> tuple[bool, float]:
+    """Collective: megatron's optimizer step unless the loss (on any rank) or the global grad norm is not
+    finite. -> (applied, grad_norm). The same on every rank: the grad norm is all-reduced over the
+    optimizer's grad-stats group (model-parallel group, or the world with the distributed optimizer) after
+    the gradients were reduced over data parallel, so a NaN anywhere reaches every rank's norm."""
+    found_inf = optimizer.prepare_grads()  # fp16: unscale + overflow check, loss scaler updated
+    grad_norm = float("inf") if found_inf else float(optimizer.get_grad_norm())
+    if any_rank(not (loss_finite and math.isfinite(grad_norm))):
+        return False, grad_norm  # weights, Adam state and the LR schedule stay as they were
+    _clip(optimizer, grad_norm)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss_name: str) -> dict:
     """Forward/backward over the micro-batches, NaN/Inf guard, optimizer and LR step.
+
+    Micro-batches may have different sequence lengths (each is padded to its own longest): under pipeline
+    parallelism the stages exchange every activation's shape (``variable_seq_lengths``), so ``seq_length``
+    below is ignored by the p2p code (schedules.py:104-107).
 
     Returns {"skipped": bool, "grad_norm", "lr", and on the last stage "loss", "acc", "mrr"}.
     """
+    check_pipeline_shapes(ddp_model.config, micro_batches)
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
-    rows = micro_batches[0]["input_ids"].shape[0]
+    first = micro_batches[0]["input_ids"]
     outputs = get_forward_backward_func()(
         forward_step_func=partial(forward_step, loss_name=loss_name),
         data_iterator=iter(micro_batches),
         model=[ddp_model],
         num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=rows,
+        seq_length=first.shape[1],
+        micro_batch_size=first.shape[0],
         forward_only=False,
     )
     last_stage = parallel_state.is_pipeline_last_stage()
     local = {}
-    if last_stage:
-        local = {k: torch.stack([o[k] for o in outputs]).mean().item() for k in ("loss", "acc", "mrr")}
-    finite = (not last_stage or torch.isfinite(torch.tensor(local["loss"])).item()) and _grads_finite(ddp_model)
-    result = {"skipped": any_rank(not finite), "lr": optimizer.param_groups[0]["lr"]}
-    if result["skipped"]:
-        result["grad_norm"] = float("nan")
-    else:
-        ok, grad_norm, _ = optimizer.step()
-        result["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
-        result["skipped"] = not ok
-        if ok:
-            scheduler.step(increment=1)
+    if last_stage:  # one host copy for all metrics
+        means = torch.stack([torch.stack([o[k].float() for k in _LOGGED]) for o in outputs]).mean(0).tolist()
+        local = dict(zip(_LOGGED, means))
+    lr = optimizer.param_groups[0]["lr"]
+    applied, grad_norm = guarded_optimizer_step(optimizer, not last_stage or math.isfinite(local["loss"]))
+    if applied:
+        scheduler.step(increment=1)
+    result = {"skipped": not applied, "lr": lr, "grad_norm": grad_norm}
     if last_stage:
         result.update(_mean_over_dp(local))
     return result
