@@ -2,7 +2,7 @@
 
 Both run on CPU in fp32. The HF side is the HF weights in this package's ``LlamaBidirectionalForSequenceClassification``
 with the checkpoint's pooling/temperature (a base LM has no score head: the converted checkpoint's new head is used
-on both sides, and the output says so). Texts are encoded as megarank does (DESIGN.md §3): one string from the
+on both sides, and the output says so). Texts are encoded as megarank does (docs/architecture.md): one string from the
 config's template, BOS prepended, no EOS, right padding; random ids when no tokenizer is available.
 """
 from __future__ import annotations

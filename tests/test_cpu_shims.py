@@ -1,4 +1,4 @@
-"""megarank.parallel.cpu: the megatron-core shims for machines without CUDA (DESIGN.md §6)."""
+"""megarank.parallel.cpu: the megatron-core shims for machines without CUDA (docs/megatron-on-cpu.md)."""
 import importlib
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""The bidirectional Llama reranker on one CPU rank (DESIGN.md §3 "Model"): attention direction, padding,
+"""The bidirectional Llama reranker on one CPU rank (docs/architecture.md, "The model"): attention direction, padding,
 pooling, temperature, GQA, RoPE scaling, the SDPA core attention, bf16, checkpoints; TE/FP8 on GPU (marked).
 
 All on the tiny config (2 layers, hidden 64, 4 heads, 2 KV heads, ffn 128, Llama-3 rope scaling), fp32.

@@ -1,5 +1,5 @@
 """Parity with ``transformers``: megarank's scores on a converted tiny random Llama equal an independent reference
-built from ``transformers.LlamaModel`` (DESIGN.md §4 tier 3).
+built from ``transformers.LlamaModel`` (docs/architecture.md, test tier 3).
 
 The reference does not use this project's HF modeling file: it is stock ``LlamaModel`` loaded with the source
 checkpoint's ``model.*`` weights, made bidirectional by passing a 4-D additive float mask (0 for real keys,

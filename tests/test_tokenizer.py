@@ -1,4 +1,4 @@
-"""The tiny byte-level tokenizer, tokenizer loading, and pair encoding rules (DESIGN.md §3)."""
+"""The tiny byte-level tokenizer, tokenizer loading, and pair encoding rules (docs/architecture.md, "The input")."""
 
 import pytest
 import torch

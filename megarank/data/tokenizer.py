@@ -1,6 +1,6 @@
 """Tokenizers: the built-in tiny byte-level one, loading a model's own, and pair encoding for the reranker.
 
-Pair encoding follows DESIGN.md §3: the pair is ONE string made by the template, tokenized without special
+Pair encoding follows docs/architecture.md: the pair is ONE string made by the template, tokenized without special
 tokens, BOS prepended explicitly, no EOS, truncated on the right so BOS + tokens <= max_length, right-padded.
 """
 
