@@ -26,11 +26,14 @@ def _quiet_warnings() -> None:
 
 
 def cmd_train(args) -> int:
-    from megarank.config import load_config
+    from megarank.config import load_config, validate
     from megarank.preflight import check_train_config
 
     cfg = load_config(args.config, args.overrides)
-    check_train_config(cfg)  # missing inputs and unwritable outputs fail here, before torch/megatron import
+    # Before torch/megatron-core import (seconds): the config on its own (train() checks it again against the
+    # world size), then missing inputs and unwritable outputs.
+    validate(cfg)
+    check_train_config(cfg)
     _setup_logging(cfg.logging.level)
     from megarank.training.loop import train
 

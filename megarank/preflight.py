@@ -41,7 +41,7 @@ def output_dir_problem(path: str | os.PathLike) -> Optional[str]:
     """Why the folder `path` cannot be created or written into (None if it can), without creating it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        return f"{path} exists and is not a folder"
+        return f"{path} is a file, not a folder"
     base = _existing_ancestor(path)
     if not base.is_dir():
         return f"{base} is a file, so the folder {path} cannot be created"

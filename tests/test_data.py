@@ -403,3 +403,87 @@ def test_cranfield_train_groups_and_batches(pair_tokenizer):
     sliced = Run({q: run[q][:10] for q in list(run)[:3]}, path=run.path)
     pairs = [p for chunk, _ in rerank_batches(beir.queries, beir.corpus, sliced, 10, 8, pair_tokenizer) for p in chunk]
     assert len(pairs) == 30
+
+
+# ---------------------------------------------------------------- bad bytes, line numbers, advice
+
+
+def write_bytes(path, lines: list[bytes]):
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+NOT_UTF8 = b'{"_id": "d2", "text": "caf\xe9"}'  # latin-1 e-acute
+
+
+@pytest.mark.parametrize("reader, good, bad", [
+    (read_corpus, b'{"_id": "d1", "text": "a"}', NOT_UTF8),
+    (read_queries, b'{"_id": "q1", "text": "a"}', NOT_UTF8),
+    (read_qrels, b"q1\td1\t1", b"q2\td\xff\t1"),
+    (read_run, b"q1\td1\t1\t2.0", b"q1\td\xff\t2\t1.0"),
+    (lambda p: read_jsonl_groups(p), GOOD_LINE.encode(), b'{"query": "\xff", "pos_doc": ["p"], "neg_doc": []}'),
+])
+def test_non_utf8_line_is_named_with_its_byte(tmp_path, reader, good, bad):
+    path = write_bytes(tmp_path / "f.txt", [good, good.replace(b"1", b"3"), bad])
+    with pytest.raises(DataError, match=r"^.*f\.txt line 3: is not valid UTF-8 \(byte 0x(e9|ff) at column \d+\)"):
+        reader(path)
+
+
+def test_skip_bad_lines_skips_non_utf8_lines(tmp_path, caplog):
+    path = write_bytes(tmp_path / "g.jsonl", [GOOD_LINE.encode(), b"\xff\xfe", b"{bad json", GOOD_LINE.encode()])
+    with caplog.at_level(logging.WARNING):
+        groups, skipped = read_jsonl_groups(path, skip_bad_lines=True)
+    assert [g["line"] for g in groups] == [1, 4] and skipped == 2
+    assert "g.jsonl line 2: is not valid UTF-8" in caplog.text and "g.jsonl line 3: malformed JSON" in caplog.text
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = write_bytes(tmp_path / "c.jsonl", [b'\xef\xbb\xbf{"_id": "d1", "text": "a"}'])
+    assert read_corpus(path) == {"d1": "a"}
+
+
+def test_folder_given_as_a_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"corpus\.jsonl: is a folder, expected a file"):
+        read_corpus((tmp_path / "corpus.jsonl").mkdir() or tmp_path / "corpus.jsonl")
+
+
+def test_unknown_candidate_is_named_with_the_run_line(tmp_path, sample_beir, pair_tokenizer):
+    path = write(tmp_path / "r.tsv", ["query-id\tcorpus-id\trank\tscore", "1\td02\t1\t3", "1\tnope\t2\t2",
+                                      "999\td02\t1\t1"])
+    with pytest.raises(DataError, match=r"r\.tsv line 3: candidate document 'nope' of query '1' is not in the corpus"):
+        BeirGroupSource(sample_beir, read_run(path), n_negatives=1)
+    with pytest.raises(DataError, match=r"r\.tsv line 3: candidate document 'nope' of query '1'"):
+        rerank_batches(sample_beir.queries, sample_beir.corpus, read_run(path), 10, 2, pair_tokenizer)
+    with pytest.raises(DataError, match=r"r\.tsv line 4: query id '999' is not in the queries"):
+        rerank_batches(sample_beir.queries, sample_beir.corpus, Run({"999": ["d02"]}, path=path), 10, 2,
+                       pair_tokenizer)
+
+
+def test_too_few_negatives_suggests_a_depth_that_works(sample_beir):
+    run = read_run(find_run_file(sample_data_dir(), "train"))
+    with pytest.raises(DataError, match=r"set data\.negatives_top_k=(\d+) \(or more; it is 4\)") as e:
+        BeirGroupSource(sample_beir, run, n_negatives=4, top_k=4)
+    depth = int(e.value.args[0].split("negatives_top_k=")[1].split()[0])
+    BeirGroupSource(sample_beir, run, n_negatives=4, top_k=depth)  # the advice works ...
+    with pytest.raises(DataError):
+        BeirGroupSource(sample_beir, run, n_negatives=4, top_k=depth - 1)  # ... and is the smallest that does
+    with pytest.raises(DataError, match=r"lower data\.n_passages to at most \d+ or use a deeper run"):
+        BeirGroupSource(sample_beir, run, n_negatives=20, top_k=100)
+
+
+def test_max_length_without_room_for_the_passage_is_rejected(pair_tokenizer):
+    tok = pair_tokenizer.tokenizer
+    with pytest.raises(DataError, match=r"data\.max_length=16 is too short for data\.template: .* take 23 tokens"):
+        PairTokenizer(tok, max_length=16)
+    PairTokenizer(tok, max_length=16, template="{query} {passage}")  # a short template leaves room
+
+
+def test_warns_when_queries_push_every_passage_out(pair_tokenizer, caplog):
+    pt = PairTokenizer(pair_tokenizer.tokenizer, max_length=32)
+    with caplog.at_level(logging.WARNING, logger="megarank.data.tokenizer"):
+        pt(["a long query of many many bytes"] * 20, ["the passage"] * 20)
+    assert pt.n_passage_lost == 20 and "20 of the first 20 query-passage pairs" in caplog.text
+    assert "data.max_length=32" in caplog.text
+    fine = PairTokenizer(pair_tokenizer.tokenizer, max_length=64)
+    fine(["q"] * 20, ["a passage much longer than the budget " * 5] * 20)  # cut, but inside the passage
+    assert fine.n_passage_lost == 0 and fine.n_pairs == 20
