@@ -564,6 +564,13 @@ def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
 
                 if not is_te_min_version("2.6.0dev0"):  # transformer_config.py:1247-1252
                     errs.append("model.recompute_modules: layernorm recompute with model.fp8 needs transformer-engine >= 2.6")
+    if env and m.recompute_granularity is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            # megatron's recompute (tensor_parallel.checkpoint) saves the CUDA RNG state (random.py:444-449).
+            errs.append(f"model.recompute_granularity={m.recompute_granularity} needs CUDA (megatron's recompute saves "
+                        "the CUDA RNG state); set model.recompute_granularity=null on CPU")
     if m.recompute_granularity == "full" and m.recompute_num_layers < 1:
         errs.append(f"model.recompute_num_layers must be >= 1 with model.recompute_granularity=full (got {m.recompute_num_layers})")
     return errs
