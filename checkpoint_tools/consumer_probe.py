@@ -1,8 +1,9 @@
 """Run in any venv (no megarank import): load a megarank export the way each consumer does and print JSON.
 
-    python checkpoint_tools/consumer_probe.py EXPORT PAIRS.json > out.json
+    python checkpoint_tools/consumer_probe.py PAIRS.json EXPORT [EXPORT ...] > out.json
 
-Output: {"versions": {...}, "ids": {consumer: [[token ids] per pair]}, "scores": {consumer: [score per pair]}}.
+Output, per export: {"versions": {...}, "ids": {consumer: [[token ids] per pair]}, "scores": {consumer: [score per
+pair]}, ...}.
 Scores are raw logits (no sigmoid). Consumers: transformers (eager and sdpa, batched with right padding, and
 one pair at a time without an attention_mask), sentence-transformers' CrossEncoder on plain pairs, and the input
 vLLM builds from the shipped score template (rendered and tokenized as vLLM's score API does).
@@ -17,11 +18,10 @@ def messages(q, p):
     return [{"role": "query", "content": q}, {"role": "document", "content": p}]
 
 
-def main(export, pairs_file):
+def probe(export, pairs):
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    pairs = json.load(open(pairs_file))
     out = {"versions": {"transformers": transformers.__version__}, "ids": {}, "scores": {}}
     tok = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
     texts = [tok.apply_chat_template(messages(q, p), tokenize=False) for q, p in pairs]
@@ -56,8 +56,9 @@ def main(export, pairs_file):
         ce = CrossEncoder(export, trust_remote_code=True, device="cpu")
         scores = ce.predict([tuple(p) for p in pairs], activation_fn=torch.nn.Identity(), convert_to_tensor=True)
         out["scores"]["cross_encoder"] = scores.float().reshape(-1).tolist()
-    json.dump(out, sys.stdout)
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    pairs = json.load(open(sys.argv[1]))
+    json.dump({export: probe(export, pairs) for export in sys.argv[2:]}, sys.stdout)

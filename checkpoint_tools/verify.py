@@ -1,7 +1,7 @@
 """verify: score a few built-in query/passage pairs with the HF model and with megarank on the converted checkpoint.
 
 Both run on CPU in fp32. The HF side is the HF weights in this package's ``LlamaBidirectionalForSequenceClassification``
-with the checkpoint's pooling/temperature (a base LM has no score head: the converted checkpoint's new head is used
+with the checkpoint's pooling/temperature (less the temperature a megarank export folded into its head) (a base LM has no score head: the converted checkpoint's new head is used
 on both sides, and the output says so). Texts are encoded as megarank does (docs/architecture.md): one string from the
 config's template, BOS prepended, no EOS, right padding; random ids when no tokenizer is available.
 """
@@ -17,6 +17,7 @@ from checkpoint_tools.hf_config import (
     ARCHITECTURE_KEYS,
     detect_format,
     export_config,
+    folded_temperature,
     hf_architecture,
     read_hf_config,
 )
@@ -62,8 +63,10 @@ def encode_pairs(tokenizer_dir, template: str, vocab_size: int, max_length: int 
     return ids, mask
 
 
-def hf_reranker(src: Path, m, score_from=None):
-    """This package's HF reranker class loaded with SRC's weights in fp32 (score head from SRC or ``score_from``)."""
+def hf_reranker(src: Path, m, score_from=None, folded: float = 1.0):
+    """This package's HF reranker class loaded with SRC's weights in fp32 (score head from SRC or ``score_from``).
+
+    It divides by the checkpoint's temperature, less what SRC already folded into its head (a megarank export)."""
     from checkpoint_tools.hf_modeling.configuration_llama_bidirec import (
         LlamaBidirectionalConfig,
     )
@@ -74,6 +77,7 @@ def hf_reranker(src: Path, m, score_from=None):
     cfg = export_config(m, "fp32")
     for key in ("architectures", "model_type", "auto_map", "dtype"):
         cfg.pop(key)
+    cfg["temperature"] = m.temperature / folded
     model = LlamaBidirectionalForSequenceClassification(LlamaBidirectionalConfig(**cfg)).eval()
     weights = HFWeights(src)
     names = keymap.hf_shapes(m, with_score=score_from is None)
@@ -109,13 +113,15 @@ def verify(src_hf, dst_megatron, tol: float = 1e-4, quiet: bool = False) -> floa
     cfg = load_saved_config(ckpt)
     arch = hf_architecture(hf, str(src / "config.json"))
     check_agreement(cfg.model, arch, ARCHITECTURE_KEYS, f"{ckpt}/config.yaml", str(src / "config.json"))
-    score_from = None
+    score_from, folded = None, 1.0
+    if fmt == "llama_bidirec":
+        folded = folded_temperature(hf, str(src / "config.json"))
     if fmt == "causal_lm":
         score_from = MegatronWeights(ckpt).read_global("score.weight")
     tok_dir = next((d for d in (src, ckpt / "tokenizer") if tokenizer_files(d)), None)
     ids, mask = encode_pairs(tok_dir, cfg.data.template, cfg.model.vocab_size)
     with torch.no_grad():
-        hf_scores = hf_reranker(src, cfg.model, score_from)(input_ids=ids, attention_mask=mask.long()).logits.float()
+        hf_scores = hf_reranker(src, cfg.model, score_from, folded)(input_ids=ids, attention_mask=mask.long()).logits.float()
     mr_scores = megarank_scores(ckpt, cfg, ids, mask)
     diff = (hf_scores - mr_scores).abs().max().item()
     if not quiet:
