@@ -223,3 +223,29 @@ def test_padded_vocab_size_splits_evenly_over_tp():
         rows = padded_vocab_size(128256, 128, tp)
         assert rows >= 128256 and rows % tp == 0 and rows % 128 == 0
     assert padded_vocab_size(259, 64, 1) == 320
+
+
+def test_list_keys_are_checked_item_by_item():
+    cfg = load_config(TINY, ["model.recompute_modules=[mlp, layernorm]"])
+    assert cfg.model.recompute_modules == ["mlp", "layernorm"]
+    assert load_config(TINY).model.recompute_modules == ["core_attn"]  # megatron-core's default
+    with pytest.raises(ConfigError, match=r"model.recompute_modules\[1\].*is not one of"):
+        load_config(TINY, ["model.recompute_modules=[mlp, attention]"])
+    with pytest.raises(ConfigError, match="model.recompute_modules.*expected a list"):
+        load_config(TINY, ["model.recompute_modules=mlp"])
+
+
+def test_gpu_layout_problems_are_listed_with_the_others():
+    """Sequence-parallel and FP8 token divisibility and the delayed-scaling conflict come in the same list
+    as the layout errors, each naming its key (before any process group exists)."""
+    cfg = load_config(TINY, ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true",
+                             "data.pad_to_multiple_of=6", "model.transformer_impl=auto", "model.dtype=bf16",
+                             "model.fp8=hybrid", "model.fp8_recipe=delayed", "model.fp8_first_last_bf16=true",
+                             "model.num_query_groups=4"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size=6, check_environment=False)
+    msg = str(e.value)
+    assert "data.pad_to_multiple_of (6) must be a multiple of parallel.tensor_model_parallel_size (4)" in msg
+    assert "data.pad_to_multiple_of (6) must be a multiple of 8 x TP 4 under sequence parallel = 32" in msg
+    assert "model.fp8_first_last_bf16 cannot be used with model.fp8_recipe=delayed" in msg
+    assert "world size 6 is not divisible" in msg
