@@ -49,6 +49,16 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def _nccl_version() -> str:
+    import torch
+
+    try:
+        v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older releases
+    except Exception as e:  # noqa: BLE001 - a report line, not a failure
+        return f"unknown ({type(e).__name__})"
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def cmd_env(_args) -> int:
     import torch
 
@@ -58,7 +68,7 @@ def cmd_env(_args) -> int:
         p = torch.cuda.get_device_properties(0)
         rows += [("GPU", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
                          f"compute capability {p.major}.{p.minor}"),
-                 ("NCCL", ".".join(map(str, torch.cuda.nccl.version())))]
+                 ("NCCL", _nccl_version())]
     te = importlib.util.find_spec("transformer_engine") is not None
     rows += [("Transformer Engine importable", str(te))]
     for pkg in ("transformer-engine", "megatron-core", "transformers", "sentence-transformers", "ir-measures",
