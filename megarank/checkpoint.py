@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megarank.checkpoint_writer import keep_writer_in_process
+
 FORMAT_VERSION = 1
 MODEL_DIR, OPTIMIZER_DIR, STATE_DIR, MARKER = "model", "optimizer", "train_state", "megarank_checkpoint.json"
 
@@ -47,6 +49,7 @@ def save_model_weights(model, directory) -> None:
     from megatron.core import dist_checkpointing
 
     Path(directory).mkdir(parents=True, exist_ok=True)
+    keep_writer_in_process()  # no writer helper process for a signal to kill (megarank/checkpoint_writer.py)
     dist_checkpointing.save(model_sharded_state_dict(model), str(directory))
 
 
@@ -232,6 +235,7 @@ def save_training_checkpoint(run_dir, step: int, model, optimizer, train_state: 
             (tmp / sub).mkdir(parents=True)
     barrier()
     model_sd = model_sharded_state_dict(model)
+    keep_writer_in_process()  # no writer helper process for a signal to kill (megarank/checkpoint_writer.py)
     dist_checkpointing.save(model_sd, str(tmp / MODEL_DIR))
     if optimizer is not None:
         opt_sd = optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=False, metadata=OPTIM_METADATA)

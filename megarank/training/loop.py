@@ -10,10 +10,12 @@ from megarank import checkpoint as ckpt
 from megarank.config import Config, validate
 from megarank.model import build_model
 from megarank.parallel.init import init_distributed
+from megarank.run_lock import acquire_run_lock
 from megarank.training.data import make_group_source, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir
 from megarank.training.logger import MetricsLogger
 from megarank.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megarank.training.preemption import PreemptionWatcher
+from megarank.training.watchdog import start_agent_watchdog
 from megarank.training.step import train_step
 
 log = logging.getLogger("megarank.train")
@@ -80,8 +82,10 @@ def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
 def train(cfg: Config) -> dict:
     """Run (or resume) training as configured. Returns the last step's metrics on the logging rank."""
     p, t = cfg.parallel, cfg.train
+    start_agent_watchdog()  # a torchrun worker ends (unsaved) if its agent is killed, from here on
     init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed)
     validate(cfg, world_size=dist.get_world_size())
+    run_lock = acquire_run_lock(cfg.checkpoint.dir) if cfg.checkpoint.dir else None  # before anything writes there
     for source_ckpt in (ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None, cfg.checkpoint.load):
         if source_ckpt:
             ckpt.check_architecture(cfg.model, source_ckpt)  # fail before building a model that cannot load it
@@ -138,5 +142,7 @@ def train(cfg: Config) -> dict:
         _evaluate(cfg, ddp, pair_tokenizer, logger, step)
     watcher.restore()
     logger.close()
+    if run_lock is not None:
+        run_lock.release()
     metrics.update(step=step, saved_step=saved_step)
     return metrics

@@ -1,0 +1,98 @@
+"""Stop a torchrun worker whose agent is gone, without saving anything.
+
+torchrun starts every worker in a session of its own (``start_new_session=True``,
+torch/distributed/elastic/multiprocessing/subprocess_handler/subprocess_handler.py:66), so a SIGKILL of
+the agent, or of the launcher's process group, does not reach the workers: they would train on as
+orphans, write ``latest`` and race the restarted job for the same checkpoint folder.
+
+A daemon thread polls ``os.getppid()`` against the agent's pid recorded at start-up. When the kernel
+re-parents the worker (to init or a subreaper) the agent is gone: the thread kills this worker's own
+child processes (the per-save writer processes of megatron's torch_dist writer, which would otherwise
+finish their files) and ends the process with ``os._exit`` -- no save, no ``latest``, no Python clean-up
+that could write. ``check()`` makes the same test synchronously right before a save, so a save is not
+started in the polling gap.
+
+Why polling and not ``prctl(PR_SET_PDEATHSIG)``: the death signal fires when the parent *thread* that
+forked us exits (prctl(2)), not the agent process; it is also only delivered as a signal, and a Python
+handler runs in the main thread between bytecodes -- never while that thread waits in a collective or a
+long kernel, which is exactly where a rank sits when its peers stop. A SIGKILL death signal would end the
+worker at once but leave its writer processes running. The thread acts whatever the main thread is doing,
+and one ``getppid`` every 0.1 s costs nothing.
+
+Only torchrun workers are watched (``TORCHELASTIC_RUN_ID`` in the environment, set by the agent for its
+workers): a single process started from a shell may legitimately outlive that shell (``nohup``).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+POLL_SECONDS = 0.1
+EXIT_CODE = 1
+
+
+class AgentWatchdog:
+    """Watches the parent (torchrun agent) of this worker; ends the process when it disappears."""
+
+    def __init__(self, agent_pid: int, rank: str, poll_seconds: float = POLL_SECONDS):
+        self.agent_pid = agent_pid
+        self.rank = rank
+        self.poll_seconds = poll_seconds
+        self._thread = threading.Thread(target=self._watch, name="megarank-agent-watchdog", daemon=True)
+
+    def agent_gone(self) -> bool:
+        return os.getppid() != self.agent_pid
+
+    def check(self) -> None:
+        """Stop here, without saving, if the agent is gone (call right before writing a checkpoint)."""
+        if self.agent_gone():
+            self._stop_now()
+
+    def _watch(self) -> None:
+        while True:
+            if self.agent_gone():
+                self._stop_now()
+            time.sleep(self.poll_seconds)
+
+    def _stop_now(self) -> None:
+        try:
+            print(f"megarank train: rank {self.rank}: the torchrun agent (pid {self.agent_pid}) is gone; stopping "
+                  "without saving (the checkpoint folder keeps its last complete step)", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 -- the console may have gone with the agent; stopping matters more
+            pass
+        try:
+            children = multiprocessing.active_children()
+        except Exception:  # noqa: BLE001 -- the main thread may be changing that set right now
+            children = []
+        for child in children:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+        os._exit(EXIT_CODE)
+
+
+_watchdog: Optional[AgentWatchdog] = None
+# The agent is the parent this process had when it started; recorded at import (the trainer imports this
+# module before it reads its config or joins the rendezvous), so an agent killed during start-up is noticed.
+_PARENT_AT_IMPORT = os.getppid()
+
+
+def start_agent_watchdog() -> Optional[AgentWatchdog]:
+    """Start the process-wide watchdog if this process is a torchrun worker (idempotent); None otherwise."""
+    global _watchdog
+    if _watchdog is None and "TORCHELASTIC_RUN_ID" in os.environ:
+        _watchdog = AgentWatchdog(_PARENT_AT_IMPORT, os.environ.get("RANK", "?"))
+        _watchdog._thread.start()
+    return _watchdog
+
+
+def stop_if_agent_gone() -> None:
+    """If this torchrun worker's agent is gone, end the process now, without saving."""
+    if _watchdog is not None:
+        _watchdog.check()

@@ -1,0 +1,169 @@
+"""Real signals to real torchrun jobs (gloo, fp32, the tiny config, a few steps): what an operator does.
+
+- SIGTERM to the torchrun agent after a periodic save (what `scancel`, a node drain or `kill` does): the
+  agent forwards it with killpg to every worker's process group; the workers save the next step boundary
+  and exit inside the agent's grace period; resuming finishes bit-identical to an uninterrupted run
+  (DP=2 with the distributed optimizer, and 1 rank without it).
+- SIGKILL of the agent: its workers (in sessions of their own) notice within a second and end without
+  writing; nothing in the checkpoint folder changes afterwards.
+- A second run on the folder of a live run is refused with one line naming the folder and the holder;
+  after the SIGKILL the lock is free.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.training_harness import (TINY, assert_bit_identical, kill_tree, read_plain_tensors, run, run_env,
+                                    wait_for)
+
+STEPS, SAVE = 12, 2
+ARGS = [f"train.steps={STEPS}", f"checkpoint.save_interval={SAVE}", "checkpoint.keep_last=0", "train.log_interval=1"]
+LAYOUTS = {
+    "dp2-distributed-optimizer": (2, ["parallel.use_distributed_optimizer=true"]),
+    "1-rank": (1, ["parallel.use_distributed_optimizer=false"]),
+}
+GRACE_S = 30  # torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT (its default), set explicitly for these runs
+
+
+def torchrun(nproc: int, *overrides: str) -> list[str]:
+    """`megarank train` under a real torchrun agent, also for one rank (the agent is what gets the signals)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megarank", "train", TINY, *overrides]
+
+
+def _env() -> dict:
+    return run_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE_S))
+
+
+def _latest(run_dir: Path) -> str:
+    try:
+        return (run_dir / "latest").read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _start(cmd: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _final(run_dir: Path, part: str) -> dict:
+    return read_plain_tensors(run_dir / f"step-{STEPS}" / part)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Each layout trained STEPS steps without interruption."""
+    work = tmp_path_factory.mktemp("straight")
+    for name, (nproc, extra) in LAYOUTS.items():
+        run(torchrun(nproc, *ARGS, *extra, f"checkpoint.dir={work / name}"), cwd=work, env=_env())
+    return work
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigterm_to_the_agent_saves_the_next_step_and_resumes_bit_identical(straight, tmp_path, layout):
+    nproc, extra = LAYOUTS[layout]
+    run_dir, log_path = tmp_path / "run", tmp_path / "sigterm.log"
+    proc = _start(torchrun(nproc, *ARGS, *extra, f"checkpoint.dir={run_dir}"), tmp_path, log_path)
+    try:
+        # After a periodic save: the process group then already held megatron's checkpoint writer.
+        wait_for(lambda: _latest(run_dir) == f"step-{SAVE}", 240, f"the step-{SAVE} save", proc)
+        sent = time.monotonic()
+        proc.terminate()  # SIGTERM to the agent, as scancel / kill would
+        proc.wait(timeout=GRACE_S + 30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    out = log_path.read_text()
+    assert "preempted: saved step" in out, out[-4000:]
+    stop = int(out.split("preempted: saved step ", 1)[1].split()[0])
+    assert SAVE < stop < STEPS, f"stopped at step {stop}"
+    assert _latest(run_dir) == f"step-{stop}" and (run_dir / f"step-{stop}" / "megarank_checkpoint.json").is_file()
+    assert not list(run_dir.glob(".step-*")), "the SIGTERM save left an incomplete folder"
+    assert took < GRACE_S and "Unable to shutdown process" not in out, f"{took:.1f}s:\n{out[-3000:]}"
+    assert "BrokenPipeError" not in out and "Traceback" not in out.split("Received 15 death signal")[0]
+
+    resumed = run(torchrun(nproc, *ARGS, *extra, f"checkpoint.dir={run_dir}"), cwd=tmp_path, env=_env()).stdout
+    assert f"resumed from {run_dir / f'step-{stop}'} at step {stop}" in resumed
+    for part in ("model", "optimizer"):
+        assert_bit_identical(_final(straight / layout, part), _final(run_dir, part), f"{layout} {part}")
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file and folder under ``folder`` with its mtime and size (``latest``'s content included)."""
+    snap = {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*")}
+    snap["latest:content"] = _latest(folder)
+    return snap
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    alive = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_unsaved(tmp_path):
+    run_dir = tmp_path / "run"
+    # A long run; TensorBoard outside the folder, so the folder holds only what the checkpoints write.
+    live = _start(torchrun(2, "train.steps=400", "checkpoint.save_interval=5", "checkpoint.keep_last=0",
+                           f"checkpoint.dir={run_dir}", f"logging.tensorboard_dir={tmp_path / 'tb'}"),
+                  tmp_path, tmp_path / "live.log")
+    try:
+        wait_for(lambda: _latest(run_dir) == "step-5", 240, "the live run's first save", live)
+        holder = (run_dir / ".lock").read_text()
+        # A second run on the same folder, in one process and under torchrun with 2 ranks: refused, no traceback.
+        one = run([sys.executable, "-m", "megarank", "train", TINY, f"checkpoint.dir={run_dir}"], cwd=tmp_path,
+                  check=False, env=_env())
+        refusal = (f"megarank train: error: checkpoint.dir {run_dir} is in use by another live run "
+                   f"({holder.strip()}; lock {run_dir / '.lock'}); stop that run or use another checkpoint.dir")
+        assert one.returncode == 2 and "Traceback" not in one.stdout, one.stdout[-3000:]
+        assert [ln for ln in one.stdout.splitlines() if ln.startswith("megarank train:")] == [refusal]
+        two = run(torchrun(2, f"checkpoint.dir={run_dir}"), cwd=tmp_path, check=False, env=_env())
+        # both ranks stop with the same sentence (rank 0 shares its answer), none waits in a collective
+        assert two.returncode != 0 and two.stdout.splitlines().count(refusal) == 2, two.stdout[-3000:]
+        assert live.poll() is None, "the live run must not notice the refused ones"
+
+        # SIGKILL the agent right after a completed save (the next one is 5 steps away).
+        saved = _latest(run_dir)
+        wait_for(lambda: _latest(run_dir) != saved, 240, "the live run's next save", live)
+        family = psutil.Process(live.pid).children(recursive=True)
+        assert len([p for p in family if "megarank" in " ".join(p.cmdline())]) >= 2, family
+        live.kill()
+        live.wait()  # reaped: the agent is gone and its workers are orphans from here on
+        gone_at = time.monotonic()
+        before = _snapshot(run_dir)
+        wait_for(lambda: not _alive(family), 15, "every worker (and its children) to end", None, interval=0.05)
+        print(f"workers ended {time.monotonic() - gone_at:.2f}s after the agent")
+    finally:
+        kill_tree(live)
+        for p in family if "family" in locals() else []:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert _snapshot(run_dir) == before, "a worker wrote into the checkpoint folder after its agent died"
+    out = (tmp_path / "live.log").read_text()
+    assert out.count(f"the torchrun agent (pid {live.pid}) is gone; stopping without saving") == 2, out[-3000:]
+    # The kernel dropped the dead run's lock: this process can take it at once.
+    with open(run_dir / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            locks = Path("/proc/locks").read_text()
+            holders = [ln.split()[4] for ln in locks.splitlines() if f":{os.fstat(f.fileno()).st_ino} " in ln]
+            info = {h: " ".join(psutil.Process(int(h)).cmdline()) for h in holders if psutil.pid_exists(int(h))}
+            raise AssertionError(f"the lock is still held: {info} {locks}") from None
