@@ -354,7 +354,7 @@ def _overlap_runs():
     return results
 
 
-@pytest.mark.slow  # two spawned ranks importing megatron: ~20 s on an idle 2-core machine
+@pytest.mark.slow  # two spawned gloo ranks, each importing megatron and running 6 DDP steps
 def test_overlapped_grad_reduce_and_param_gather_match_plain_ddp_on_two_gloo_ranks():
     """The GPU-only overlaps run on CPU with gloo when forced: same weights after 3 steps (distributed
     optimizer, DP=2); before start_param_sync the other rank's shard is still the old one."""
