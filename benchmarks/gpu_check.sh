@@ -40,7 +40,7 @@ declare -A WHAT=(
   [install]="megatron-core + ir-measures + pytrec-eval + gguf from carried wheels, megarank editable; torch untouched"
   [te]="with Transformer Engine: TE spec == local spec (bf16) and FP8 forward+backward (pytest -m gpu)"
   [numerics]="local spec on CUDA (fp32, bf16) vs the same checkpoint in fp32 on the CPU"
-  [train]="megarank train under torchrun (NCCL, 1 GPU), bf16, SmolLM2-135M shape, Cranfield, with evaluation"
+  [train]="megarank train under torchrun (NCCL, 1 GPU), bf16, SmolLM2-135M shape, Cranfield, with evaluation (TE spec where TE exists)"
   [quality]="SmolLM2-135M fine-tuned on Cranfield+SciFact train, nDCG@10 on Cranfield test vs BM25"
   [rerank_bench]="reranking throughput vs sentence-transformers CrossEncoder (bf16)"
   [model_bench]="forward+backward vs transformers LlamaModel (bf16, SDPA): 75M and Llama-3.2-1B shapes"
@@ -269,7 +269,7 @@ train_data() { # the real collection if it travelled, else the sample shipped in
 }
 
 sec_train() {
-  local data shape
+  local data shape impl
   data=$(train_data)
   if [[ $DRY == 1 ]]; then
     shape=(train.steps=2 train.global_batch_size=2 train.micro_batch_size=1 data.max_length=64 data.eval_max_queries=2 data.eval_top_k=5)
@@ -280,9 +280,12 @@ sec_train() {
       train.steps=40 train.global_batch_size=16 train.micro_batch_size=4 train.lr=1e-4 train.lr_warmup_steps=4
       data.max_length=256 data.negatives_top_k=30 data.eval_max_queries=30 data.eval_top_k=30 data.eval_batch_size=64)
   fi
-  echo "Data: $data." >>"$FRAG"
+  # With Transformer Engine (NGC) the run trains through the TE spec, the path users take; else the local spec.
+  impl=local
+  if [[ $DRY != 1 ]] && "$PYTHON" -c "import transformer_engine.pytorch" >/dev/null 2>&1; then impl=transformer_engine; fi
+  echo "Data: $data; model.transformer_impl=$impl." >>"$FRAG"
   t_run "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m megarank train "$REPO/configs/tiny.yaml" \
-    "${shape[@]}" train.log_interval=5 "data.train_path=$data" "data.eval_path=$data" data.eval_split=test \
+    "${shape[@]}" "model.transformer_impl=$impl" train.log_interval=5 "data.train_path=$data" "data.eval_path=$data" data.eval_split=test \
     checkpoint.save_interval=0 checkpoint.keep_last=1 "checkpoint.dir=$WORK/train"
   local rc=$?
   {
