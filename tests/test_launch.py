@@ -234,6 +234,26 @@ def test_train_sbatch_starts_one_torchrun_per_node_and_requeues_on_usr1():
     assert "--container-image" in text and "pip freeze" in text and "git" in text
 
 
+def test_train_sbatch_gives_torchrun_the_same_sigterm_grace_as_slurm(tmp_path):
+    """torchrun SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT s after forwarding SIGTERM; the sbatch sets it
+    to SLURM's KillWait (read from `scontrol show config`; here a stand-in scontrol), unless the user set it."""
+    lines = [ln for ln in (LAUNCH / "slurm" / "train.sbatch").read_text().splitlines()
+             if ln.startswith(("KILL_WAIT=", "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="))]
+    assert len(lines) == 2, lines
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\necho 'KillTimeout             = 0'\necho 'KillWait                = 45 sec'\n")
+    fake.chmod(0o755)
+    script = "\n".join([*lines, 'echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"'])
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
+    assert subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True).stdout.strip() == "45"
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "90"
+    assert subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True).stdout.strip() == "90"
+    fake.write_text("#!/bin/sh\necho 'scontrol: error: no slurm.conf' >&2\nexit 1\n")  # no cluster: torchrun's default
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    assert subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True).stdout.strip() == "30"
+
+
 def test_sbatch_stop_file_matches_the_trainer():
     source = (REPO / "megarank" / "training" / "preemption.py").read_text()  # read, not imported: no torch start-up
     stop_file = re.search(r'^STOP_FILE = "([^"]+)"', source, re.M).group(1)

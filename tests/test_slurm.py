@@ -6,7 +6,9 @@ at the end. Every job goes through launch/slurm/train.sbatch with 2 gloo ranks o
   - an all-reduce smoke test (no trainer needed),
   - an uninterrupted run that must exit 0 and leave a checkpoint,
   - a run that gets USR1 like a job near its time limit, saves, requeues itself, resumes from `latest` and
-    ends with bit-identical weights to the uninterrupted run.
+    ends with bit-identical weights to the uninterrupted run;
+  - a plain `scancel` (SIGTERM to every process of the step): the trainer saves and the job ends; the same
+    sbatch resubmitted resumes and ends with bit-identical weights.
 """
 from __future__ import annotations
 
@@ -192,5 +194,45 @@ def test_preemption_saves_requeues_and_resumes_bit_exact(cluster, reference_run)
     assert f"resumed from {ckpt / f'step-{saved_step}'}" in log, log
     assert (ckpt / "latest").read_text().strip() == f"step-{STEPS}", log
     assert not (ckpt / ".save_and_exit").exists()
+    cmp = _same_weights(ref_ckpt / f"step-{STEPS}" / "model", ckpt / f"step-{STEPS}" / "model")
+    assert cmp.returncode == 0, f"resumed weights differ from the uninterrupted run:\n{cmp.stdout}{cmp.stderr}"
+
+
+def test_plain_scancel_saves_and_a_resubmit_finishes_bit_exact(cluster, reference_run):
+    """`scancel JOB` (SIGTERM to every process of the step, SIGKILL KillWait=10 s later): the trainer saves the
+    step it is in and the job ends unrequeued; the same sbatch again resumes and ends bit-identical."""
+    env, work = cluster
+    ref_proc, ref_ckpt, _ = reference_run
+    assert ref_proc.returncode == 0, "the uninterrupted reference run failed"
+    ckpt, out = work / "ckpt-cancelled", work / "cancelled.out"
+    sbatch = _sbatch(env, out, "cancelled", [*TRAIN_ARGS, f"checkpoint.dir={ckpt}"], wait=False)
+    try:
+        deadline = time.time() + JOB_TIMEOUT
+        while not (ckpt / "latest").exists():  # after a periodic save: the writer has run in every rank
+            assert sbatch.poll() is None, f"job ended before its first checkpoint:\n{_log(out)}"
+            assert time.time() < deadline, f"no checkpoint after {JOB_TIMEOUT} s:\n{_log(out)}"
+            time.sleep(0.2)
+        job = subprocess.run(["squeue", "-h", "-n", "cancelled", "-o", "%i"], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert len(job) == 1, f"expected one 'cancelled' job, squeue says {job}"
+        subprocess.run(["scancel", job[0]], env=env, check=True)
+        output, _ = sbatch.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if sbatch.poll() is None:
+            sbatch.kill()
+    log = _log(out)
+    saved = [line for line in log.splitlines() if "preempted: saved step" in line]
+    assert saved, f"the trainer did not save on scancel:\n{output}\n{log}"
+    saved_step = int(saved[0].rsplit(" ", 1)[1])
+    assert 1 <= saved_step < STEPS, f"cancelled at step {saved_step} of {STEPS}: too late to test a resume\n{log}"
+    assert (ckpt / "latest").read_text().strip() == f"step-{saved_step}", log
+    assert "BrokenPipeError" not in log and "requeueing" not in log, log
+    assert not list(ckpt.glob(".step-*")) and not (ckpt / ".save_and_exit").exists(), sorted(os.listdir(ckpt))
+
+    proc = _sbatch(env, out, "resubmitted", [*TRAIN_ARGS, f"checkpoint.dir={ckpt}"])
+    log = _log(out)
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}\n{log}"
+    assert f"resumed from {ckpt / f'step-{saved_step}'}" in log, log
+    assert (ckpt / "latest").read_text().strip() == f"step-{STEPS}", log
     cmp = _same_weights(ref_ckpt / f"step-{STEPS}" / "model", ckpt / f"step-{STEPS}" / "model")
     assert cmp.returncode == 0, f"resumed weights differ from the uninterrupted run:\n{cmp.stdout}{cmp.stderr}"
