@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     _run(["megarank", "init-tiny", w / "base-hf", "--config", args.config, "--overwrite"])
     _run(["checkpoint_tools", "hf-to-megatron", w / "base-hf", w / "base-megatron", "--config", args.config, "--overwrite"])
     train = ["megarank", "train", args.config, f"checkpoint.load={w / 'base-megatron'}", f"checkpoint.dir={w / 'train'}",
-             f"data.train_path={data}", f"data.eval_path={data}", "data.eval_split=test"]
+             f"data.train_path={data}"]  # evaluated once, by the evaluate step below
     if args.steps:
         train.append(f"train.steps={args.steps}")
     _run(train + list(args.overrides), args.nproc)
