@@ -80,16 +80,19 @@ class ModelConfig:
     fp8_recipe: Literal["delayed", "tensorwise"] = _f("tensorwise", "FP8 scaling recipe: delayed or tensorwise (current scaling).")
     fp8_first_last_bf16: bool = _f(False, "Keep the first and last transformer layers in bf16 under FP8.")
     recompute_granularity: Optional[Literal["full", "selective"]] = _f(
-        None, "Activation recomputation: selective = the submodules in recompute_modules, full = whole layers; null = off."
+        None,
+        "Activation recomputation (GPU only): selective = the submodules in recompute_modules, full = whole layers; "
+        "null = off.",
     )
     recompute_num_layers: int = _f(1, "Layers per recompute chunk for recompute_granularity=full.")
     recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] = _f(
         ["core_attn"],
-        "What recompute_granularity=selective recomputes. core_attn: the attention scores (saves the s x s "
-        "probabilities of the local spec's attention; Transformer Engine's flash/fused attention keeps no score "
-        "matrix, so nothing to save there); mlp: the whole MLP (saves its 2 x ffn-wide activations, the largest "
-        "per token, for one extra MLP forward); layernorm: the norms (local spec only; TE fuses them into the "
-        "next linear, where this does nothing).",
+        "What recompute_granularity=selective recomputes. core_attn: the attention core (drops the s x s "
+        "probabilities that megatron's DotProductAttention, attention_backend=megatron, keeps for backward; "
+        "Transformer Engine's flash/fused attention and SDPA's fused kernels keep no score matrix, so little to "
+        "save there); mlp: the whole MLP (drops its 2 x ffn-wide fc1 output, the widest activation per token, "
+        "for one extra MLP forward); layernorm: the norms (local spec only; TE fuses them into the next linear, "
+        "where this does nothing).",
     )
     gradient_accumulation_fusion: bool = _f(
         True,
@@ -529,8 +532,10 @@ def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
     if m.fp8 is not None:
         # Transformer Engine checks every FP8 GEMM: the product of the input's leading dims (the tokens of
         # this rank, sequence-parallel shard included) divisible by 8, the last dim and the weight's input
-        # dim by 16, the weight's output dim by 8 (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec,
-        # called on (input, weight) in module/linear.py and module/layernorm_linear.py; TE 2.x).
+        # dim by 16, the weight's output dim by 8: transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec
+        # (v2.9: utils.py:438-446), called on (input, weight) in module/layernorm_linear.py:150 (linear_qkv,
+        # linear_fc1: the local SP shard, before the all-gather) and module/linear.py:168 (linear_proj,
+        # linear_fc2); the same rule since TE 2.0.
         shard = tp if p.sequence_parallel else 1
         if multiple % (8 * shard):
             need = f"8 x TP {tp} under sequence parallel = {8 * shard}" if shard > 1 else "8"
@@ -543,8 +548,9 @@ def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
             kv = m.kv_channels or (m.hidden_size // m.num_attention_heads)
             dims = {
                 "model.hidden_size (input of linear_qkv and linear_fc1)": (m.hidden_size, 16),
-                "query+key+value width per TP rank (linear_qkv output)": ((m.num_attention_heads + 2 * m.num_query_groups) * kv // tp, 8),
-                "attention width per TP rank (linear_proj input)": (m.num_attention_heads * kv // tp, 16),
+                "(model.num_attention_heads + 2 x model.num_query_groups) x head dim / TP (linear_qkv output)":
+                    ((m.num_attention_heads + 2 * m.num_query_groups) * kv // tp, 8),
+                "model.num_attention_heads x head dim / TP (linear_proj input)": (m.num_attention_heads * kv // tp, 16),
                 "model.ffn_hidden_size per TP rank (linear_fc2 input)": (m.ffn_hidden_size // tp, 16),
             }
             for what, (value, div) in dims.items():
