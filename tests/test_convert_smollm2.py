@@ -87,3 +87,27 @@ def test_scores_match_megarank(converted):
     assert (ours - theirs).abs().max().item() <= 1e-5, (ours, theirs)
     assert ours.std() > 0
     assert main(["verify", str(export), str(mg), "--tol", "1e-5"]) == 0
+
+
+def test_every_consumer_input_is_megarank_input(converted):
+    """SmolLM2's real BPE tokenizer (no BOS of its own): the export's chat template (sentence-transformers,
+    transformers) and vLLM score template give megarank's token ids, exactly one BOS."""
+    from transformers import AutoTokenizer
+
+    from megarank.checkpoint import load_checkpoint_config
+    from megarank.data.tokenizer import PairTokenizer, load_tokenizer
+
+    mg, export = converted
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cfg = load_checkpoint_config(mg)
+    ours = PairTokenizer(load_tokenizer(mg / "tokenizer"), template=cfg.data.template).encode(
+        [q for q, _ in PAIRS], [p for _, p in PAIRS])
+    tok = AutoTokenizer.from_pretrained(str(export), trust_remote_code=True)
+    vllm_template = (export / "vllm_score_template.jinja").read_text()
+    for (q, p), want in zip(PAIRS, ours):
+        msgs = [{"role": "query", "content": q}, {"role": "document", "content": p}]
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        assert tok(text, add_special_tokens=False)["input_ids"] == want
+        rendered = tok.apply_chat_template(msgs, chat_template=vllm_template, tokenize=False)
+        assert tok(rendered)["input_ids"] == want  # as vLLM's score API tokenizes it
+        assert want.count(tok.bos_token_id) == 1
