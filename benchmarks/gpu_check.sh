@@ -221,21 +221,25 @@ sec_install() {
     t_run "$PYTHON" -c "import megatron.core, ir_measures, megarank.model" || return
     return 0
   fi
-  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
-    echo "No wheels in $WHEELS: run \`benchmarks/gpu_check.sh --prepare\` where PyPI is reachable and carry benchmarks/wheels." >>"$FRAG"
+  before=$("$PYTHON" -c 'import torch; print(torch.__version__)')
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    t_run "$PYTHON" -m pip install --no-index --no-deps --no-cache-dir --disable-pip-version-check --find-links "$WHEELS" "$WHEELS"/*.whl || {
+      echo "pip could not install the carried wheels (they are built for CPython 3.12; this is $("$PYTHON" -V 2>&1))." >>"$FRAG"
+      return 1
+    }
+    echo "Installed from $WHEELS: $(cd "$WHEELS" && echo ./*.whl | sed 's|\./||g')." >>"$FRAG"
+  elif "$PYTHON" -c "import megatron.core as m, ir_measures; assert m.__version__ == '0.16.1'" >>"$SECLOG" 2>&1; then
+    echo "No wheels in $WHEELS; megatron-core 0.16.1 and ir-measures are already installed here." >>"$FRAG"
+  else
+    echo "No wheels in $WHEELS and no megatron-core 0.16.1 here: run \`benchmarks/gpu_check.sh --prepare\` where PyPI is reachable and carry benchmarks/wheels." >>"$FRAG"
     return 1
   fi
-  before=$("$PYTHON" -c 'import torch; print(torch.__version__)')
-  t_run "$PYTHON" -m pip install --no-index --no-deps --no-cache-dir --disable-pip-version-check --find-links "$WHEELS" "$WHEELS"/*.whl || {
-    echo "pip could not install the carried wheels (they are built for CPython 3.12; this is $("$PYTHON" -V 2>&1))." >>"$FRAG"
-    return 1
-  }
   # --no-build-isolation: setuptools is already there and nothing can be fetched.
   if ! t_run "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation --disable-pip-version-check -e "$REPO"; then
     echo "\`pip install -e .\` failed; megarank is used from PYTHONPATH=$REPO instead." >>"$FRAG"
   fi
   after=$("$PYTHON" -c 'import torch; print(torch.__version__)')
-  echo "Installed from $WHEELS: $(cd "$WHEELS" && echo ./*.whl | sed 's|\./||g'). torch before: $before, after: $after." >>"$FRAG"
+  echo "torch before: $before, after: $after." >>"$FRAG"
   [[ $before == "$after" ]] || { echo "torch changed: the install must never touch torch." >>"$FRAG"; return 1; }
   t_run "$PYTHON" -c "import megatron.core, ir_measures, megarank.model; print('megatron-core', megatron.core.__version__)"
 }
