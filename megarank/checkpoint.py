@@ -22,8 +22,8 @@ directory whose ``latest`` step is damaged resolves to the newest intact step, w
 
 Optimizer state: saved by every data-parallel rank for the shard it owns, with no gather, in the same
 model-space keys megatron's 'fully_reshardable' format uses (``optimizer.state.exp_avg.<param key>`` ...), so
-it reshards over TP, PP and DP and loads into the plain optimizer as well; megarank/training/optimizer.py
-explains why megatron's own formats do not do that in megatron-core 0.16.1. Saves are synchronous:
+it reshards over TP, PP and DP (megarank/training/optimizer.py explains why megatron's own formats do not
+do that without a gather in megatron-core 0.16.1). Saves are synchronous:
 megatron-core 0.16.1's asynchronous path needs CUDA (dist_checkpointing/strategies/async_utils.py:165, 212,
 604 call ``torch.cuda``) and writes from helper processes, which a SIGTERM to the worker's process group
 kills (megarank/checkpoint_writer.py keeps the synchronous writer inside the trainer for that reason).

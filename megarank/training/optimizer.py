@@ -147,8 +147,9 @@ def untie_step_counters(optimizer) -> None:
 #
 # The distributed optimizer's state is saved in *model space* (one global tensor per parameter and state key:
 # ``optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.<param key>``, the same keys and shapes as megatron's
-# 'fully_reshardable' format and as the plain optimizer's checkpoints), so it loads at any TP/PP/DP and into
-# the plain optimizer too. Unlike 'fully_reshardable', nothing is gathered: megatron-core 0.16.1 builds that
+# 'fully_reshardable' format and as the plain optimizer's checkpoints), so it loads at any TP/PP/DP, and
+# checkpoints written in 'fully_reshardable' form load too. (Switching `use_distributed_optimizer` between
+# save and resume is not supported: the two optimizers' param-group state differs.) Unlike 'fully_reshardable', nothing is gathered: megatron-core 0.16.1 builds that
 # format by all-gathering every DP rank's shard onto every DP rank as CPU tensors
 # (distrib_optimizer.py:1443-1450 -> get_parameter_state_dp_zero), i.e. each rank holds the whole state of
 # its TP x PP slice at every save; with `distrib_optim_fully_reshardable_mem_efficient` it gathers onto DP
