@@ -312,6 +312,43 @@ def test_build_model_without_init_runs_no_init_and_loads_to_the_same_model(one_r
         torch.testing.assert_close(skipped(ids, valid), source(ids, valid), rtol=0, atol=0)
 
 
+def test_bf16_weights_loaded_after_the_optimizer_need_reload_model_params(one_rank, tmp_path):
+    """bf16 keeps fp32 master weights in the optimizer, copied from the model when the optimizer is built.
+    Weights loaded into the model afterwards (checkpoint.load, or a resume without optimizer state) must be
+    copied again with ``optimizer.reload_model_params()`` (megatron-core optimizer.py:251-264); otherwise the
+    first step writes the build-time weights back -- random init, or uninitialised memory with
+    ``build_model(init_weights=False)``."""
+    from megarank.checkpoint import load_model_weights, save_model_weights
+    from megarank.model import build_model
+    from megarank.training.optimizer import build_optimizer, wrap_ddp
+
+    cfg = load_config(TINY, ["model.dtype=bf16", "train.lr=1e-9", "train.lr_warmup_steps=0"])
+    torch.manual_seed(5)
+    source = build_model(cfg.model, cfg.parallel)
+    save_model_weights(source, tmp_path / "model")
+    loaded = {k: v.detach().clone() for k, v in source.state_dict().items() if not k.endswith("_extra_state")}
+
+    def first_step_drift(init_weights: bool, reload: bool) -> float:
+        torch.manual_seed(6)
+        model = build_model(cfg.model, cfg.parallel, init_weights=init_weights, ddp_training=True)
+        ddp = wrap_ddp(model, cfg)
+        optimizer = build_optimizer(ddp, cfg)
+        load_model_weights(model, tmp_path)
+        if reload:
+            optimizer.reload_model_params()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        ddp(torch.randint(0, 256, (2, 8)), torch.ones(2, 8, dtype=torch.bool)).float().sum().backward()
+        ddp.finish_grad_sync()
+        optimizer.step()
+        state = model.state_dict()
+        return max(float((state[k].float() - v.float()).abs().max()) for k, v in loaded.items())
+
+    assert first_step_drift(init_weights=False, reload=True) < 1e-6  # lr 1e-9: the loaded weights stay
+    assert first_step_drift(init_weights=True, reload=True) < 1e-6
+    assert first_step_drift(init_weights=True, reload=False) > 1e-2  # back to the random init
+
+
 # ----------------------------------------------------------------------------------------------- DDP overlap
 
 

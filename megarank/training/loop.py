@@ -53,10 +53,11 @@ def _resume_or_init(cfg: Config, model, optimizer, scheduler, sampler) -> tuple[
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         ckpt.load_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", latest, state["step"])
+        log.info("resumed from %s at step %d%s", latest, state["step"], ckpt.layout_change(latest))
         return state["step"], state["nonfinite"]
     if cfg.checkpoint.load:
         ckpt.load_model_weights(model, cfg.checkpoint.load)
+        optimizer.reload_model_params()  # bf16/fp16: the fp32 master weights were copied from the model at build
         log.info("initialised weights from %s", cfg.checkpoint.load)
     return 0, 0
 
