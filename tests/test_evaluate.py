@@ -34,8 +34,8 @@ def evaluated(trained, tmp_path_factory):
     for name, (nproc, overrides) in LAYOUTS.items():
         target = run_dir if name == "one" else run_dir / "step-2"
         # Config overrides go right after the checkpoint (argparse takes them as the positional list there).
-        # max_length 256: the sample's pairs are of unequal length below it, so batches carry padding (dynamic
-        # on one process and at TP=2, the full 256 at PP=2).
+        # max_length 256: the sample's pairs are of unequal length below it, so batches carry padding (each
+        # batch to its own longest pair, rounded up to a multiple of 8, on every layout).
         overrides = ["data.max_length=256", *overrides]
         jobs[name] = (nproc, megarank_cmd(nproc, "evaluate", str(target), *overrides, "--data", str(SAMPLE),
                                           "--split", "test", "--out", f"{name}.trec", "--metrics-out", f"{name}.json"))

@@ -123,8 +123,8 @@ def _run_layout(tp: int, pp: int, sp: bool, weights_dir, grads_dir) -> dict:
     cfg = _config(tp, pp, sp)
     init_distributed(tp=tp, pp=pp, seed=cfg.train.seed)
     model = build_model(cfg.model, cfg.parallel)
-    if weights_dir is None:
-        save_model_weights(model, grads_dir.parent / "weights")
+    if weights_dir is None:  # a checkpoint's model/ folder, which load_model_weights accepts as it is
+        save_model_weights(model, grads_dir.parent / "weights" / "model")
     else:
         load_model_weights(model, weights_dir)
     out = _train_step(model)
@@ -141,7 +141,7 @@ def _run_layout(tp: int, pp: int, sp: bool, weights_dir, grads_dir) -> dict:
 def _two_rank_runs(root: str) -> dict:
     root = Path(root)
     results = {"tp1": _run_layout(1, 1, False, None, root / "grads-tp1")}
-    weights = root / "weights"
+    weights = root / "weights" / "model"
     results["tp2"] = _run_layout(2, 1, False, weights, root / "grads-tp2")
     results["tp2sp"] = _run_layout(2, 1, True, weights, root / "grads-tp2sp")
     results["pp2"] = _run_layout(1, 2, False, weights, root / "grads-pp2")
@@ -150,7 +150,7 @@ def _two_rank_runs(root: str) -> dict:
 
 def _four_rank_run(root: str) -> dict:
     root = Path(root)
-    return _run_layout(2, 2, False, root / "weights", root / "grads-tp2pp2")
+    return _run_layout(2, 2, False, root / "weights" / "model", root / "grads-tp2pp2")
 
 
 # ----------------------------------------------------------------------------------------------- in pytest

@@ -115,8 +115,9 @@ def _run_layout(pp: int, start: dict | None, batch_p2p: bool = True) -> dict:
     if pp == 1:  # a plain forward per batch on this rank: the DP=1 scores
         with torch.no_grad():
             model.eval()
-            out["direct_scores"] = {pair: s for pairs, b in batches
-                                    for pair, s in zip(pairs, model(b["input_ids"], b["attention_mask"])[:, 0].tolist())}
+            out["direct_scores"] = {
+                pair: s for pairs, b in batches
+                for pair, s in zip(pairs, model(b["input_ids"], b["attention_mask"])[:, 0].tolist())}
             model.train()
 
     micro = _micro_batches(pair_tokenizer)

@@ -22,8 +22,8 @@ from tests.training_harness import (CRANFIELD, LOG_LINE, TINY, assert_bit_identi
 STEPS = 3
 # Same global batch everywhere (4 groups of 5 passages: 2 micro-batches of 2 on one rank, 1 per rank at DP=2).
 # No warm-up, so all three steps move the weights; clip_grad 0.1 is below every step's norm, so clipping is on.
-# max_length 256 leaves the sample's sequences (170-256 tokens) unequal, so batches carry padding: dynamic
-# (a multiple of 8) on one process, the full 256 at PP=2.
+# max_length 256 leaves the sample's sequences (170-256 tokens) unequal, so batches carry padding: each
+# micro-batch to its own longest pair rounded up to a multiple of 8, on every layout (PP=2 included).
 # Adam divides by |g| + eps: a gradient element that cancels to ~0 has its fp32 reduction-order noise (~1e-10)
 # amplified to lr * noise / eps in the weights. eps 1e-6 (not 1e-8) keeps that far below the tolerance without
 # changing any update of a gradient element that matters (|g| >> 1e-6).
@@ -158,6 +158,46 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert_bit_identical(weights[4], weights[6], "weights after skipped steps 5-6")
     assert_bit_identical(optim[4], optim[6], "optimizer state after skipped steps 5-6")
     assert torch.load(run_dir / "step-6" / "train_state" / "rank-0.pt", weights_only=True)["nonfinite"] == 2
+
+
+NAN_EVAL_SCRIPT = '''
+import sys
+
+if __name__ == "__main__":
+    import megarank.inference as inference
+    from megarank.cli import main
+
+    real_collect = inference._collect
+
+    def nan_first_score(scores):  # the first candidate of every evaluation batch scores NaN
+        loss, out = real_collect(scores)
+        out["scores"][0] = float("nan")
+        return loss, out
+
+    inference._collect = nan_first_score
+    sys.exit(main(["train", *sys.argv[1:]]))
+'''
+
+
+def test_nan_scores_in_evaluation_during_training_warn_and_the_run_goes_on(tmp_path):
+    from megarank.data import sample_data_dir
+
+    (tmp_path / "nan_eval.py").write_text(NAN_EVAL_SCRIPT)
+    run_dir = tmp_path / "run"
+    proc = run([sys.executable, "nan_eval.py", TINY, "train.steps=2", "train.log_interval=1", "train.eval_interval=1",
+                f"data.eval_path={sample_data_dir()}", "data.eval_split=test", "data.eval_batch_size=16",
+                f"checkpoint.dir={run_dir}"], cwd=tmp_path, check=False)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    assert (run_dir / "latest").read_text().strip() == "step-2"
+    for step in (1, 2):  # after step 1 (eval_interval) and the final evaluation
+        warning = re.search(rf"eval step {step}: (\d+) of (\d+) candidate scores are NaN; they rank last", out)
+        assert warning, out[-3000:]
+        nan, total = int(warning[1]), int(warning[2])
+        assert nan == -(-total // 16) and total > nan  # one per batch of 16
+        assert re.search(rf"eval step {step} \| nDCG@10 \d\.\d+", out), out[-3000:]
+    values = tb_scalars(run_dir / "tensorboard", "eval/nDCG@10")
+    assert sorted(values) == [1, 2] and all(0.0 <= v <= 1.0 for v in values.values())
 
 
 # ----------------------------------------------------------------------------------------------- learning

@@ -4,9 +4,10 @@ The optimizer step is megatron's own ``ChainedOptimizer.step`` (megatron/core/op
 prepare_grads, get_grad_norm, clip_grad_by_total_norm_fp32, step_with_ready_grads) taken apart so that the
 NaN/Inf guard can sit between the grad norm and the update. megatron itself only skips a step when fp16's
 loss scaler finds an overflow (``prepare_grads`` returns found_inf, optimizer.py:596-598); with bf16/fp32 a NaN
-grad norm gives a NaN clip coefficient, ``clip_coeff < 1.0`` is False (clip_grads.py), so the NaN gradients are
-applied unclipped and every weight turns NaN. The guard reads the one global grad norm megatron computes anyway
-(one all-reduce and one host sync per step, however many parameters), plus one flag all-reduce for the loss.
+grad norm gives a NaN clip coefficient, ``clip_coeff < 1.0`` is False (clip_grads.py:172-173), so the NaN
+gradients are applied unclipped and every weight turns NaN. The guard reads the one global grad norm megatron
+computes anyway (one all-reduce and one host sync per step, however many parameters), plus one flag all-reduce
+for the loss.
 """
 import math
 from functools import partial
