@@ -353,7 +353,9 @@ def test_bf16_weights_loaded_after_the_optimizer_need_reload_model_params(one_ra
 
 
 def _overlap_runs():
-    """On each of two gloo ranks: 3 steps of plain DDP, then 3 of overlapped DDP, from the same weights."""
+    """On each of two gloo ranks: 3 steps of plain DDP, then 3 of overlapped DDP, from the same weights.
+    After each step: the weights as read right away, then after a no-grad forward (steps 1, 3) or after
+    ``start_param_sync(force_sync=True)`` (step 2)."""
     import torch.distributed as dist
 
     from megarank.model import build_model
@@ -371,8 +373,8 @@ def _overlap_runs():
         optimizer = build_optimizer(ddp, cfg)
         scheduler = build_scheduler(optimizer, cfg)
         g = torch.Generator().manual_seed(dist.get_rank())
-        weights, stale = [], []
-        for _ in range(3):
+        read_now, read_later = [], []
+        for step in range(3):
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             ids = torch.randint(0, 256, (4, 16), generator=g)
@@ -380,28 +382,31 @@ def _overlap_runs():
             ddp.finish_grad_sync()
             optimizer.step()
             scheduler.step(1)
-            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-            if ddp.use_forward_hook:
-                ddp.start_param_sync(force_sync=True)  # what a save / evaluation must do first
-                synced = torch.cat([p.detach().flatten() for p in model.parameters()])
-                stale.append(float((synced - flat).abs().max()))
-                flat = synced
-            weights.append(flat.clone())
-        results.append((flags, weights, stale))
+            read_now.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+            if step == 1 and ddp.use_forward_hook:
+                ddp.start_param_sync(force_sync=True)  # what a save must do first
+            else:
+                with torch.no_grad():  # e.g. an evaluation batch: the pre-hooks gather first
+                    ddp(ids, torch.ones(4, 16, dtype=torch.bool))
+            read_later.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        results.append((flags, read_now, read_later))
     return results
 
 
 @pytest.mark.slow  # two spawned gloo ranks, each importing megatron and running 6 DDP steps
 def test_overlapped_grad_reduce_and_param_gather_match_plain_ddp_on_two_gloo_ranks():
-    """The GPU-only overlaps run on CPU with gloo when forced: same weights after 3 steps (distributed
-    optimizer, DP=2); before start_param_sync the other rank's shard is still the old one."""
+    """The GPU-only overlaps run on CPU with gloo when forced: the same weights as plain DDP after every
+    step (distributed optimizer, DP=2) once a forward or start_param_sync has gathered them; read right
+    after the step, the other rank's shard is still the old one -- why a checkpoint save must sync first."""
     from tests.dist_utils import run_distributed
 
     for (plain, overlapped) in run_distributed(_overlap_runs, 2, timeout=300):
         assert plain[0] == (False, False) and overlapped[0] == (True, True)
-        for a, b in zip(plain[1], overlapped[1]):
-            torch.testing.assert_close(b, a, rtol=0, atol=0)
-        assert max(overlapped[2]) > 0  # stale until synced: why saves/evaluation must sync first
+        for now, later in zip(plain[1], plain[2]):
+            torch.testing.assert_close(now, later, rtol=0, atol=0)
+        for reference, now, later in zip(plain[2], overlapped[1], overlapped[2]):
+            torch.testing.assert_close(later, reference, rtol=0, atol=0)
+            assert float((now - reference).abs().max()) > 0
 
 
 def test_wrap_ddp_overlaps_only_on_gpu_and_param_gather_only_for_callers_that_sync(one_rank):

@@ -20,11 +20,12 @@ def wrap_ddp(model, cfg: Config, *, cuda: bool | None = None, syncs_params_befor
     and need CUDA streams, so they are on only with CUDA (``cuda`` defaults to torch.cuda.is_available()).
 
     With ``parallel.overlap_param_gather`` the distributed optimizer's step leaves the parameters owned by
-    other data-parallel ranks stale; forward pre-hooks all-gather them during the next *training* forward
-    (distributed_data_parallel.py:384-419). Anything that reads weights in between -- a checkpoint save, an
-    evaluation forward (the hooks see the gather as already dispatched) -- must first call
-    ``ddp.start_param_sync(force_sync=True)`` (what Megatron-LM's ``disable_forward_pre_hook`` does). The
-    overlap is therefore used only when the caller says it does that (``syncs_params_before_reads=True``).
+    other data-parallel ranks stale; forward pre-hooks all-gather them at the next forward, training or
+    evaluation (distributed_data_parallel.py:384-419; finish_grad_sync re-arms them,
+    param_and_grad_buffer.py:516). Code that reads weights without a forward -- a checkpoint save right
+    after a step, an export -- must first call ``ddp.start_param_sync(force_sync=True)`` (what
+    Megatron-LM's ``disable_forward_pre_hook`` does before saving). The overlap is therefore used only when
+    the caller says it does that (``syncs_params_before_reads=True``).
     """
     p = cfg.parallel
     on_gpu = torch.cuda.is_available() if cuda is None else cuda
