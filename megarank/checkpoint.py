@@ -532,5 +532,6 @@ def load_training_checkpoint(step_dir, model, optimizer) -> dict:
         loaded = dist_checkpointing.load(optimizer_sharded_state_dict(optimizer, model, is_loading=True, saved_keys=saved_keys), opt_dir)
         restore_optimizer_state(optimizer, loaded)
     elif optimizer is not None:
+        optimizer.reload_model_params()  # bf16/fp16: fp32 master weights from the loaded model, not the build-time ones
         log.warning("%s has no optimizer state (saved with checkpoint.save_optimizer=false): the optimizer starts fresh", step_dir)
     return _load_train_state(step_dir)

@@ -348,6 +348,23 @@ def test_bf16_weights_loaded_after_the_optimizer_need_reload_model_params(one_ra
     assert first_step_drift(init_weights=True, reload=True) < 1e-6
     assert first_step_drift(init_weights=True, reload=False) > 1e-2  # back to the random init
 
+    # a resume from a checkpoint saved without optimizer state does the reload itself
+    from megarank import checkpoint as ckpt
+
+    state = {"step": 1, "scheduler": {}, "sampler": {}, "nonfinite": 0, "rng": ckpt.save_rng_state()}
+    step_dir = ckpt.save_training_checkpoint(tmp_path / "run", 1, source, None, state, cfg)
+    model = build_model(cfg.model, cfg.parallel, init_weights=False, ddp_training=True)
+    ddp = wrap_ddp(model, cfg)
+    optimizer = build_optimizer(ddp, cfg)
+    ckpt.load_training_checkpoint(step_dir, model, optimizer)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    ddp(torch.randint(0, 256, (2, 8)), torch.ones(2, 8, dtype=torch.bool)).float().sum().backward()
+    ddp.finish_grad_sync()
+    optimizer.step()
+    after = model.state_dict()
+    assert max(float((after[k].float() - v.float()).abs().max()) for k, v in loaded.items()) < 1e-6
+
 
 # ----------------------------------------------------------------------------------------------- DDP overlap
 
