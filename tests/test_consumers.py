@@ -4,8 +4,9 @@ Exports: a tiny GQA llama_bidirec with temperature 2.0 converted HF -> megarank 
 adds no special tokens (SmolLM2 style) and once with one whose post-processor puts BOS first (Llama 3 style).
 Reference: megarank's own encoding (``PairTokenizer``: BOS + template, no EOS) and scores at TP=1.
 
-Consumers, each in the main venv (transformers 5.x, sentence-transformers 6.x) and in ``.venv-tf447``
-(transformers 4.47.1, sentence-transformers 5.7.0; built by .ci/run, skipped with the reason when absent), driven by
+Consumers, each in the main venv (transformers 5.x, sentence-transformers 6.x), in ``.venv-tf447``
+(transformers 4.47.1, sentence-transformers 5.7.0) and with transformers 4.57.6 overlaid on it (built by .ci/run;
+skipped with the reason when absent), driven by
 ``checkpoint_tools/consumer_probe.py`` in a subprocess: AutoModelForSequenceClassification (eager, sdpa, with and
 without an attention_mask) on the chat-template input; CrossEncoder.predict on plain pairs; the token ids vLLM's
 score API builds from ``vllm_score_template.jinja`` (vLLM itself needs CUDA: only its prompt path runs here).
@@ -34,20 +35,29 @@ TOL = 1e-5
 PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"),
          ("a b c", "d e f g h i j k l m n o p"), ("é ü?", "naïve café \n with lines")]
 STYLES = ("no_bos", "adds_bos")  # SmolLM2-like / Llama-3-like tokenizers
-VENVS = {"main": Path(sys.executable), "tf447": ROOT / ".venv-tf447" / "bin" / "python"}
+# name -> (python, a folder to put first on PYTHONPATH): transformers 5.x (this venv), 4.47.1, and 4.57.6 as an
+# overlay on the 4.47 venv (same sentence-transformers 5.7.0); .ci/run builds both
+TF447 = ROOT / ".venv-tf447"
+VENVS = {"main": (Path(sys.executable), None), "tf447": (TF447 / "bin" / "python", None),
+         "tf457": (TF447 / "bin" / "python", TF447 / "overlay-tf457")}
 README_PLACEHOLDER = '"runs/l1b-hf"'
 
 
 def python_of(venv: str) -> Path:
-    py = VENVS[venv]
+    py, overlay = VENVS[venv]
     if not py.exists():
         pytest.skip(f"{py} is missing: .ci/run builds it (python3 -m venv .venv-tf447 && pip install torch==2.13.0 "
                     "transformers==4.47.1 sentence-transformers==5.7.0)")
+    if overlay is not None and not overlay.is_dir():
+        pytest.skip(f"{overlay} is missing: .ci/run builds it (pip install --no-deps --target {overlay.name} "
+                    "transformers==4.57.6 tokenizers==0.22.2)")
     return py
 
 
-def offline_env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+def offline_env(venv: str = "main") -> dict:
+    overlay = VENVS[venv][1]
+    path = [str(overlay)] if overlay is not None else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(path + [str(ROOT)]),
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PYTHONSTARTUP", None)
     return env
@@ -90,8 +100,8 @@ def reference(mg, pairs):
     return rows, megarank_scores_tp1(mg, batch["input_ids"], batch["attention_mask"])
 
 
-def run(py, args, timeout=180) -> str:
-    proc = subprocess.run([str(py), *map(str, args)], capture_output=True, text=True, env=offline_env(), cwd=ROOT,
+def run(py, args, venv: str = "main", timeout=180) -> str:
+    proc = subprocess.run([str(py), *map(str, args)], capture_output=True, text=True, env=offline_env(venv), cwd=ROOT,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -111,7 +121,7 @@ def probes(exports, tmp_path_factory):
 
                 cache[venv] = {s: probe(str(exports[s][2]), PAIRS) for s in STYLES}
             else:
-                out = json.loads(run(python_of(venv), [PROBE, pairs_file, *(exports[s][2] for s in STYLES)]))
+                out = json.loads(run(python_of(venv), [PROBE, pairs_file, *(exports[s][2] for s in STYLES)], venv))
                 cache[venv] = {s: out[str(exports[s][2])] for s in STYLES}
         return cache[venv]
 
@@ -134,6 +144,8 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     for name, got in probe["scores"].items():
         diff = (torch.tensor(got) - ours).abs().max().item()
         assert diff <= TOL, (name, diff, probe["versions"])
+    want = {"main": "5.", "tf447": "4.47.1", "tf457": "4.57.6"}[venv]
+    assert probe["versions"]["transformers"].startswith(want), probe["versions"]
     assert probe["config_temperature"] == 1.0  # folded into the head
     assert probe["temperature_kwarg"] == 2.0  # transformers 4.x no longer resets it
     assert ours.std() > 0
@@ -331,12 +343,12 @@ def test_readme_snippets_run_as_written(exports, tmp_path, venv):
     blocks = [b for b in readme_blocks() if not b.startswith("# not run by the tests")]
     (tmp_path / "blocks.json").write_text(json.dumps([b.replace(README_PLACEHOLDER, repr(str(export))) for b in blocks]))
     (tmp_path / "runner.py").write_text(SNIPPET_RUNNER)
-    results = json.loads(run(py, [tmp_path / "runner.py", tmp_path / "blocks.json"]).split("RESULT ", 1)[1])
+    results = json.loads(run(py, [tmp_path / "runner.py", tmp_path / "blocks.json"], venv).split("RESULT ", 1)[1])
     ran = [r for r in results if "scores" in r]
     for r in ran:
         _, ours = reference(mg, [tuple(p) for p in r["pairs"]])
         diff = (torch.tensor(r["scores"]) - ours).abs().max().item()
         assert diff <= TOL, (blocks[r["block"]][:120], diff)
     skipped = [blocks[r["block"]].splitlines()[1] for r in results if "missing" in r]
-    # main venv: all four (transformers, CrossEncoder, MTEB helper, NeMo); the 4.47 venv lacks only NeMo
+    # main venv: all four (transformers, CrossEncoder, MTEB helper, NeMo); the 4.x venvs lack only NeMo
     assert len(ran) == (len(blocks) if venv == "main" else len(blocks) - 1), skipped
