@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = ROOT / "checkpoint_tools" / "consumer_probe.py"
 TOL = 1e-5
 PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"),
-         ("a b c", "d e f g h i j k l m n o p"), ("é ü?", "naïve café \n with lines")]
+         ("a b c", "d e f g h i j k l m n o p"), ("é ü?", "naïve café \n with lines"),
+         ("long?", "a passage longer than max_length (512): every consumer must cut it on the right " * 8)]
 STYLES = ("no_bos", "adds_bos")  # SmolLM2-like / Llama-3-like tokenizers
 # name -> (python, a folder to put first on PYTHONPATH): transformers 5.x (this venv), 4.47.1, and 4.57.6 as an
 # overlay on the 4.47 venv (same sentence-transformers 5.7.0); .ci/run builds both
@@ -137,8 +138,11 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     bos = ids[0][0]
     assert all(row[0] == bos and row.count(bos) == 1 for row in ids)  # the reference itself has exactly one BOS
     assert set(probe["ids"]) == {"chat_template", "vllm_score_template"}
-    for name, got in probe["ids"].items():
-        assert got == ids, (name, probe["versions"])
+    assert probe["ids"]["chat_template"] == ids, probe["versions"]
+    # vLLM does not cut at data.max_length by itself (README): its ids are megarank's up to there, and equal for
+    # every pair that fits
+    vllm = probe["ids"]["vllm_score_template"]
+    assert [row[:512] for row in vllm] == ids and vllm[:-1] == ids[:-1] and len(vllm[-1]) > 512, probe["versions"]
     assert {"transformers_eager", "transformers_sdpa", "transformers_eager_no_mask", "transformers_sdpa_no_mask",
             "cross_encoder"} <= set(probe["scores"]), probe["versions"]
     for name, got in probe["scores"].items():
@@ -149,6 +153,7 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     assert probe["config_temperature"] == 1.0  # folded into the head
     assert probe["temperature_kwarg"] == 2.0  # transformers 4.x no longer resets it
     assert ours.std() > 0
+    assert len(ids[-1]) == 512  # the long pair was cut at data.max_length
 
 
 def test_export_config_and_tokenizer_files(exports):
@@ -186,8 +191,8 @@ def test_mteb_helper_predicts_megarank_scores(exports):
     _, mg, export = exports["adds_bos"]
     model = MegarankReranker(str(export), device="cpu", batch_size=3)
     # mteb hands two dataloaders batched alike, each batch a dict with a "text" column
-    queries = [{"text": [q for q, _ in PAIRS[:3]]}, {"text": [PAIRS[3][0]]}]
-    docs = [{"text": [p for _, p in PAIRS[:3]]}, {"text": [PAIRS[3][1]]}]
+    queries = [{"text": [q for q, _ in PAIRS[:3]]}, {"text": [q for q, _ in PAIRS[3:]]}]
+    docs = [{"text": [p for _, p in PAIRS[:3]]}, {"text": [p for _, p in PAIRS[3:]]}]
     got = model.predict(queries, docs, task_metadata=None, hf_split="test", hf_subset="default")
     _, ours = reference(mg, PAIRS)
     assert got.shape == (len(PAIRS),) and (torch.tensor(got) - ours).abs().max().item() <= TOL
