@@ -95,17 +95,23 @@ def train(cfg: Config) -> dict:
     source = make_group_source(cfg)
     sampler = make_sampler(cfg, len(source), parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size())
-    model = build_model(cfg.model, cfg.parallel)
-    ddp = wrap_ddp(model, cfg)
+    # A resume or checkpoint.load overwrites every weight right after: skip megatron's random init.
+    loads = bool(cfg.checkpoint.load or (cfg.checkpoint.dir and ckpt.latest_checkpoint(cfg.checkpoint.dir)))
+    model = build_model(cfg.model, cfg.parallel, init_weights=not loads, ddp_training=True)
+    ddp = wrap_ddp(model, cfg, syncs_params_before_reads=True)  # save() below syncs before reading weights
     optimizer = build_optimizer(ddp, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     step, nonfinite = _resume_or_init(cfg, model, optimizer, scheduler, sampler)
     tb_dir = cfg.logging.tensorboard_dir or (str(Path(cfg.checkpoint.dir) / "tensorboard") if cfg.checkpoint.dir else None)
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
     watcher = PreemptionWatcher(cfg.checkpoint.dir)
-    save = lambda s: ckpt.save_training_checkpoint(  # noqa: E731
-        cfg.checkpoint.dir, s, model, optimizer if cfg.checkpoint.save_optimizer else None,
-        _train_state(s, scheduler, sampler, nonfinite), cfg, tokenizer_dir)
+    def save(s):
+        if ddp.use_forward_hook:  # overlap_param_gather: other DP ranks' shards are stale until the next forward
+            ddp.start_param_sync(force_sync=True)
+        return ckpt.save_training_checkpoint(
+            cfg.checkpoint.dir, s, model, optimizer if cfg.checkpoint.save_optimizer else None,
+            _train_state(s, scheduler, sampler, nonfinite), cfg, tokenizer_dir)
+
     metrics, start_step, saved_step = {}, step, None
     while step < t.steps:
         tic = time.time()
