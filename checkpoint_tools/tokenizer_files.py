@@ -114,14 +114,17 @@ def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
     for name in ("chat_template.jinja", "chat_template.json"):
         (folder / name).unlink(missing_ok=True)
     cfg = json.loads(path.read_text())
-    cfg["tokenizer_class"] = PORTABLE_CLASSES.get(cfg.get("tokenizer_class"), cfg.get("tokenizer_class"))
     cfg.pop("chat_template", None)
+    cls = cfg.get("tokenizer_class")
+    if cls in PORTABLE_CLASSES or (cls is None and (folder / "tokenizer.json").is_file()):
+        # without a class, transformers 4.x AutoTokenizer reads config.json, which needs trust_remote_code
+        cfg["tokenizer_class"] = PORTABLE_CLASSES.get(cls, "PreTrainedTokenizerFast")
     cfg["model_max_length"] = max_length
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     bos_id, adds_bos = _adds_bos(folder)
-    if bos_id is None:
-        return "tokenizer has no BOS token: no chat/score template written"
-    cfg["chat_template"] = reranker_chat_template(template, with_bos=True)
+    note = "tokenizer has no BOS token: no chat/score template written"
+    if bos_id is not None:
+        cfg["chat_template"] = reranker_chat_template(template, with_bos=True)
+        (folder / VLLM_SCORE_TEMPLATE).write_text(reranker_chat_template(template, with_bos=not adds_bos))
+        note = f"chat template and {VLLM_SCORE_TEMPLATE} written (tokenizer {'adds' if adds_bos else 'does not add'} BOS itself)"
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    (folder / VLLM_SCORE_TEMPLATE).write_text(reranker_chat_template(template, with_bos=not adds_bos))
-    return f"chat template and {VLLM_SCORE_TEMPLATE} written (tokenizer {'adds' if adds_bos else 'does not add'} BOS itself)"
+    return note

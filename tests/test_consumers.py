@@ -357,3 +357,22 @@ def test_readme_snippets_run_as_written(exports, tmp_path, venv):
     skipped = [blocks[r["block"]].splitlines()[1] for r in results if "missing" in r]
     # main venv: all four (transformers, CrossEncoder, MTEB helper, NeMo); the 4.x venvs lack only NeMo
     assert len(ran) == (len(blocks) if venv == "main" else len(blocks) - 1), skipped
+
+
+def test_chat_template_reproduces_any_data_template(tmp_path):
+    """Template text that looks like Jinja, quotes, backslashes and non-ASCII are emitted literally."""
+    from checkpoint_tools.tokenizer_files import reranker_chat_template
+    from megarank.data.template import format_pair
+    from megarank.data.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path / "tokenizer")
+    template = 'Q{{%}} "{query}" \\ {{# not a comment #}} «doc»:\n{passage} {{{{ end }}}}'
+    for with_bos in (True, False):
+        jinja = reranker_chat_template(template, with_bos)
+        for content in ("plain", "structured"):
+            def msg(role, text):
+                return {"role": role, "content": text if content == "plain" else [{"type": "text", "text": text}]}
+            got = tok.apply_chat_template([msg("query", "a {b} %}"), msg("document", "c\n{{d}}")], chat_template=jinja,
+                                          tokenize=False)
+            want = (tok.bos_token if with_bos else "") + format_pair("a {b} %}", "c\n{{d}}", template)
+            assert got == want, (content, got, want)
