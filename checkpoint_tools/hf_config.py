@@ -224,6 +224,7 @@ def export_config(m, dtype: str, extra: dict | None = None) -> dict:
         "use_cache": False,
         "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],  # transformers >= 4.56 name
     }
+    cfg["torch_dtype"] = cfg["dtype"]  # the name transformers < 4.56 reads (5.x still accepts it)
     if m.num_labels == 1:
         cfg["id2label"] = {"0": "LABEL_0"}
         cfg["label2id"] = {"LABEL_0": 0}
