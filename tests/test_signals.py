@@ -105,13 +105,15 @@ def _snapshot(folder: Path) -> dict:
     return snap
 
 
-def _alive(procs: list[psutil.Process]) -> list[str]:
+def _alive(procs: list[psutil.Process]) -> list[int]:
+    """The processes not yet ended. A zombie leader whose other threads are still exiting still holds its
+    files (and so its flock) -- the kernel closes them when the last thread goes -- so it counts as alive."""
     alive = []
     for p in procs:
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
+            if p.status() != psutil.STATUS_ZOMBIE or len(os.listdir(f"/proc/{p.pid}/task")) > 1:
+                alive.append(p.pid)
+        except (psutil.NoSuchProcess, FileNotFoundError):
             pass
     return alive
 
@@ -126,15 +128,17 @@ def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_
         wait_for(lambda: _latest(run_dir) == "step-5", 240, "the live run's first save", live)
         holder = (run_dir / ".lock").read_text()
         # A second run on the same folder, in one process and under torchrun with 2 ranks: refused, no traceback.
-        one = run([sys.executable, "-m", "megarank", "train", TINY, f"checkpoint.dir={run_dir}"], cwd=tmp_path,
-                  check=False, env=_env())
+        second = {"one": [sys.executable, "-m", "megarank", "train", TINY, f"checkpoint.dir={run_dir}"],
+                  "two": torchrun(2, f"checkpoint.dir={run_dir}")}
+        procs = {name: _start(cmd, tmp_path, tmp_path / f"{name}.log") for name, cmd in second.items()}
+        codes = {name: p.wait(timeout=240) for name, p in procs.items()}
+        one, two = ((tmp_path / f"{name}.log").read_text() for name in second)
         refusal = (f"megarank train: error: checkpoint.dir {run_dir} is in use by another live run "
                    f"({holder.strip()}; lock {run_dir / '.lock'}); stop that run or use another checkpoint.dir")
-        assert one.returncode == 2 and "Traceback" not in one.stdout, one.stdout[-3000:]
-        assert [ln for ln in one.stdout.splitlines() if ln.startswith("megarank train:")] == [refusal]
-        two = run(torchrun(2, f"checkpoint.dir={run_dir}"), cwd=tmp_path, check=False, env=_env())
+        assert codes["one"] == 2 and "Traceback" not in one, one[-3000:]
+        assert [ln for ln in one.splitlines() if ln.startswith("megarank train:")] == [refusal]
         # both ranks stop with the same sentence (rank 0 shares its answer), none waits in a collective
-        assert two.returncode != 0 and two.stdout.splitlines().count(refusal) == 2, two.stdout[-3000:]
+        assert codes["two"] != 0 and two.splitlines().count(refusal) == 2, two[-3000:]
         assert live.poll() is None, "the live run must not notice the refused ones"
 
         # SIGKILL the agent right after a completed save (the next one is 5 steps away).
@@ -149,8 +153,10 @@ def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_
         wait_for(lambda: not _alive(family), 15, "every worker (and its children) to end", None, interval=0.05)
         print(f"workers ended {time.monotonic() - gone_at:.2f}s after the agent")
     finally:
-        kill_tree(live)
-        for p in family if "family" in locals() else []:
+        for proc in [live, *locals().get("procs", {}).values()]:
+            if proc.poll() is None:
+                kill_tree(proc)
+        for p in locals().get("family", []):
             try:
                 p.kill()
             except psutil.NoSuchProcess:

@@ -14,6 +14,7 @@
 # Settings that matter and why:
 #   ProctrackType=proctrack/linuxproc, TaskPlugin=task/none  no cgroups needed (containers, gVisor)
 #   MinJobAge=5                      finished jobs leave squeue quickly (0 is refused by slurmctld)
+#   KillWait=30                      SLURM's default SIGTERM-to-SIGKILL grace, which a cancelled run saves in
 #   AuthInfo=cred_expire=10          a requeued job may restart after 10 s instead of the default 120 s
 #   SchedulerParameters=sched_interval=2,bf_interval=2   ...and is picked up within 2 s
 #   SlurmdParameters=config_overrides  the node uses CPUs/RealMemory as written here, never drained for a
@@ -70,7 +71,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=5
-KillWait=10
+KillWait=30
 ReturnToService=2
 SchedulerParameters=sched_interval=2,bf_interval=2
 SlurmdParameters=config_overrides
