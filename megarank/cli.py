@@ -79,6 +79,9 @@ def cmd_launch(argv) -> int:
 
 
 def cmd_init_tiny(args) -> int:
+    from megarank.preflight import check_output_dir
+
+    check_output_dir(args.out, "output folder")
     from megarank.tiny import write_tiny_hf_model
 
     _setup_logging()

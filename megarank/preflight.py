@@ -115,7 +115,7 @@ def check_train_config(cfg) -> None:
             problem = input_problem(d.train_path, "file")
             if problem:
                 errors.append(f"data.train_path {d.train_path} {problem} (data.format=jsonl expects a JSONL file)")
-        elif problem := beir_problem(d.train_path, d.train_split if d.train_run is None else None):
+        elif problem := beir_problem(d.train_path, d.train_split):
             errors.append(f"data.train_path {d.train_path} {problem} (data.format=beir expects a BEIR folder)")
     if d.eval_path is not None and (problem := beir_problem(d.eval_path, d.eval_split)):
         errors.append(f"data.eval_path {d.eval_path} {problem}")

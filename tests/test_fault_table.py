@@ -127,9 +127,11 @@ def _restore(c: Ctx) -> None:
 
 
 def _snapshot(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under root; a run's lock file is left out (it holds whoever ran
+    last, which is not an output)."""
     out = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and "lock" not in path.name:
             out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
@@ -228,6 +230,8 @@ CASES = [
          ["eval-unknown-doc.tsv line 5", "candidate document 'missing-d", "not in the corpus"]),
     Case("evaluate-corpus-not-utf8", evaluate("--data", bad("test-corpus")),
          ["bad-test-corpus/corpus.jsonl line 3", "not valid UTF-8"]),
+    Case("init-tiny-out-unwritable", lambda c: ["init-tiny", str(c.unwritable / "tiny-hf")],
+         ["output folder", "not writable"]),
     # --- quickstart (fails before its first step)
     Case("quickstart-workdir-under-a-file", lambda c: ["quickstart", "--workdir", str(c.blocker / "qs")],
          ["--workdir", "blocker", "is a file"]),
@@ -263,6 +267,6 @@ def test_bad_input_is_one_sentence_and_damages_nothing(ctx, case):
         assert name not in message, f"{name!r} wrongly blamed\n{shown}"
     after = _snapshot(ctx.work)
     changed = sorted(k for k in before if after.get(k) != before[k])
-    added = sorted(k for k in after if k not in before and "lock" not in Path(k).name)
+    added = sorted(k for k in after if k not in before)
     assert not changed and not added, f"changed: {changed}, added: {added}\n{shown}"
     assert ctx.prev_trec.read_text() == PREVIOUS_RUN and (ctx.run_dir / "latest").read_text().strip() == "step-1"

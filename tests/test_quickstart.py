@@ -37,7 +37,7 @@ def _readme_commands(prefix: str) -> list[list[str]]:
     return [shlex.split(m) for m in re.findall(r"`(" + re.escape(prefix) + r"[^`]*)`", text)]
 
 
-@pytest.mark.slow  # ~2 min on 2 cores: 20 steps, then 11,200 test pairs reranked
+@pytest.mark.slow  # 3-6 min on 2 cores: 20 steps, then 11,200 test pairs (256 tokens) reranked
 def test_readme_quickstart_on_cranfield_works_as_written(tmp_path):
     """The README's `megarank quickstart --data ../shared/data/cranfield`, from the repo root as written (only
     the work folder is moved out of the work tree): it trains with the tiny config's defaults, keeps a passage
