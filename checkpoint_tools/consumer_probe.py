@@ -45,6 +45,12 @@ def probe(export, pairs):
     template = open(f"{export}/vllm_score_template.jinja").read()
     rendered = [tok.apply_chat_template(messages(q, p), chat_template=template, tokenize=False) for q, p in pairs]
     out["ids"]["vllm_score_template"] = [tok(r)["input_ids"] for r in rendered]
+    # a text pair given to the tokenizer (older sentence-transformers, vLLM without a score template): the export's
+    # tokenizer class (trust_remote_code) formats it into megarank's string
+    pair_batch = tok([q for q, _ in pairs], [p for _, p in pairs], truncation=True)
+    out["ids"]["text_pair"] = pair_batch["input_ids"]
+    out["ids"]["text_pair_list"] = tok([list(p) for p in pairs], truncation=True)["input_ids"]
+    out["tokenizer_class"] = type(tok).__name__
 
     try:
         import sentence_transformers

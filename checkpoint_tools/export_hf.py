@@ -35,7 +35,7 @@ from checkpoint_tools.tokenizer_files import (
 )
 
 MODELING_DIR = Path(__file__).parent / "hf_modeling"
-MODELING_FILES = ("configuration_llama_bidirec.py", "modeling_llama_bidirec.py")
+MODELING_FILES = ("configuration_llama_bidirec.py", "modeling_llama_bidirec.py", "tokenization_megarank.py")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 HEAD_KEYS = ("pooling", "temperature", "num_labels")
 

@@ -45,6 +45,8 @@ def ensure_pad_token(folder) -> str | None:
 # Written next to the tokenizer of an export. vLLM's score/rerank API renders it with the (query, document) messages
 # and then tokenizes the result like any prompt, adding the tokenizer's own special tokens.
 VLLM_SCORE_TEMPLATE = "vllm_score_template.jinja"
+# hf_modeling/tokenization_megarank.py, shipped beside the weights
+TOKENIZER_CLASS = "tokenization_megarank.MegarankRerankerTokenizerFast"
 # Classes transformers 5 writes that 4.x does not know, and the 4.x name of the same tokenizer.
 PORTABLE_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
 
@@ -104,6 +106,8 @@ def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
     * ``vllm_score_template.jinja`` = the trained template, with BOS only when the tokenizer does not add one itself
       (Llama 3 adds BOS; SmolLM2 and megarank's tiny tokenizer do not): exactly one BOS in vLLM's input.
     * ``model_max_length`` = data.max_length, so consumers truncate on the right where megarank did.
+    * ``auto_map`` to ``tokenization_megarank.py`` (fast tokenizers only): with ``trust_remote_code`` a text pair
+      given to the tokenizer becomes megarank's string (sentence-transformers < 5.7, vLLM without a template).
     """
     import json
 
@@ -120,6 +124,11 @@ def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
         # without a class, transformers 4.x AutoTokenizer reads config.json, which needs trust_remote_code
         cfg["tokenizer_class"] = PORTABLE_CLASSES.get(cls, "PreTrainedTokenizerFast")
     cfg["model_max_length"] = max_length
+    if cls in (None, "PreTrainedTokenizerFast", *PORTABLE_CLASSES) and (folder / "tokenizer.json").is_file():
+        # with trust_remote_code, the shipped subclass turns text pairs into megarank's string (older
+        # sentence-transformers, vLLM without a score template); without it, tokenizer_class above is used
+        cfg["auto_map"] = {"AutoTokenizer": [None, TOKENIZER_CLASS]}
+        cfg["megarank_template"] = template
     bos_id, adds_bos = _adds_bos(folder)
     note = "tokenizer has no BOS token: no chat/score template written"
     if bos_id is not None:

@@ -5,8 +5,9 @@ adds no special tokens (SmolLM2 style) and once with one whose post-processor pu
 Reference: megarank's own encoding (``PairTokenizer``: BOS + template, no EOS) and scores at TP=1.
 
 Consumers, each in the main venv (transformers 5.x, sentence-transformers 6.x), in ``.venv-tf447``
-(transformers 4.47.1, sentence-transformers 5.7.0) and with transformers 4.57.6 overlaid on it (built by .ci/run;
-skipped with the reason when absent), driven by
+(transformers 4.47.1, sentence-transformers 5.7.0), with transformers 4.57.6 overlaid on it, and with
+sentence-transformers 4.1.0 (which tokenizes text pairs) overlaid on it (built by .ci/run; skipped with the reason
+when absent), driven by
 ``checkpoint_tools/consumer_probe.py`` in a subprocess: AutoModelForSequenceClassification (eager, sdpa, with and
 without an attention_mask) on the chat-template input; CrossEncoder.predict on plain pairs; the token ids vLLM's
 score API builds from ``vllm_score_template.jinja`` (vLLM itself needs CUDA: only its prompt path runs here).
@@ -40,7 +41,8 @@ STYLES = ("no_bos", "adds_bos")  # SmolLM2-like / Llama-3-like tokenizers
 # overlay on the 4.47 venv (same sentence-transformers 5.7.0); .ci/run builds both
 TF447 = ROOT / ".venv-tf447"
 VENVS = {"main": (Path(sys.executable), None), "tf447": (TF447 / "bin" / "python", None),
-         "tf457": (TF447 / "bin" / "python", TF447 / "overlay-tf457")}
+         "tf457": (TF447 / "bin" / "python", TF447 / "overlay-tf457"),
+         "st41": (TF447 / "bin" / "python", TF447 / "overlay-st41")}  # sentence-transformers 4.1.0: text pairs
 README_PLACEHOLDER = '"runs/l1b-hf"'
 
 
@@ -50,8 +52,7 @@ def python_of(venv: str) -> Path:
         pytest.skip(f"{py} is missing: .ci/run builds it (python3 -m venv .venv-tf447 && pip install torch==2.13.0 "
                     "transformers==4.47.1 sentence-transformers==5.7.0)")
     if overlay is not None and not overlay.is_dir():
-        pytest.skip(f"{overlay} is missing: .ci/run builds it (pip install --no-deps --target {overlay.name} "
-                    "transformers==4.57.6 tokenizers==0.22.2)")
+        pytest.skip(f"{overlay} is missing: .ci/run builds it (pip install --no-deps --target ...; see .ci/run)")
     return py
 
 
@@ -137,8 +138,10 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     ids, ours = reference(mg, PAIRS)
     bos = ids[0][0]
     assert all(row[0] == bos and row.count(bos) == 1 for row in ids)  # the reference itself has exactly one BOS
-    assert set(probe["ids"]) == {"chat_template", "vllm_score_template"}
-    assert probe["ids"]["chat_template"] == ids, probe["versions"]
+    assert set(probe["ids"]) == {"chat_template", "vllm_score_template", "text_pair", "text_pair_list"}
+    assert probe["tokenizer_class"] == "MegarankRerankerTokenizerFast"
+    for name in ("chat_template", "text_pair", "text_pair_list"):
+        assert probe["ids"][name] == ids, (name, probe["versions"])
     # vLLM does not cut at data.max_length by itself (README): its ids are megarank's up to there, and equal for
     # every pair that fits
     vllm = probe["ids"]["vllm_score_template"]
@@ -148,8 +151,9 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     for name, got in probe["scores"].items():
         diff = (torch.tensor(got) - ours).abs().max().item()
         assert diff <= TOL, (name, diff, probe["versions"])
-    want = {"main": "5.", "tf447": "4.47.1", "tf457": "4.57.6"}[venv]
-    assert probe["versions"]["transformers"].startswith(want), probe["versions"]
+    want = {"main": ("5.", "6."), "tf447": ("4.47.1", "5.7.0"), "tf457": ("4.57.6", "5.7.0"), "st41": ("4.47.1", "4.1.0")}[venv]
+    got = (probe["versions"]["transformers"], probe["versions"]["sentence_transformers"])
+    assert all(g.startswith(w) for g, w in zip(got, want)), probe["versions"]
     assert probe["config_temperature"] == 1.0  # folded into the head
     assert probe["temperature_kwarg"] == 2.0  # transformers 4.x no longer resets it
     assert ours.std() > 0
