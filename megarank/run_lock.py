@@ -37,7 +37,7 @@ class RunLockError(CheckpointError):
 
 
 class RunLock:
-    """The held lock; ``release()`` (or the end of the process) frees it."""
+    """The held lock; ``release()``, garbage collection (a train() that raised) or the end of the process frees it."""
 
     def __init__(self, fd: int, path: Path):
         self.fd, self.path = fd, path
@@ -46,6 +46,8 @@ class RunLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing the only descriptor drops the flock
             self.fd = -1
+
+    __del__ = release
 
 
 def _holder_line() -> str:

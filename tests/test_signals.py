@@ -173,3 +173,26 @@ def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_
             holders = [ln.split()[4] for ln in locks.splitlines() if f":{os.fstat(f.fileno()).st_ino} " in ln]
             info = {h: " ".join(psutil.Process(int(h)).cmdline()) for h in holders if psutil.pid_exists(int(h))}
             raise AssertionError(f"the lock is still held: {info} {locks}") from None
+
+
+def test_run_lock_names_its_holder_and_is_freed_by_release_or_garbage_collection(tmp_path):
+    from megarank.run_lock import LOCK_FILE, try_lock
+
+    lock, refusal = try_lock(tmp_path / "run")  # creates the folder
+    assert lock is not None and refusal is None
+    holder = (tmp_path / "run" / LOCK_FILE).read_text().strip()
+    assert holder.startswith("host ") and f" pid {os.getpid()} since " in holder
+    # flock conflicts between two open files even in one process: a second try is refused, naming the holder
+    again, refusal = try_lock(tmp_path / "run")
+    assert again is None and refusal == (f"checkpoint.dir {tmp_path / 'run'} is in use by another live run ({holder}; "
+                                         f"lock {tmp_path / 'run' / LOCK_FILE}); stop that run or use another "
+                                         "checkpoint.dir")
+    lock.release()
+    lock, refusal = try_lock(tmp_path / "run")
+    assert lock is not None and refusal is None
+    del lock  # a train() that raised drops its lock with the frame
+    lock, refusal = try_lock(tmp_path / "run")
+    assert lock is not None
+    (tmp_path / "file").write_text("")
+    none, refusal = try_lock(tmp_path / "file" / "run")  # a folder that cannot be made: one sentence, no raise
+    assert none is None and refusal.startswith(f"cannot create the run lock {tmp_path / 'file' / 'run' / LOCK_FILE}: ")
