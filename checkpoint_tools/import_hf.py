@@ -180,7 +180,7 @@ def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperat
                    make_vocab_size_divisible_by=None, dtype=None, seed: int = 1234, allow_pickle: bool = False,
                    allow_causal: bool = False, overwrite: bool = False, quiet: bool = False) -> str:
     """Convert; returns the summary line. ``pp`` does not change anything (see the CLI help)."""
-    from megarank.checkpoint import write_marker
+    from megarank.checkpoint import write_manifest, write_marker
     from megarank.config import padded_vocab_size, save_config
 
     src = Path(src)
@@ -207,6 +207,7 @@ def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperat
         save_config(cfg, tmp / "config.yaml")
         tokenizer = copy_tokenizer(src, tmp / "tokenizer")
         write_marker(tmp, kind="converted", source=str(src.absolute()), source_format=fmt, padded_vocab_size=padded)
+        write_manifest(tmp)  # last: checksums of every file, checked by every load
     notes = [f"format {fmt}", f"vocab {m.vocab_size} padded to {padded}"]
     if ignored:
         notes.append(f"ignored {', '.join(ignored[:2])}{' ...' if len(ignored) > 2 else ''}")

@@ -35,7 +35,7 @@ def test_flat_range_boxes_cover_exactly_the_range_in_flat_order(shape):
 # ----------------------------------------------------------------------------------------------- optimizer
 
 
-def _build(tp: int, distributed_optimizer: bool, seed: int = 3):
+def _build(tp: int, distributed_optimizer: bool, seed: int = 3, dtype: str = "fp32"):
     from megarank.config import load_config
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
@@ -43,7 +43,8 @@ def _build(tp: int, distributed_optimizer: bool, seed: int = 3):
 
     init_distributed(tp, 1, seed=seed)
     cfg = load_config(TINY, [f"parallel.tensor_model_parallel_size={tp}",
-                             f"parallel.use_distributed_optimizer={str(distributed_optimizer).lower()}"])
+                             f"parallel.use_distributed_optimizer={str(distributed_optimizer).lower()}",
+                             f"model.dtype={dtype}"])
     model = build_model(cfg.model, cfg.parallel)
     optimizer = build_optimizer(wrap_ddp(model, cfg), cfg)
     return model, optimizer
@@ -59,7 +60,7 @@ def _save(sd: dict, directory: str) -> None:
     dist_checkpointing.save(sd, directory)
 
 
-def _save_work(out: str):
+def _save_work(out: str, dtype: str = "fp32"):
     """DP=2 with the distributed optimizer: 2 steps on fixed gradients, then save the weights, the optimizer
     in megarank's format (gathering forbidden) and in megatron's 'fully_reshardable' format."""
     from megatron.core import dist_checkpointing
@@ -68,7 +69,7 @@ def _save_work(out: str):
     from megarank import checkpoint as ckpt
     from megarank.training.optimizer import inner_optimizers, optimizer_sharded_state_dict
 
-    model, optimizer = _build(1, True)
+    model, optimizer = _build(1, True, dtype=dtype)
     assert any(isinstance(o, DistributedOptimizer) for o in inner_optimizers(optimizer))
     torch.manual_seed(11)  # the same gradients on both DP ranks
     for _ in range(2):
@@ -93,19 +94,20 @@ def _save_work(out: str):
     # the saved boxes are views of this rank's optimizer tensors: nothing was copied for the save
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    storages = {t.untyped_storage().data_ptr() for o in inner_optimizers(optimizer)
-                for s in o.optimizer.state.values() for t in s.values() if torch.is_tensor(t)}
+    tensors = [t for o in inner_optimizers(optimizer) for s in o.optimizer.state.values() for t in s.values()]
+    tensors += [p for o in inner_optimizers(optimizer) for g in o.optimizer.param_groups for p in g["params"]]
+    storages = {t.untyped_storage().data_ptr() for t in tensors if torch.is_tensor(t)}
     return all(t.data.untyped_storage().data_ptr() in storages for t in nested_values(sd["param_state"]))
 
 
-def _load_work(out: str, tp: int, distributed_optimizer: bool, src: str, dst: str):
+def _load_work(out: str, tp: int, distributed_optimizer: bool, src: str, dst: str, dtype: str = "fp32"):
     """Load weights and optimizer state from ``src`` at this layout, save the optimizer again into ``dst``."""
     from megatron.core import dist_checkpointing
 
     from megarank import checkpoint as ckpt
     from megarank.training.optimizer import inner_optimizers, optimizer_sharded_state_dict, restore_optimizer_state
 
-    model, optimizer = _build(tp, distributed_optimizer, seed=99)
+    model, optimizer = _build(tp, distributed_optimizer, seed=99, dtype=dtype)
     ckpt.load_model_weights(model, f"{out}/model")
     keys = set(dist_checkpointing.load_tensors_metadata(f"{out}/{src}"))
     loaded = dist_checkpointing.load(optimizer_sharded_state_dict(optimizer, model, True, saved_keys=keys), f"{out}/{src}")
@@ -146,6 +148,19 @@ def test_the_optimizer_state_loads_at_another_layout_and_saves_back_identically(
         assert distinct == len(steps), "each parameter has its own step counter (AdamW adds to it in place)"
     assert_bit_identical(_optimizer_tensors(saved / "new"), _optimizer_tensors(saved / f"re-{target}"),
                          f"optimizer state after a load at {target}")
+
+
+def test_bf16_fp32_master_weights_are_saved_and_load_from_either_format(tmp_path):
+    """bf16 training keeps fp32 master weights in the optimizer: saved as ``fp32_param`` (the plain mixed-precision
+    optimizer's name); megatron's 'fully_reshardable' checkpoints call them ``param`` and load as well."""
+    assert run_distributed(_save_work, 2, str(tmp_path), "bf16") == [True, True]
+    new, old = _optimizer_tensors(tmp_path / "new"), _optimizer_tensors(tmp_path / "old")
+    masters = {k: v for k, v in new.items() if ".fp32_param." in k}
+    assert masters and all(v.dtype == torch.float32 for v in masters.values())
+    assert_bit_identical(masters, {k: old[k.replace(".fp32_param.", ".param.")] for k in masters}, "fp32 masters")
+    for src in ("new", "old"):
+        run_distributed(_load_work, 1, str(tmp_path), 1, True, src, f"re-{src}", "bf16")
+        assert_bit_identical(new, _optimizer_tensors(tmp_path / f"re-{src}"), f"bf16 state loaded from {src}")
 
 
 # ----------------------------------------------------------------------------------------------- FP8 extra state

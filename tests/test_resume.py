@@ -3,7 +3,8 @@
 - SIGKILL after `latest` names step N, resume to 2N: the same per-step losses and bit-identical weights and
   optimizer state as 2N steps straight (one process, and DP=2 with the distributed optimizer);
 - a kill in the middle of saving step 2N leaves `latest` on step N, which is complete and resumes exactly;
-- a checkpoint saved at TP=2 resumes at TP=1, DP=2 and PP=2 with its weights and optimizer state;
+- a checkpoint saved at TP=2 resumes at TP=1, DP=2 and PP=2 with its weights and optimizer state, and the
+  resume log names the layout change;
 - SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0.
 """
 import json
@@ -120,7 +121,7 @@ def test_sigkill_after_step_n_then_resume_matches_training_straight(straight, tm
 
     out = run(train_cmd(nproc, *RESUME, *extra, f"checkpoint.dir={run_dir}",
                         f"logging.tensorboard_dir={tmp_path / 'tb-resumed'}"), cwd=tmp_path).stdout
-    assert f"resumed from {run_dir / f'step-{N}'} at step {N}" in out
+    assert f"resumed from {run_dir / f'step-{N}'} at step {N}\n" in out  # same layout: nothing more to say
     assert sorted(log_lines(out)) == list(range(N + 1, 2 * N + 1))
     _assert_same_run(straight[layout], run_dir, tmp_path / "tb-resumed", list(range(N + 1, 2 * N + 1)))
     assert not list(run_dir.glob(".step-*")), "a completed save leaves no incomplete folder behind"
@@ -178,7 +179,10 @@ def resharded(tmp_path_factory):
 def test_checkpoint_saved_at_tp2_resumes_at_another_layout(resharded, target):
     work, outputs = resharded
     source, run_dir = work / "tp2", work / target
-    assert f"resumed from {run_dir / f'step-{N}'} at step {N}" in outputs[target]
+    now = {"tp1": "TP=1 PP=1 DP=1", "dp2": "TP=1 PP=1 DP=2", "pp2": "TP=1 PP=2 DP=1"}[target]
+    # the resume says what it did: the step, and the layout change
+    assert (f"resumed from {run_dir / f'step-{N}'} at step {N} (saved at TP=2 PP=1 DP=1, now {now}: "
+            "weights and optimizer state resharded)") in outputs[target]
     steps = list(range(N + 1, 2 * N + 1))
     want = tb_scalars(source / "tensorboard", "train/loss")
     got = tb_scalars(run_dir / "tensorboard", "train/loss")

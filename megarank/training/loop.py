@@ -37,7 +37,13 @@ def _micro_batches(groups: list, cfg: Config, pair_tokenizer) -> list:
     from megarank.data import collate_groups
 
     m = cfg.train.micro_batch_size
-    return [collate_groups(groups[i : i + m], pair_tokenizer) for i in range(0, len(groups), m)]
+    batches = [collate_groups(groups[i : i + m], pair_tokenizer) for i in range(0, len(groups), m)]
+    if cfg.data.packing:  # one stream of whole sequences per micro-batch (megarank/data/packing.py)
+        from megarank.data.packing import pack_padded, packing_multiple
+
+        multiple = packing_multiple(cfg.data.pad_to_multiple_of, cfg.parallel.tensor_model_parallel_size)
+        batches = [pack_padded(b, pair_tokenizer.pad_id, multiple) for b in batches]
+    return batches
 
 
 def _train_state(step, scheduler, sampler, nonfinite) -> dict:
@@ -69,7 +75,8 @@ def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
 
     d = cfg.data
     ours, first_stage, scores = evaluate_beir(model, pair_tokenizer, d.eval_path, d.eval_split, d.eval_run,
-                                              d.eval_top_k, d.eval_batch_size, d.eval_max_queries, nan_last=True)
+                                              d.eval_top_k, d.eval_batch_size, d.eval_max_queries, nan_last=True,
+                                              packing=d.packing)
     nan = count_nan(scores)
     if nan and _is_logging_rank():
         log.warning("eval step %d: %d of %d candidate scores are NaN; they rank last in the metrics", step, nan,
