@@ -144,6 +144,8 @@ class DataConfig:
     max_length: int = _f(512, "Tokens per query-passage sequence (BOS included); longer ones are cut on the right.")
     pad_to_multiple_of: int = _f(8, "Each batch is right-padded to its longest sequence rounded up to a multiple of this.")
     template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
+    packing: bool = _f(False, "Pack each micro-batch / scoring batch into one token stream of whole sequences (no padding; "
+                       "attention stays inside each sequence): same scores and gradients as padded batches.")
     skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
     eval_split: str = _f("test", "Qrels split for evaluation.")

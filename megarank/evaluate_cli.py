@@ -63,7 +63,8 @@ def run_evaluation(args) -> int:
     ckpt.load_model_weights(model, step_dir)
     pair_tokenizer = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg, str(step_dir)))
     ours, first_stage, scores = evaluate_beir(
-        model, pair_tokenizer, args.data, args.split, args.run, args.top_k, args.batch_size, args.max_queries
+        model, pair_tokenizer, args.data, args.split, args.run, args.top_k, args.batch_size, args.max_queries,
+        packing=cfg.data.packing,
     )
     if dist.get_rank() == 0:
         report = {"checkpoint": str(step_dir), "split": args.split, "top_k": args.top_k,

@@ -4,7 +4,7 @@ import math
 from typing import Optional
 
 from megarank.data import Run, find_run_file, read_beir, read_run, rerank_batches
-from megarank.inference import score_batches, scores_by_query
+from megarank.inference import packed_batches, score_batches, scores_by_query
 from megarank.metrics import evaluate_run
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def nan_ranked_last(scores: dict) -> dict:
 
 def evaluate_beir(
     model, pair_tokenizer, folder: str, split: str, run_path: Optional[str] = None, top_k: int = 100,
-    batch_size: int = 32, max_queries: Optional[int] = None, nan_last: bool = False,
+    batch_size: int = 32, max_queries: Optional[int] = None, nan_last: bool = False, packing: bool = False,
 ):
     """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank.
 
@@ -44,6 +44,8 @@ def evaluate_beir(
     run = Run({q: run[q] for q in qids}, path=run_path)
     qrels = {q: beir.qrels[q] for q in qids}
     batches = rerank_batches(beir.queries, beir.corpus, run, top_k, batch_size, pair_tokenizer)
+    if packing:  # data.packing: each length-sorted batch as one stream of whole pairs
+        batches = packed_batches(batches, pair_tokenizer.pad_id, pair_tokenizer.pad_to_multiple_of)
     scores = scores_by_query(score_batches(model, batches))
     ours = evaluate_run(qrels, nan_ranked_last(scores) if nan_last else scores)
     return ours, evaluate_run(qrels, first_stage_scores(run, top_k)), scores

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarank.data.packing import model_inputs, pack_padded, packing_multiple
 from megarank.parallel.init import device
 
 
@@ -25,8 +26,8 @@ def _collect(scores):
 
 def _forward(data_iterator, model):
     batch = next(data_iterator)
-    dev = device()
-    return model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev)), _collect
+    args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.data.packing)
+    return model(*args, **kwargs), _collect
 
 
 def _score(model, batch) -> list:
@@ -50,9 +51,20 @@ def dp_rounds(batches, dp_size: int):
         yield chunk
 
 
+def packed_batches(batches, pad_id: int, pad_to_multiple_of: int):
+    """``(pairs, padded batch)`` items -> the same with each batch packed into one stream (``data.packing``).
+
+    The stream length is a multiple of the TP size too, so sequence parallelism can split it.
+    """
+    multiple = packing_multiple(pad_to_multiple_of, parallel_state.get_tensor_model_parallel_world_size())
+    for pairs, batch in batches:
+        yield pairs, pack_padded(batch, pad_id, multiple)
+
+
 @torch.no_grad()
 def score_batches(model, batches) -> dict:
-    """Score ``(pairs, batch)`` items; returns {(qid, docid): score} on every rank. Collective over the world."""
+    """Score ``(pairs, batch)`` items (padded or packed batches); returns {(qid, docid): score} on every rank.
+    Collective over the world."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     holds_scores = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0

@@ -17,7 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megarank.config import RopeScalingConfig
-from megarank.model.pooling import pool
+from megarank.model.pooling import pool, pool_packed
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -94,25 +94,40 @@ class LlamaReranker(MegatronModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
         """input_ids [b, s], attention_mask [b, s] bool (True = real token).
 
-        Returns scores [b, num_labels] on the last pipeline stage, else hidden states [s, b, h] for the next.
+        Packed (``packed_seq_params``, a megarank.data.packing.PackedSequences): input_ids [1, t] is one stream
+        of whole sequences; attention_mask is not used by the layers (attention stays inside each segment).
+
+        Returns scores [b (or num_sequences), num_labels] on the last pipeline stage, else hidden states
+        [s, b, h] ([t, 1, h] packed) for the next.
         """
-        seq_len = attention_mask.shape[1]
-        padding = ~attention_mask[:, None, None, :]  # [b, 1, 1, s], True = masked out (megatron convention)
         hidden = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
-        rotary = self.rotary_pos_emb(seq_len)
-        hidden = self.decoder(hidden_states=hidden, attention_mask=padding, rotary_pos_emb=rotary)
+        if packed_seq_params is not None:
+            # A table max_seqlen long: the THD RoPE gives every segment positions 0..len-1
+            # (rope_utils.py:178-247); packed_seq=True keeps it whole under context parallelism
+            # (rotary_pos_embedding.py:196-214).
+            rotary = self.rotary_pos_emb(packed_seq_params.max_seqlen_q, packed_seq=True)
+            hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
+                                  packed_seq_params=packed_seq_params)
+        else:
+            padding = ~attention_mask[:, None, None, :]  # [b, 1, 1, s], True = masked out (megatron convention)
+            rotary = self.rotary_pos_emb(attention_mask.shape[1])
+            hidden = self.decoder(hidden_states=hidden, attention_mask=padding, rotary_pos_emb=rotary)
         if not self.post_process:
             return hidden
-        return self.score_hidden(hidden, attention_mask)
+        return self.score_hidden(hidden, attention_mask, packed_seq_params)
 
-    def score_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final-norm states [s(/tp), b, h] -> scores [b, num_labels]."""
+    def score_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
+        """Final-norm states [s(/tp), b, h] -> scores [b, num_labels] (packed: [num_sequences, num_labels])."""
         if self.config.sequence_parallel:
             # Every TP rank needs the whole sequence to pool; the head is replicated, so the backward only
             # takes this rank's slice of the (identical) gradient: no reduce-scatter.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        pooled = pool(contiguous_grad(hidden).transpose(0, 1), attention_mask, self.pooling)
+        if packed_seq_params is not None:
+            p = packed_seq_params
+            pooled = pool_packed(hidden[:, 0], p.seqlens, p.num_sequences, self.pooling)
+        else:
+            pooled = pool(contiguous_grad(hidden).transpose(0, 1), attention_mask, self.pooling)
         return self.score(pooled.to(self.score.weight.dtype)) / self.temperature

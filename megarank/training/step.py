@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megarank.data.packing import model_inputs
 from megarank.parallel.init import any_rank, device
 from megarank.training.loss import LOSSES, group_metrics
 from megarank.training.optimizer import inner_optimizers
@@ -35,8 +36,8 @@ def _loss_func(loss_name: str, group_size: int, scores: torch.Tensor):
 def forward_step(data_iterator, model, loss_name: str):
     """megatron-core forward_step contract: return (output, loss_func) for one micro-batch."""
     batch = next(data_iterator)
-    dev = device()
-    scores = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+    args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.data.packing)
+    scores = model(*args, **kwargs)
     return scores, partial(_loss_func, loss_name, batch["group_size"])
 
 
@@ -90,9 +91,10 @@ def guarded_optimizer_step(optimizer, loss_finite: bool) -> tuple[bool, float]:
 def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss_name: str) -> dict:
     """Forward/backward over the micro-batches, NaN/Inf guard, optimizer and LR step.
 
-    Micro-batches may have different sequence lengths (each is padded to its own longest): under pipeline
-    parallelism the stages exchange every activation's shape (``variable_seq_lengths``), so ``seq_length``
-    below is ignored by the p2p code (schedules.py:104-107).
+    Micro-batches may have different sequence lengths (each is padded to its own longest, or packed into one
+    [1, t] stream): under pipeline parallelism the stages exchange every activation's shape
+    (``variable_seq_lengths``), so ``seq_length`` and ``micro_batch_size`` below are ignored by the p2p code
+    (schedules.py:104-107).
 
     Returns {"skipped": bool, "grad_norm", "lr", and on the last stage "loss", "acc", "mrr"}.
     """

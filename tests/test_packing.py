@@ -1,0 +1,240 @@
+"""Packed micro-batches (megarank/data/packing.py) give the padded batches' scores and gradients.
+
+In one process (TP=PP=1, the tiny config, fp32): the packed layout itself (cu_seqlens, the end-padding segment),
+scores and every parameter gradient of packed vs padded for each pooling and both local packed-attention
+strategies, attention that never crosses a sequence boundary, RoPE that restarts in every sequence.
+
+In 2 spawned gloo ranks, through megarank's own ``forward_step`` and a megatron DDP wrapper (so
+``finalize_model_grads`` does the DP all-reduce and the sequence-parallel norm-grad all-reduce as in
+training): DP=2 (different data on each rank), TP=2, TP=2 + SP (stream padded to a multiple of TP), PP=2
+(variable_seq_lengths). At each layout the padded step runs first, then the packed step on the same model;
+scores, loss and every rank's local (sharded) gradients must match to fp32 tolerance.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+PAD_ID, GROUP = 258, 5
+RTOL = 1e-5  # fp32: max |diff| <= RTOL * max |reference|
+
+
+def assert_rel_close(actual, expected, what: str, rtol: float = RTOL):
+    diff = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert diff <= rtol * scale + 1e-12, f"{what}: max |diff| {diff:.3g} > {rtol} x max |ref| {scale:.3g}"
+
+
+def padded_batch(lengths, seed: int = 0, multiple: int = 8) -> dict:
+    """Random ids right-padded to the longest length rounded up to ``multiple``; a training batch dict."""
+    g = torch.Generator().manual_seed(seed)
+    seq = -(-max(lengths) // multiple) * multiple
+    ids = torch.randint(0, 256, (len(lengths), seq), generator=g)
+    valid = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
+    ids[~valid] = PAD_ID
+    return {"input_ids": ids, "attention_mask": valid, "group_size": GROUP}
+
+
+# --------------------------------------------------------------------------------------------- one process
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    from megarank.parallel.init import destroy_distributed, init_distributed
+
+    init_distributed(tp=1, pp=1)
+    yield
+    destroy_distributed()
+
+
+def _build(*overrides):
+    from megarank.config import load_config
+    from megarank.model import build_model
+
+    torch.manual_seed(1234)
+    return build_model(load_config(TINY, list(overrides)).model, load_config(TINY, []).parallel)
+
+
+def _scores_and_grads(model, batch):
+    from megarank.data.packing import model_inputs
+
+    model.zero_grad()
+    args, kwargs = model_inputs(batch, "cpu")
+    scores = model(*args, **kwargs)
+    # A loss that weighs every score differently, so a permuted or mixed-up score shows in the gradients.
+    (scores[:, 0] * torch.linspace(-1.0, 2.0, scores.shape[0])).sum().backward()
+    return scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_pack_layout_and_end_padding_segment():
+    from megarank.data.packing import pack_padded, pack_rows, packing_multiple
+
+    batch = padded_batch([5, 3, 7, 11])
+    packed = pack_padded(batch, PAD_ID, multiple=16)
+    p = packed["packed_seq_params"]
+    assert packed["input_ids"].shape == (1, 32) and packed["group_size"] == GROUP
+    assert p.qkv_format == "thd" and p.seqlens == (5, 3, 7, 11, 6) and p.num_sequences == 4
+    assert p.cu_seqlens_q.tolist() == [0, 5, 8, 15, 26, 32] and p.cu_seqlens_q.dtype == torch.int32
+    assert p.max_seqlen_q == p.max_seqlen_kv == 11
+    assert packed["attention_mask"].sum() == 26 and not packed["attention_mask"][0, 26:].any()
+    assert torch.equal(packed["input_ids"][0, 5:8], batch["input_ids"][1, :3])
+    assert (packed["input_ids"][0, 26:] == PAD_ID).all()
+    assert pack_rows([[1, 2], [3]], PAD_ID, multiple=3)["packed_seq_params"].seqlens == (2, 1)  # no padding needed
+    assert packing_multiple(8, 2) == 8 and packing_multiple(None, 3) == 3 and packing_multiple(6, 4) == 12
+    with pytest.raises(ValueError, match="empty"):
+        pack_rows([[1], []], PAD_ID)
+
+
+@pytest.mark.parametrize("strategy", ["bucket", "loop"])
+@pytest.mark.parametrize("pooling", ["avg", "last", "cls"])
+def test_packed_matches_padded_scores_and_gradients(one_rank, monkeypatch, strategy, pooling):
+    import megarank.model.attention as attention
+    from megarank.data.packing import pack_padded
+
+    monkeypatch.setattr(attention, "PACKED_ATTENTION", strategy)
+    model = _build(f"model.pooling={pooling}")
+    lengths = [16, 11, 5, 1, 11, 12, 16, 3]  # equal lengths, a 1-token sequence, ragged buckets
+    batch = padded_batch(lengths)
+    ref_scores, ref_grads = _scores_and_grads(model, batch)
+    # multiple=32: 75 real tokens + a 21-token padding segment at the end of the stream.
+    packed = pack_padded(batch, PAD_ID, multiple=32)
+    assert packed["packed_seq_params"].seqlens[-1] == 21
+    scores, grads = _scores_and_grads(model, packed)
+    assert scores.shape == ref_scores.shape == (len(lengths), 1)
+    assert_rel_close(scores, ref_scores, "scores")
+    for name, g in ref_grads.items():
+        if "word_embeddings" not in name:
+            assert g.abs().max() > 0, f"{name}: zero reference gradient"
+        assert_rel_close(grads[name], g, f"grad {name}")
+
+
+def test_attention_stays_inside_each_sequence_and_positions_restart(one_rank):
+    from megarank.data.packing import pack_rows
+
+    model = _build().eval()
+    g = torch.Generator().manual_seed(3)
+    a, b, c = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 14, 6))
+
+    def scores(rows, multiple=8):
+        batch = pack_rows(rows, PAD_ID, multiple)
+        with torch.no_grad():
+            return model(batch["input_ids"], batch["attention_mask"], packed_seq_params=batch["packed_seq_params"])[:, 0]
+
+    base = scores([a, b, c])
+    changed = scores([a, [(t + 1) % 256 for t in b], c])  # another middle sequence: its neighbours keep their scores
+    assert changed[1] != base[1]
+    assert_rel_close(changed[[0, 2]], base[[0, 2]], "neighbours of a changed sequence")
+    # The same sequence first, last or alone in a stream: the same score (positions restart at 0).
+    assert_rel_close(scores([c, a, b])[[1, 2]], base[[0, 1]], "moved sequences")
+    assert_rel_close(scores([b]), base[[1]], "a sequence alone")
+    # The end-padding segment's tokens are never read.
+    assert_rel_close(scores([a, b, c], multiple=64), base, "longer end padding")
+
+
+def test_buckets_bound_the_padding_they_add():
+    from megarank.model import attention
+
+    seqlens = (354, 120, 591, 350, 30, 512, 340, 7)
+    plan = attention._buckets(seqlens, "cpu")
+    covered = torch.cat([index[rows] for index, rows, _, _ in plan]).sort().values
+    assert torch.equal(covered, torch.arange(sum(seqlens)))  # every token in exactly one valid slot
+    for index, rows, width, keep in plan:
+        n = index.numel() // width
+        real = n * width if keep is None else int(keep.sum())
+        assert n * width - real <= attention.BUCKET_WASTE * n * width
+
+
+# --------------------------------------------------------------------------------------------- 2 ranks
+
+
+def _micro_batches(seed: int) -> list:
+    """2 micro-batches of 2 groups x 5 passages with lengths 2..40 (padded to a multiple of 8)."""
+    g = torch.Generator().manual_seed(seed)
+    return [padded_batch(torch.randint(2, 41, (2 * GROUP,), generator=g).tolist(), seed=seed * 10 + i)
+            for i in range(2)]
+
+
+def _forward_step(captured: list, data_iterator, model):
+    from megatron.core import parallel_state
+
+    from megarank.training.step import forward_step
+
+    out, loss_func = forward_step(data_iterator, model, "listwise")
+    if parallel_state.is_pipeline_last_stage():
+        captured.append(out.detach().clone())
+    return out, loss_func
+
+
+def _step(ddp, micro: list) -> dict:
+    """megarank's forward_step under megatron's schedule; -> scores, loss and this rank's reduced gradients."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ddp.zero_grad_buffer()
+    captured: list = []
+    reduced = get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, captured), data_iterator=iter(micro), model=[ddp],
+        num_microbatches=len(micro), seq_length=micro[0]["input_ids"].shape[1],
+        micro_batch_size=micro[0]["input_ids"].shape[0], forward_only=False)
+    grads = {n: p.main_grad.clone() for n, p in ddp.module.named_parameters()}
+    if not captured:
+        return {"scores": None, "loss": None, "grads": grads}
+    return {"scores": torch.cat(captured), "loss": torch.stack([r["loss"] for r in reduced]).mean(), "grads": grads}
+
+
+def _layout(tp: int, pp: int, sp: bool) -> dict:
+    from megatron.core import parallel_state
+
+    from megarank.config import load_config
+    from megarank.data.packing import pack_padded, packing_multiple
+    from megarank.model import build_model
+    from megarank.parallel.init import init_distributed
+    from megarank.training.optimizer import wrap_ddp
+
+    cfg = load_config(TINY, [f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+                             f"parallel.sequence_parallel={str(sp).lower()}", "parallel.use_distributed_optimizer=false"])
+    init_distributed(tp=tp, pp=pp, seed=cfg.train.seed)
+    ddp = wrap_ddp(build_model(cfg.model, cfg.parallel), cfg)
+    micro = _micro_batches(seed=1 + parallel_state.get_data_parallel_rank())  # DP ranks see different data
+    padded = _step(ddp, micro)
+    multiple = packing_multiple(cfg.data.pad_to_multiple_of, tp)
+    packed_micro = [pack_padded(b, PAD_ID, multiple) for b in micro]
+    packed = _step(ddp, packed_micro)
+    return {"padded": padded, "packed": packed, "dp": parallel_state.get_data_parallel_world_size(),
+            "stream": [b["input_ids"].shape[1] for b in packed_micro]}
+
+
+def _all_layouts() -> dict:
+    return {"dp2": _layout(1, 1, False), "tp2": _layout(2, 1, False), "tp2sp": _layout(2, 1, True),
+            "pp2": _layout(1, 2, False)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_distributed(_all_layouts, 2, timeout=240)
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2sp", "pp2"])
+def test_packed_matches_padded_at_layout(two_ranks, layout):
+    runs = [r[layout] for r in two_ranks]
+    assert any(r["packed"]["scores"] is not None for r in runs)
+    for rank, run in enumerate(runs):
+        ref, got = run["padded"], run["packed"]
+        assert all(t % 8 == 0 for t in run["stream"])
+        if ref["scores"] is not None:
+            assert got["scores"].shape == ref["scores"].shape == (4 * GROUP, 1)
+            assert_rel_close(got["scores"], ref["scores"], f"{layout} rank {rank} scores")
+            assert_rel_close(got["loss"], ref["loss"], f"{layout} rank {rank} loss")
+        for name, g in ref["grads"].items():
+            if "word_embeddings" not in name:
+                assert g.abs().max() > 0, f"{layout} rank {rank} {name}: zero reference gradient"
+            assert_rel_close(got["grads"][name], g, f"{layout} rank {rank} grad {name}")
+    if layout == "dp2":  # really different data on the two ranks, and the gradients all-reduced over them
+        assert runs[0]["dp"] == 2 and not torch.equal(runs[0]["padded"]["scores"], runs[1]["padded"]["scores"])
+        for name, g in runs[0]["packed"]["grads"].items():
+            assert torch.equal(g, runs[1]["packed"]["grads"][name]), name
