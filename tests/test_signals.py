@@ -86,6 +86,7 @@ def test_sigterm_to_the_agent_saves_the_next_step_and_resumes_bit_identical(stra
     out = log_path.read_text()
     assert "preempted: saved step" in out, out[-4000:]
     stop = int(out.split("preempted: saved step ", 1)[1].split()[0])
+    print(f"{layout}: SIGTERM after the step-{SAVE} save; saved step {stop}; torchrun exited {took:.1f}s later")
     assert SAVE < stop < STEPS, f"stopped at step {stop}"
     assert _latest(run_dir) == f"step-{stop}" and (run_dir / f"step-{stop}" / "megarank_checkpoint.json").is_file()
     assert not list(run_dir.glob(".step-*")), "the SIGTERM save left an incomplete folder"

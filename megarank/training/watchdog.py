@@ -20,7 +20,10 @@ worker at once but leave its writer processes running. The thread acts whatever 
 and one ``getppid`` every 0.1 s costs nothing.
 
 Only torchrun workers are watched (``TORCHELASTIC_RUN_ID`` in the environment, set by the agent for its
-workers): a single process started from a shell may legitimately outlive that shell (``nohup``).
+workers): a single process started from a shell may legitimately outlive that shell (``nohup``). The
+parent must be the agent itself: a wrapper between them (``torchrun --no-python sh wrapper.sh`` that does
+not ``exec``) hides the agent's death. Ranks on other nodes, whose agents live on, see only peers that
+stopped: they wait in their next collective until the process-group timeout (parallel/init.py).
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class AgentWatchdog:
         self.rank = rank
         self.poll_seconds = poll_seconds
         self._thread = threading.Thread(target=self._watch, name="megarank-agent-watchdog", daemon=True)
+        self._stopping = threading.Lock()  # the thread and check() may both see it: one of them ends the process
 
     def agent_gone(self) -> bool:
         return os.getppid() != self.agent_pid
@@ -60,6 +64,7 @@ class AgentWatchdog:
             time.sleep(self.poll_seconds)
 
     def _stop_now(self) -> None:
+        self._stopping.acquire()  # a second caller waits here until the first one's os._exit
         try:
             print(f"megarank train: rank {self.rank}: the torchrun agent (pid {self.agent_pid}) is gone; stopping "
                   "without saving (the checkpoint folder keeps its last complete step)", file=sys.stderr, flush=True)
