@@ -124,7 +124,7 @@ def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
         # without a class, transformers 4.x AutoTokenizer reads config.json, which needs trust_remote_code
         cfg["tokenizer_class"] = PORTABLE_CLASSES.get(cls, "PreTrainedTokenizerFast")
     cfg["model_max_length"] = max_length
-    if cls in (None, "PreTrainedTokenizerFast", *PORTABLE_CLASSES) and (folder / "tokenizer.json").is_file():
+    if (folder / "tokenizer.json").is_file():  # the subclass is a PreTrainedTokenizerFast over tokenizer.json
         # with trust_remote_code, the shipped subclass turns text pairs into megarank's string (older
         # sentence-transformers, vLLM without a score template); without it, tokenizer_class above is used
         cfg["auto_map"] = {"AutoTokenizer": [None, TOKENIZER_CLASS]}

@@ -103,6 +103,8 @@ def test_every_consumer_input_is_megarank_input(converted):
     ours = PairTokenizer(load_tokenizer(mg / "tokenizer"), template=cfg.data.template).encode(
         [q for q, _ in PAIRS], [p for _, p in PAIRS])
     tok = AutoTokenizer.from_pretrained(str(export), trust_remote_code=True)
+    assert type(tok).__name__ == "MegarankRerankerTokenizerFast"
+    assert tok([q for q, _ in PAIRS], [p for _, p in PAIRS])["input_ids"] == ours  # a text pair, as older tools pass it
     vllm_template = (export / "vllm_score_template.jinja").read_text()
     for (q, p), want in zip(PAIRS, ours):
         msgs = [{"role": "query", "content": q}, {"role": "document", "content": p}]
