@@ -140,6 +140,7 @@ def test_saved_config_contradicting_weights(tmp_path, megatron, capsys):
     cfg = yaml.safe_load((megatron / "config.yaml").read_text())
     cfg["model"]["ffn_hidden_size"] = 96
     (megatron / "config.yaml").write_text(yaml.safe_dump(cfg))
+    __import__("megarank.checkpoint").checkpoint.write_manifest(megatron)  # re-checksum the edit (else: "damaged")
     err = fails(capsys, "megatron-to-hf", megatron, tmp_path / "out")
     assert "decoder.layers.mlp.linear_fc1.weight has shape [2, 256, 64] but config.yaml's model section implies [2, 192, 64]" in err
 
