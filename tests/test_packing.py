@@ -137,6 +137,48 @@ def test_attention_stays_inside_each_sequence_and_positions_restart(one_rank):
     assert_rel_close(scores([a, b, c], multiple=64), base, "longer end padding")
 
 
+def test_evaluation_scores_are_the_same_packed(one_rank):
+    """data.packing in scoring: evaluate_beir's length-sorted batches packed give the padded scores."""
+    from megarank.config import load_config
+    from megarank.data import sample_data_dir
+    from megarank.evaluation import evaluate_beir
+    from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
+
+    cfg = load_config(TINY, [])
+    model = _build().eval()
+    tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
+    folder = str(sample_data_dir())
+    ref = evaluate_beir(model, tok, folder, "test", top_k=10, batch_size=7, max_queries=3)
+    got = evaluate_beir(model, tok, folder, "test", top_k=10, batch_size=7, max_queries=3, packing=True)
+    assert got[0] == pytest.approx(ref[0], abs=1e-6)
+    pairs = [(q, d) for q, docs in ref[2].items() for d in docs]
+    assert len(pairs) >= 10
+    assert_rel_close(torch.tensor([got[2][q][d] for q, d in pairs]), torch.tensor([ref[2][q][d] for q, d in pairs]),
+                     "evaluation scores")
+
+
+def test_training_micro_batches_are_packed_when_configured():
+    from megarank.config import load_config
+    from megarank.training.data import make_group_source, make_pair_tokenizer, resolve_tokenizer_dir
+    from megarank.training.loop import _micro_batches
+
+    for packing, tp in ((False, 1), (True, 1), (True, 4)):
+        cfg = load_config(TINY, [f"data.packing={str(packing).lower()}", "data.pad_to_multiple_of=6"])
+        cfg.parallel.tensor_model_parallel_size = tp  # only the stream's multiple reads it here
+        tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
+        source = make_group_source(cfg)
+        micro = _micro_batches([source.get(i, 0) for i in range(3)], cfg, tok)
+        assert len(micro) == 2 and all(b["group_size"] == 5 for b in micro)  # micro_batch_size 2: 2 + 1 groups
+        if not packing:
+            assert "packed_seq_params" not in micro[0] and micro[0]["input_ids"].shape[0] == 10
+            continue
+        for b, groups in zip(micro, (2, 1)):
+            p = b["packed_seq_params"]
+            assert b["input_ids"].shape[0] == 1 and p.num_sequences == 5 * groups
+            assert b["input_ids"].shape[1] % (6 if tp == 1 else 12) == 0
+            assert int(b["attention_mask"].sum()) == sum(p.seqlens[: p.num_sequences])
+
+
 def test_buckets_bound_the_padding_they_add():
     from megarank.model import attention
 
