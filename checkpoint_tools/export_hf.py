@@ -149,8 +149,6 @@ def megatron_to_hf(src, dst, *, config=None, tokenizer=None, dtype=None, max_sha
         write_sharded(tmp, planned, produce_tensors(weights, m, cast), max_shard_size, on_written=lambda p: progress.update(p.name, p.nbytes))
         out_dtype = DTYPE_NAMES[planned[0].dtype]
         (tmp / "config.json").write_text(json.dumps(export_config(m, out_dtype), indent=2) + "\n")
-        for f in MODELING_FILES:
-            shutil.copy2(MODELING_DIR / f, tmp / f)
         if tok_src is not None:
             copy_tokenizer(tok_src, tmp)
             note = ensure_pad_token(tmp)
@@ -159,6 +157,8 @@ def megatron_to_hf(src, dst, *, config=None, tokenizer=None, dtype=None, max_sha
             notes.append(prepare_reranker_tokenizer(tmp, cfg.data.template, cfg.data.max_length))
         else:
             notes.append("no tokenizer found (pass --tokenizer DIR); sentence-transformers needs one")
+        for f in MODELING_FILES:  # after the tokenizer: this package's version wins over one an import carried
+            shutil.copy2(MODELING_DIR / f, tmp / f)
     notes.insert(0, f"from {ckpt}")
     return f"{progress.summary()} -> {dst} ({'; '.join(notes)})"
 

@@ -8,6 +8,7 @@ from pathlib import Path
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "tiktoken.model",
     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenization_megarank.py",  # a megarank export's tokenizer class (its tokenizer_config.json auto_map names it)
 )
 
 

@@ -4,7 +4,8 @@
 
 Same network as megarank's: every token attends to every valid token (no causal mask), RoPE/RMSNorm/SwiGLU as in
 Llama, pooling over valid tokens only (``avg`` = mean including BOS, ``last`` = last valid token, ``cls`` = first
-token), ``Linear(hidden, num_labels, bias=False)``, divided by ``temperature``.
+token), ``Linear(hidden, num_labels, bias=False)``, divided by ``temperature`` (1.0 in megarank exports, which fold
+the training temperature into ``score.weight``).
 
 Bidirectional attention: on transformers >= 5 ``config.is_causal = False`` makes the model build a padding-only mask
 for whatever attention implementation is active (eager, sdpa, flash); on 4.x (whose ``LlamaModel`` always builds a
@@ -14,13 +15,12 @@ A 4-D *boolean* mask would be wrong under eager attention, which adds the mask t
 """
 
 import torch
+import transformers
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.llama.modeling_llama import LlamaModel, LlamaPreTrainedModel
 
 from .configuration_llama_bidirec import LlamaBidirectionalConfig
-
-import transformers
 
 # transformers >= 5 honours config.is_causal=False in its mask builder. 4.5x ship masking_utils (some even
 # create_bidirectional_mask) but LlamaModel there still calls create_causal_mask, so the version decides, not an import.
