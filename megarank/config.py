@@ -162,6 +162,9 @@ class TrainConfig:
     steps: int = _f(1000, "Optimizer steps.")
     global_batch_size: int = _f(128, "Query groups per optimizer step over all data-parallel ranks.")
     micro_batch_size: int = _f(1, "Query groups per micro-batch per data-parallel rank.")
+    micro_batch_tokens: int = _f(0, "Token budget per micro-batch: whole query groups fill each micro-batch up to this many "
+                                 "model tokens (packed stream length, or rows x padded length); replaces micro_batch_size; "
+                                 "0 = fixed micro_batch_size. The step still takes global_batch_size groups, same loss.")
     loss: Literal["listwise", "pointwise"] = _f("listwise", "Softmax CE over each group, or BCE per pair.")
     lr: float = _f(3e-6, "Peak learning rate.")
     min_lr: float = _f(0.0, "Final learning rate of the decay.")
@@ -500,6 +503,8 @@ def _train_errors(cfg: Config) -> list[str]:
     for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
         if getattr(t, key) <= 0:
             errs.append(f"train.{key} must be positive (got {getattr(t, key)})")
+    if t.micro_batch_tokens < 0:
+        errs.append(f"train.micro_batch_tokens must be >= 0 (got {t.micro_batch_tokens}; 0 = micro_batch_size groups)")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         errs.append(f"train.lr must be > 0 and train.min_lr in [0, lr] (got lr={t.lr}, min_lr={t.min_lr})")
     if d.n_passages < 2 and t.loss == "listwise":

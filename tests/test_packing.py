@@ -179,6 +179,106 @@ def test_training_micro_batches_are_packed_when_configured():
             assert int(b["attention_mask"].sum()) == sum(p.seqlens[: p.num_sequences])
 
 
+class _FixedLengthTokenizer:
+    """A pair tokenizer stand-in whose pair i of a group has a length from ``lengths`` (for the split rules)."""
+
+    pad_id, pad_to_multiple_of = PAD_ID, 4
+
+    def __init__(self, lengths: dict):
+        self.lengths = lengths
+
+    def encode(self, queries, passages):
+        return [[1] * self.lengths[q] for q in queries]
+
+    def pad(self, rows):
+        from megarank.data.tokenizer import PairTokenizer
+
+        return PairTokenizer.pad(self, rows)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_token_budget_split_keeps_whole_groups_in_order(packed):
+    from megarank.data.packing import micro_batch_cost, token_budget_micro_batches
+
+    lengths = {"a": 10, "b": 30, "c": 7, "d": 100, "e": 5}
+    groups = [(q, ["p1", "p2"]) for q in "abcde"]
+    tok = _FixedLengthTokenizer(lengths)
+    micro = token_budget_micro_batches(groups, tok, budget=64, packed=packed, multiple=4)
+    sizes = [len(b["labels"]) for b in micro]
+    assert sum(sizes) == 5
+    # The greedy rule, recomputed: a group joins while the micro-batch's cost stays within the budget.
+    expected, current = [], []
+    for q in "abcde":
+        rows = [[1] * lengths[q]] * 2
+        if current and micro_batch_cost(current + [rows], packed, 4) > 64:
+            expected.append(len(current))
+            current = []
+        current.append(rows)
+    expected.append(len(current))
+    assert sizes == expected and len(sizes) > 1
+    d_batch = next(b for b in micro if (b["attention_mask"].sum() == 200))  # "d" is over the budget: alone
+    assert len(d_batch["labels"]) == 1
+    for b in micro:
+        assert b["group_size"] == 2 and b["loss_weight"] == pytest.approx(len(b["labels"]) * len(micro) / 5)
+        assert ("packed_seq_params" in b) == packed
+        if len(b["labels"]) > 1:
+            assert b["input_ids"].numel() <= 64
+    assert sum(b["loss_weight"] for b in micro) == pytest.approx(len(micro))
+    even = token_budget_micro_batches(groups[:2], _FixedLengthTokenizer({"a": 10, "b": 10}), 39, packed, 4)
+    assert [b["loss_weight"] for b in even] == [1.0, 1.0]  # equal groups per micro-batch: exactly 1.0
+
+
+def test_token_budget_step_has_the_fixed_split_loss_and_gradients(one_rank):
+    """3 groups in token-budget micro-batches of 2 + 1 groups: the loss and gradients of one 3-group
+    micro-batch (the mean over groups); without the loss weights they would differ."""
+    from megarank.config import load_config
+    from megarank.data import collate_groups
+    from megarank.data.packing import micro_batch_cost, token_budget_micro_batches
+    from megarank.model import build_model
+    from megarank.training.data import make_group_source, make_pair_tokenizer, resolve_tokenizer_dir
+    from megarank.training.optimizer import wrap_ddp
+
+    cfg = load_config(TINY, ["parallel.use_distributed_optimizer=false"])
+    tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
+    groups = [make_group_source(cfg).get(i, 0) for i in range(3)]
+    torch.manual_seed(0)
+    ddp = wrap_ddp(build_model(cfg.model, cfg.parallel), cfg)
+    ref = _step(ddp, [collate_groups(groups, tok)])
+    rows = [tok.encode([q] * len(ps), list(ps)) for q, ps in groups]
+    for packed in (True, False):
+        budget = micro_batch_cost(rows[:2], packed, 8)  # the first two groups fit, all three do not
+        assert micro_batch_cost(rows, packed, 8) > budget
+        micro = token_budget_micro_batches(groups, tok, budget, packed, 8)
+        assert [len(b["labels"]) for b in micro] == [2, 1]
+        got = _step(ddp, micro)
+        assert_rel_close(got["loss"], ref["loss"], f"packed={packed} loss")  # logged: the mean over micro-batches
+        for name, g in ref["grads"].items():
+            assert_rel_close(got["grads"][name], g, f"packed={packed} grad {name}")
+        for b in micro:
+            b["loss_weight"] = 1.0
+        unweighted = _step(ddp, micro)
+        assert (unweighted["loss"] - ref["loss"]).abs() > 1e-4
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_training_loop_uses_the_token_budget(packing):
+    from megarank.config import ConfigError, load_config, validate
+    from megarank.training.data import make_group_source, make_pair_tokenizer, resolve_tokenizer_dir
+    from megarank.training.loop import _micro_batches
+
+    cfg = load_config(TINY, [f"data.packing={str(packing).lower()}", "train.micro_batch_tokens=1500"])
+    tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
+    source = make_group_source(cfg)
+    micro = _micro_batches([source.get(i, 0) for i in range(4)], cfg, tok)
+    assert sum(len(b["labels"]) for b in micro) == 4 and len(micro) >= 2
+    for b in micro:
+        assert ("packed_seq_params" in b) == packing
+        assert b["input_ids"].numel() <= 1500 or len(b["labels"]) == 1
+    assert sum(b["loss_weight"] for b in micro) == pytest.approx(len(micro))
+    with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
+        validate(load_config(TINY, ["train.micro_batch_tokens=-1"]), world_size=1)
+
+
 def test_buckets_bound_the_padding_they_add():
     from megarank.model import attention
 

@@ -99,3 +99,53 @@ def model_inputs(batch: dict, device) -> tuple[tuple, dict]:
     args = (batch["input_ids"].to(device), batch["attention_mask"].to(device))
     packed = batch.get("packed_seq_params")
     return args, ({"packed_seq_params": packed.to(device)} if packed is not None else {})
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def micro_batch_cost(group_rows: list, packed: bool, multiple: int) -> int:
+    """Tokens the model processes for these groups' rows: the stream length packed, rows x padded length padded."""
+    rows = [r for g in group_rows for r in g]
+    if packed:
+        return _round_up(sum(len(r) for r in rows), multiple)
+    return len(rows) * _round_up(max(len(r) for r in rows), multiple)
+
+
+def token_budget_micro_batches(groups, pair_tokenizer, budget: int, packed: bool, multiple: int) -> list:
+    """Split one step's query groups into micro-batches of whole groups, each up to ``budget`` tokens.
+
+    Groups keep their (sampler) order and fill micro-batches greedily: a group joins the current micro-batch
+    while the micro-batch's cost (``micro_batch_cost``: what the model really runs, padding included) stays
+    within the budget; a group over the budget on its own forms a micro-batch alone. Every micro-batch gets
+    ``loss_weight`` = its groups x number of micro-batches / all groups, so that megatron's schedule, which
+    divides each micro-batch's loss by the number of micro-batches (schedules.py forward_step_calc_loss), gives
+    the mean over all groups: the same loss and gradients as any fixed split (weights of exactly 1.0 when all
+    micro-batches have the same number of groups).
+    """
+    if budget <= 0:
+        raise ValueError(f"train.micro_batch_tokens must be positive here (got {budget})")
+    encoded = []
+    for query, passages in groups:
+        encoded.append(pair_tokenizer.encode([query] * len(passages), list(passages)))
+    sizes = {len(rows) for rows in encoded}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"all groups must have the same non-zero number of passages, got sizes {sorted(sizes)}")
+    chunks, current = [], []
+    for rows in encoded:
+        if current and micro_batch_cost(current + [rows], packed, multiple) > budget:
+            chunks.append(current)
+            current = []
+        current.append(rows)
+    chunks.append(current)
+    group_size = len(encoded[0])
+    batches = []
+    for chunk in chunks:
+        rows = [r for g in chunk for r in g]
+        batch = pack_rows(rows, pair_tokenizer.pad_id, multiple) if packed else pair_tokenizer.pad(rows)
+        batch["group_size"] = group_size
+        batch["labels"] = torch.zeros(len(chunk), dtype=torch.long)
+        batch["loss_weight"] = len(chunk) * len(chunks) / len(groups)
+        batches.append(batch)
+    return batches

@@ -35,13 +35,16 @@ def _is_logging_rank() -> bool:
 
 def _micro_batches(groups: list, cfg: Config, pair_tokenizer) -> list:
     from megarank.data import collate_groups
+    from megarank.data.packing import pack_padded, packing_multiple, token_budget_micro_batches
 
+    d = cfg.data
+    multiple = (packing_multiple(d.pad_to_multiple_of, cfg.parallel.tensor_model_parallel_size) if d.packing
+                else d.pad_to_multiple_of or 1)
+    if cfg.train.micro_batch_tokens > 0:  # whole groups up to a token budget (megarank/data/packing.py)
+        return token_budget_micro_batches(groups, pair_tokenizer, cfg.train.micro_batch_tokens, d.packing, multiple)
     m = cfg.train.micro_batch_size
     batches = [collate_groups(groups[i : i + m], pair_tokenizer) for i in range(0, len(groups), m)]
-    if cfg.data.packing:  # one stream of whole sequences per micro-batch (megarank/data/packing.py)
-        from megarank.data.packing import pack_padded, packing_multiple
-
-        multiple = packing_multiple(cfg.data.pad_to_multiple_of, cfg.parallel.tensor_model_parallel_size)
+    if d.packing:  # one stream of whole sequences per micro-batch
         batches = [pack_padded(b, pair_tokenizer.pad_id, multiple) for b in batches]
     return batches
 

@@ -26,9 +26,14 @@ from megarank.training.optimizer import inner_optimizers
 _LOGGED = ("loss", "acc", "mrr")
 
 
-def _loss_func(loss_name: str, group_size: int, scores: torch.Tensor):
+def _loss_func(loss_name: str, group_size: int, weight: float, scores: torch.Tensor):
+    """The micro-batch's mean loss over its groups, times ``weight`` (its share of the step's groups x the
+    number of micro-batches; 1.0 when every micro-batch holds as many groups, see
+    megarank.data.packing.token_budget_micro_batches), so the mean over micro-batches is the mean over groups."""
     loss = LOSSES[loss_name](scores, group_size)
     stats = group_metrics(scores, group_size)
+    if weight != 1.0:
+        loss, stats = loss * weight, {k: v * weight for k, v in stats.items()}
     # The schedule divides the returned loss in place: log a detached copy.
     return loss, {"loss": loss.detach().clone(), "acc": stats["acc"], "mrr": stats["mrr"]}
 
@@ -38,7 +43,7 @@ def forward_step(data_iterator, model, loss_name: str):
     batch = next(data_iterator)
     args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.data.packing)
     scores = model(*args, **kwargs)
-    return scores, partial(_loss_func, loss_name, batch["group_size"])
+    return scores, partial(_loss_func, loss_name, batch["group_size"], batch.get("loss_weight", 1.0))
 
 
 def check_pipeline_shapes(model_config, micro_batches: list) -> None:
