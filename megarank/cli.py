@@ -2,7 +2,10 @@
 
     megarank train CONFIG [section.key=value ...]
     megarank evaluate CHECKPOINT --data BEIR_DIR [--split test] [--run RUN] [--top-k 100] [--out run.trec]
-    megarank rerank CHECKPOINT --data BEIR_DIR --out run.trec [...]  (same as evaluate; metrics if qrels exist)
+    megarank rerank CHECKPOINT --data BEIR_DIR --out run.trec [...]  (same as evaluate, --out required)
+
+Bad input (config, data, paths, checkpoints) ends in one line, ``megarank CMD: error: <what, naming the file,
+line, key or flag>``, exit code 2, no traceback (MEGARANK_TRACEBACK=1 shows it); see `run_reporting_errors`.
 """
 import argparse
 import json

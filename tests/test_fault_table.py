@@ -142,6 +142,7 @@ class Case:
     argv: Callable[[Ctx], list]  # after `python -m megarank`
     names: list[str]  # substrings the error line must contain
     not_names: list[str] = field(default_factory=list)  # ... and must not (a culprit wrongly blamed)
+    also: list[str] = field(default_factory=list)  # elsewhere in stderr (a step's own error, for quickstart)
     code: int = 2
 
 
@@ -237,6 +238,9 @@ CASES = [
          ["--workdir", "blocker", "is a file"]),
     Case("quickstart-data-missing", lambda c: ["quickstart", "--workdir", str(c.work / "qs"), "--data",
                                                str(c.work / "no-data")], ["--data", "no-data", "does not exist"]),
+    Case("quickstart-step-fails", lambda c: ["quickstart", "--workdir", str(c.work.parent / f"{c.work.name}-qs"),
+                                             "--data", str(c.bad["corpus"])],
+         ["step `megarank train", "exited with code 2"], also=["megarank train: error: ", "corpus.jsonl line 7"]),
     Case("quickstart-bad-override", lambda c: ["quickstart", "--workdir", str(c.work / "qs"), "train.lr=abc"],
          ["command-line override train.lr=abc"]),
 ]
@@ -265,6 +269,8 @@ def test_bad_input_is_one_sentence_and_damages_nothing(ctx, case):
         assert name in message, f"{name!r} not in the error\n{shown}"
     for name in case.not_names:
         assert name not in message, f"{name!r} wrongly blamed\n{shown}"
+    for name in case.also:
+        assert name in proc.stderr, f"{name!r} not in stderr\n{shown}"
     after = _snapshot(ctx.work)
     changed = sorted(k for k in before if after.get(k) != before[k])
     added = sorted(k for k in after if k not in before)
