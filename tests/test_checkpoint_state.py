@@ -174,7 +174,10 @@ def _fake_te(module, layer: int):
             return self.fp8_meta
 
         def set_extra_state(self, state):
-            self.fp8_meta = state
+            # as TE does (transformer_engine/pytorch/module/base.py set_extra_state): None means "nothing saved";
+            # megatron passes None for an _extra_state a state dict lacks
+            if state is not None:
+                self.fp8_meta = state
 
     module.__class__ = FakeTELinear
     g = torch.Generator().manual_seed(100 + layer)
