@@ -76,7 +76,14 @@ class MegatronWeights:
         ensure_process_group()
         with warnings.catch_warnings():  # megatron 0.16 calls DCP's deprecated load_state_dict: not ours to fix
             warnings.filterwarnings("ignore", message=".*load_state_dict.* is deprecated", category=FutureWarning)
-            return dist_checkpointing.load(sharded, str(self.dir), validate_access_integrity=False)
+            loaded = dist_checkpointing.load(sharded, str(self.dir), validate_access_integrity=False)
+        from megarank.checkpoint import CheckpointError, check_finite
+
+        try:  # NaN/Inf weights (a damaged or diverged checkpoint) must not reach an export
+            check_finite(loaded.items(), self.dir)
+        except CheckpointError as e:
+            raise ConversionError(str(e)) from None
+        return loaded
 
     def read_global(self, key: str) -> torch.Tensor:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from megarank.checkpoint_integrity import CheckpointError, check_finite, verify_checkpoint_files, write_manifest
 from megarank.checkpoint_writer import keep_writer_in_process
 
-__all__ = ["CheckpointError", "verify_checkpoint_files", "write_manifest"]
+__all__ = ["CheckpointError", "check_finite", "verify_checkpoint_files", "write_manifest"]
 
 FORMAT_VERSION = 1
 MODEL_DIR, OPTIMIZER_DIR, STATE_DIR, MARKER = "model", "optimizer", "train_state", "megarank_checkpoint.json"

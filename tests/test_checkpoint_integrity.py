@@ -7,7 +7,7 @@
   middle of a model shard, and a truncated shard, make evaluate, rerank, megatron-to-hf and
   `train checkpoint.load=` refuse with a one-line message naming the file; resuming the run falls back to
   step 2, trains on, and the save that follows removes an old ``.step-N.incomplete`` folder; NaN weights (with
-  a valid manifest) are refused naming the tensor; a config.yaml that contradicts its tensors and a
+  a valid manifest) are refused naming the tensor by evaluate and megatron-to-hf; a config.yaml that contradicts its tensors and a
   non-existent checkpoint.load are named.
 """
 import json
@@ -244,3 +244,7 @@ def test_nan_weights_with_a_valid_manifest_are_refused_naming_the_tensor(tmp_pat
     proc = run(megarank_cmd(1, "evaluate", str(tmp_path / "nan"), "--data", str(SAMPLE), "--max-queries", "2"),
                cwd=tmp_path, check=False)
     _one_line_error(proc, "megarank evaluate", "tensor decoder.layers.1.mlp.linear_fc2.weight holds NaN")
+    proc = run([sys.executable, "-m", "checkpoint_tools", "megatron-to-hf", str(tmp_path / "nan"), str(tmp_path / "hf")],
+               cwd=tmp_path, check=False)
+    _one_line_error(proc, "megarank-convert", "tensor decoder.layers.mlp.linear_fc2.weight holds NaN")
+    assert not (tmp_path / "hf").exists(), "no export with NaN weights"
