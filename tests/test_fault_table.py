@@ -112,8 +112,28 @@ def ctx(tmp_path_factory) -> Ctx:
     eval_run = (SAMPLE / "candidates" / "test.run.tsv").read_text().splitlines()
     eval_run[4] = eval_run[4].replace("\td", "\tmissing-d", 1)
     (work / "eval-unknown-doc.tsv").write_text("\n".join(eval_run) + "\n")
+    _damaged_checkpoints(c)
     c.pristine = _snapshot(work)
     return c
+
+
+def _damaged_checkpoints(c: Ctx) -> None:
+    """Copies of the trained run, each damaged one way (what a crash, a bad disk or a hand edit leaves)."""
+    def copy(name: str) -> Path:
+        shutil.copytree(c.run_dir, c.work / name, ignore=shutil.ignore_patterns("*lock*"))
+        c.bad[name] = c.work / name
+        return c.work / name / "step-1"
+
+    copy("ck-latest-garbage")
+    (c.bad["ck-latest-garbage"] / "latest").write_bytes(b"step-9x\x00\n")
+    shutil.rmtree(copy("ck-no-train-state") / "train_state")
+    config = copy("ck-config-edited") / "config.yaml"
+    config.write_text(config.read_text().replace("hidden_size: 64", "hidden_size: 96", 1))
+    shard = copy("ck-shard-damaged") / "model" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(range(64))  # 64 bytes of garbage in the middle of the file
+    shard.write_bytes(bytes(data))
 
 
 def _restore(c: Ctx) -> None:
@@ -233,6 +253,27 @@ CASES = [
          ["bad-test-corpus/corpus.jsonl line 3", "not valid UTF-8"]),
     Case("init-tiny-out-unwritable", lambda c: ["init-tiny", str(c.unwritable / "tiny-hf")],
          ["output folder", "not writable"]),
+    # --- damaged checkpoints (each command names the damaged file; nothing is repaired or overwritten)
+    Case("ckpt-latest-garbage", evaluate(checkpoint=bad("ck-latest-garbage")),
+         ["ck-latest-garbage/latest", "step-9x", "newest intact checkpoint there is step-1"]),
+    Case("ckpt-latest-garbage-resume", lambda c: ["train", TINY, f"checkpoint.dir={c.bad['ck-latest-garbage']}"],
+         ["ck-latest-garbage/latest", "step-9x"]),
+    Case("ckpt-train-state-missing", lambda c: ["train", TINY, "train.steps=2",
+                                                f"checkpoint.dir={c.bad['ck-no-train-state']}"],
+         ["ck-no-train-state/step-1/train_state/rank-0.pt is missing"]),
+    Case("ckpt-config-edited", evaluate(checkpoint=bad("ck-config-edited")),
+         ["ck-config-edited/step-1/config.yaml is damaged"]),
+    Case("ckpt-shard-damaged", evaluate(checkpoint=bad("ck-shard-damaged")),
+         ["ck-shard-damaged/step-1/model/__0_0.distcp is damaged"]),
+    Case("ckpt-shard-damaged-resume", lambda c: ["train", TINY, "train.steps=2",
+                                                 f"checkpoint.dir={c.bad['ck-shard-damaged']}"],
+         ["ck-shard-damaged/step-1/model/__0_0.distcp is damaged"]),
+    Case("ckpt-config-vs-tensors", evaluate("model.hidden_size=128"),
+         ["tensor embedding.word_embeddings.weight has shape [320, 64]", "config.yaml implies [320, 128]"]),
+    Case("ckpt-load-other-architecture", lambda c: ["train", TINY, "model.hidden_size=128", "model.ffn_hidden_size=256",
+                                                    f"checkpoint.load={c.run_dir}",
+                                                    f"checkpoint.dir={c.work.parent / f'{c.work.name}-other'}"],
+         ["config.yaml has model.hidden_size = 64 but this run's config has 128"]),
     # --- quickstart (fails before its first step)
     Case("quickstart-workdir-under-a-file", lambda c: ["quickstart", "--workdir", str(c.blocker / "qs")],
          ["--workdir", "blocker", "is a file"]),
