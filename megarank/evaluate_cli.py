@@ -16,7 +16,11 @@ log = logging.getLogger("megarank.evaluate")
 
 
 def check_evaluation_args(args) -> None:
-    """Everything about the command line that can be checked without the model; raises UsageError."""
+    """Everything about the command line that can be checked without the model; raises UsageError (and
+    ConfigError for an override of an unknown key or with a value of the wrong type)."""
+    from megarank.config import apply_overrides
+
+    apply_overrides({}, list(args.overrides))  # keys and types only: the values land on the checkpoint's config
     check_input(args.checkpoint, "checkpoint", "folder")
     if problem := beir_problem(args.data, args.split):
         raise UsageError(f"--data {args.data} {problem}")
