@@ -145,7 +145,8 @@ class DataConfig:
     pad_to_multiple_of: int = _f(8, "Each batch is right-padded to its longest sequence rounded up to a multiple of this.")
     template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
     packing: bool = _f(False, "Pack each micro-batch / scoring batch into one token stream of whole sequences (no padding; "
-                       "attention stays inside each sequence): same scores and gradients as padded batches.")
+                       "attention stays inside each sequence): same scores and gradients as padded batches (fp32 "
+                       "rounding), 1.4-1.5x real tokens/s on SciFact training micro-batches on CPU (benchmarks/RESULTS.md).")
     skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
     eval_split: str = _f("test", "Qrels split for evaluation.")
@@ -505,6 +506,11 @@ def _train_errors(cfg: Config) -> list[str]:
             errs.append(f"train.{key} must be positive (got {getattr(t, key)})")
     if t.micro_batch_tokens < 0:
         errs.append(f"train.micro_batch_tokens must be >= 0 (got {t.micro_batch_tokens}; 0 = micro_batch_size groups)")
+    if t.micro_batch_tokens > 0 and cfg.model.fp8 is not None and cfg.model.fp8_recipe == "delayed":
+        # Delayed scaling all-reduces amax after every forward; token budgets give DP ranks different numbers
+        # of micro-batches (forwards) per step, so those collectives would not match.
+        errs.append("train.micro_batch_tokens needs model.fp8_recipe tensorwise (or model.fp8 null): delayed scaling "
+                    "needs the same number of micro-batches on every data-parallel rank")
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         errs.append(f"train.lr must be > 0 and train.min_lr in [0, lr] (got lr={t.lr}, min_lr={t.min_lr})")
     if d.n_passages < 2 and t.loss == "listwise":
