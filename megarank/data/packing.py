@@ -120,7 +120,7 @@ def token_budget_micro_batches(groups, pair_tokenizer, budget: int, packed: bool
     while the micro-batch's cost (``micro_batch_cost``: what the model really runs, padding included) stays
     within the budget; a group over the budget on its own forms a micro-batch alone. Every micro-batch gets
     ``loss_weight`` = its groups x number of micro-batches / all groups, so that megatron's schedule, which
-    divides each micro-batch's loss by the number of micro-batches (schedules.py forward_step_calc_loss), gives
+    divides each micro-batch's loss by the number of micro-batches (schedules.py:266-269), gives
     the mean over all groups: the same loss and gradients as any fixed split (weights of exactly 1.0 when all
     micro-batches have the same number of groups).
     """

@@ -107,7 +107,7 @@ class LlamaReranker(MegatronModule):
         if packed_seq_params is not None:
             # A table max_seqlen long: the THD RoPE gives every segment positions 0..len-1
             # (rope_utils.py:178-247); packed_seq=True keeps it whole under context parallelism
-            # (rotary_pos_embedding.py:196-214).
+            # (rotary_pos_embedding.py:177-205).
             rotary = self.rotary_pos_emb(packed_seq_params.max_seqlen_q, packed_seq=True)
             hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
                                   packed_seq_params=packed_seq_params)
