@@ -149,7 +149,10 @@ def _model_folder(checkpoint_dir) -> Path:
 
 
 def _expected_shapes(sharded: dict) -> dict:
-    """{key: global shape} of the plain ShardedTensors a model sharded state dict saves as."""
+    """{key: (global shape, allow_shape_mismatch)} of the plain ShardedTensors a model sharded state dict saves as.
+
+    megatron marks the word embedding ``allow_shape_mismatch`` (vocab padding may differ with TP:
+    megatron/core/tensor_parallel/layers.py:309-317, VocabParallelEmbedding.sharded_state_dict); its rows may differ, not its width."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
@@ -158,7 +161,7 @@ def _expected_shapes(sharded: dict) -> dict:
         subs = nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]
         for sub in subs:
             if isinstance(sub, ShardedTensor):
-                shapes[sub.key] = tuple(sub.global_shape)
+                shapes[sub.key] = (tuple(sub.global_shape), bool(getattr(sub, "allow_shape_mismatch", False)))
     return shapes
 
 
@@ -167,11 +170,11 @@ def _check_tensor_shapes(sharded: dict, model_dir: Path, folder: Path) -> None:
     from megatron.core import dist_checkpointing
 
     stored = {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(str(model_dir)).items()}
-    for key, shape in _expected_shapes(sharded).items():
+    for key, (shape, rows_may_differ) in _expected_shapes(sharded).items():
         if key not in stored:
             raise CheckpointError(f"{model_dir} has no tensor {key}, which this model needs; "
                                   f"{folder / 'config.yaml'} does not describe these weights")
-        if stored[key] != shape:
+        if stored[key] != shape and not (rows_may_differ and stored[key][1:] == shape[1:]):
             raise CheckpointError(f"{model_dir}: tensor {key} has shape {list(stored[key])} but the model section of "
                                   f"{folder / 'config.yaml'} implies {list(shape)}; the config does not match its tensors")
 
