@@ -11,8 +11,8 @@ SmolLM2-135M's shape (read from the cache's config.json; random weights: speed d
 
 Variants, one model, same process, same threads, same micro-batches:
   padded          each micro-batch right-padded to its longest pair (multiple of 8): today's default
-  packed-bucket   data.packing: one stream of whole pairs, local attention in length buckets (the default)
-  packed-loop     the same stream, local attention one SDPA call per sequence
+  packed-bucket   data.packing: one stream of whole pairs, local attention in length buckets
+  packed-loop     the same stream, local attention one SDPA call per sequence (the default)
 One step = forward, megarank's listwise loss, backward, grads dropped. After a warm-up of every variant, the
 timed steps are interleaved (micro-batch k: padded, packed-bucket, packed-loop; then k+1 ...) so machine load
 hits all alike. Reported: real (non-padding) tokens / total step seconds, and the ratio to padded.

@@ -7,10 +7,12 @@ The mask follows megatron's convention: boolean, True = masked out (padding), br
 Packed sequences (``packed_seq_params`` with ``qkv_format="thd"``, see megarank/data/packing.py): megatron's
 attention squeezes q/k/v to [t, n, d] and reshapes our [t, n * d] output back to [t, 1, h]
 (megatron/core/transformer/attention.py:1066-1069, 1189-1194). Attention must stay inside each sequence. One
-block-diagonal mask over the stream would cost O(T^2) for O(sum L_i^2) of useful work, so the sequences are
-attended in length buckets instead: sequences of similar length are gathered into one padded [B, n, L, d] SDPA
-call with a key-padding mask (``bucket_waste`` bounds the padding a bucket may add), and a bucket of one
-sequence runs without any mask. See benchmarks/packing_bench.py for per-sequence vs bucketed timings.
+block-diagonal mask over the stream would cost O(T^2) for O(sum L_i^2) of useful work, so each sequence gets
+its own unmasked SDPA call (``PACKED_ATTENTION = "loop"``, the default). The alternative, ``"bucket"``, gathers
+sequences of similar length into one padded [B, n, L, d] SDPA call with a key-padding mask (``BUCKET_WASTE``
+bounds the padding a bucket may add); on SciFact training micro-batches (5-10 sequences) its gather/scatter
+copies cost more than the calls it saves: 1.15-1.38x padded speed against 1.42-1.51x for the loop
+(benchmarks/packing_bench.py, benchmarks/RESULTS.md). It is kept for streams of many short sequences.
 """
 import math
 from typing import Optional
@@ -101,15 +103,16 @@ class SDPACoreAttention(MegatronModule):
         return out.reshape(t, -1)
 
 
-# "bucket": length-bucketed SDPA (default); "loop": one SDPA call per sequence. Module-level so the benchmark
-# can compare both on the same model.
-PACKED_ATTENTION = "bucket"
+# "loop": one SDPA call per sequence (default, measured faster); "bucket": length-bucketed SDPA. Module-level
+# so the benchmark and the tests can run both on the same model.
+PACKED_ATTENTION = "loop"
 # A bucket may hold at most this share of padded key slots (sum over its sequences of width - L_i over B * width).
 BUCKET_WASTE = 0.1
 
 
 def _buckets(seqlens, device):
-    """Group segments of similar length: -> [(token index [B * width], width, lengths LongTensor[B])].
+    """Group segments of similar length: -> [(token index [B * width], valid slots (bool [B * width] or slice),
+    width, SDPA keep-mask [B, 1, 1, width] or None when every sequence of the bucket is width long)].
 
     Segments are sorted by length (longest first); a bucket grows while its padding stays within BUCKET_WASTE.
     Pure host arithmetic on the small ``seqlens`` tuple, then one index tensor per bucket.
