@@ -146,7 +146,7 @@ class DataConfig:
     template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
     packing: bool = _f(False, "Pack each micro-batch / scoring batch into one token stream of whole sequences (no padding; "
                        "attention stays inside each sequence): same scores and gradients as padded batches (fp32 "
-                       "rounding), 1.4-1.5x real tokens/s on SciFact training micro-batches on CPU (benchmarks/RESULTS.md).")
+                       "rounding), 1.2-1.5x real tokens/s on SciFact training micro-batches on CPU (benchmarks/RESULTS.md).")
     skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
     eval_split: str = _f("test", "Qrels split for evaluation.")

@@ -10,9 +10,10 @@ attention squeezes q/k/v to [t, n, d] and reshapes our [t, n * d] output back to
 block-diagonal mask over the stream would cost O(T^2) for O(sum L_i^2) of useful work, so each sequence gets
 its own unmasked SDPA call (``PACKED_ATTENTION = "loop"``, the default). The alternative, ``"bucket"``, gathers
 sequences of similar length into one padded [B, n, L, d] SDPA call with a key-padding mask (``BUCKET_WASTE``
-bounds the padding a bucket may add); on SciFact training micro-batches (5-10 sequences) its gather/scatter
-copies cost more than the calls it saves: 1.15-1.38x padded speed against 1.42-1.51x for the loop
-(benchmarks/packing_bench.py, benchmarks/RESULTS.md). It is kept for streams of many short sequences.
+bounds the padding a bucket may add). On SciFact training micro-batches (5-10 sequences) neither was
+consistently faster on a shared CPU (benchmarks/RESULTS.md: 1.15-1.38x padded speed for buckets, 1.18-1.51x for
+the loop, the order flipping between runs); the loop is the default as the simpler path (no gather/scatter
+copies). Buckets should pay for streams of many short sequences (fewer, larger SDPA calls); not measured.
 """
 import math
 from typing import Optional
@@ -103,7 +104,7 @@ class SDPACoreAttention(MegatronModule):
         return out.reshape(t, -1)
 
 
-# "loop": one SDPA call per sequence (default, measured faster); "bucket": length-bucketed SDPA. Module-level
+# "loop": one SDPA call per sequence (default); "bucket": length-bucketed SDPA. Module-level
 # so the benchmark and the tests can run both on the same model.
 PACKED_ATTENTION = "loop"
 # A bucket may hold at most this share of padded key slots (sum over its sequences of width - L_i over B * width).
