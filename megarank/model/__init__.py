@@ -48,6 +48,31 @@ def build_model(model_cfg, parallel_cfg, *, init_weights: bool = True, ddp_train
         post_process=parallel_state.is_pipeline_last_stage(),
         max_sequence_length=model_cfg.max_position_embeddings,
     )
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """With ``perform_initialization=False`` megatron's parallel layers skip ``_initialize_affine_weight_cpu/gpu``,
+    and with them ``set_tensor_model_parallel_attributes`` (megatron/core/tensor_parallel/layers.py:244-266,
+    855-885, 1178-1206). Without ``tensor_model_parallel`` a TP shard counts as a TP duplicate: the grad norm then
+    leaves out every TP>0 rank's shards (measured: TP=2 norm 0.538 vs 0.605), so clipping goes wrong. Set them
+    as the init would: embedding and column-parallel weights split on dim 0, row-parallel on dim 1."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
