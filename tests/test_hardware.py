@@ -1,0 +1,43 @@
+"""megarank.hardware: ISA detection, the inference dtype choice and the MFU peak (CPU parts)."""
+import pytest
+import torch
+
+from megarank import hardware
+
+
+@pytest.mark.parametrize("flags, isa", [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "amx_bf16"),
+    ({"avx2", "avx512f", "avx512_bf16"}, "avx512_bf16"),
+    ({"avx2", "avx512f"}, "avx512"),
+    ({"avx2", "fma"}, "avx2"),
+    (set(), "baseline"),
+])
+def test_isa_from_flags(flags, isa):
+    assert hardware.cpu_isa(frozenset(flags)) == isa
+
+
+def test_auto_dtype_is_bf16_only_with_native_bf16_matmuls():
+    amx = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    zen4 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    avx2 = frozenset({"avx2"})
+    assert hardware.resolve_inference_dtype("auto", "fp32", "cpu", amx)[0] == "bf16"
+    assert hardware.resolve_inference_dtype("auto", "fp32", "cpu", zen4)[0] == "bf16"
+    dtype, why = hardware.resolve_inference_dtype("auto", "fp32", "cpu", avx2)
+    assert dtype == "fp32" and "avx2" in why
+    assert hardware.resolve_inference_dtype("auto", "bf16", "cpu", avx2)[0] == "bf16"  # the checkpoint's own
+    assert hardware.resolve_inference_dtype("fp32", "bf16", "cpu", amx) == ("fp32", "requested")
+    with pytest.raises(ValueError, match="--dtype"):
+        hardware.resolve_inference_dtype("int8", "fp32")
+
+
+def test_this_machine_reports_its_cpu():
+    line = hardware.describe_cpu()
+    assert hardware.cpu_isa() in line and f"{torch.get_num_threads()} threads" in line
+
+
+def test_cpu_peak_is_a_measured_gemm_rate():
+    peak, source = hardware.peak_flops("fp32", "cpu")
+    assert "measured fp32 GEMM" in source
+    # A 1024^3 matmul is 2.1 GFLOP; any CPU torch runs on does between 1 GFLOP/s and 100 TFLOP/s.
+    assert 1e9 < peak < 1e14
+    assert hardware.peak_flops("fp32", "cpu")[0] == peak  # measured once per process and thread count
