@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -103,8 +102,9 @@ def main(argv=None) -> int:
         for fmt in ("fully_reshardable", "megarank"):
             for r in run_distributed(_rank_work, args.dp, fmt, dims, f"{tmp}/{fmt}", timeout=900):
                 rows.append((fmt, r))
-    isa = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    from megarank.hardware import describe_cpu
+
+    isa = describe_cpu()
     first = rows[0][1]
     print(f"model {first['params'] / 1e6:.1f}M params fp32, DP={args.dp}, distributed optimizer "
           f"(Adam state per rank {first['local_state'] / MIB:.0f} MiB); torch {torch.__version__}; CPU {isa}, "

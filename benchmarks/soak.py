@@ -86,15 +86,9 @@ def alive(procs: list[psutil.Process]) -> list[int]:
 
 
 def cpu_description() -> str:
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return f"lscpu failed: {exc}"
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return (f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} logical CPUs, "
-            f"ISA {' '.join(isa) or 'no avx2'}; torch {torch.__version__}")
+    from megarank.hardware import describe_cpu
+
+    return f"{describe_cpu()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}"
 
 
 def main() -> int:
