@@ -1,16 +1,32 @@
-"""Reranking throughput: megarank's scorer (what `megarank rerank` runs: length-sorted batches, no grad) vs
-`sentence_transformers.CrossEncoder` on the same exported model and the same candidate list, in one process
-with the same threads and batch size. Prints pairs/s for each and the ratio megarank / CrossEncoder.
+"""Reranking throughput: megarank's scorer (what `megarank rerank` runs) vs `sentence_transformers.CrossEncoder`
+on the same exported model and the same candidates, at fp32 and bf16 side by side in one process (issue 11).
 
-    python benchmarks/rerank_bench.py --checkpoint runs/q/train --data ../shared/data/cranfield --max-queries 10 --top-k 20
-    python benchmarks/rerank_bench.py ... --device cuda --dtype bf16        # on a GPU
+    python benchmarks/rerank_bench.py                                  # SciFact-train BM25 top-100, SmolLM2-135M
+    python benchmarks/rerank_bench.py --max-queries 10 --top-k 100 --dtypes fp32,bf16 --json /tmp/rerank.json
+    python benchmarks/rerank_bench.py --checkpoint runs/q/train --hf runs/q/hf --data ../shared/data/cranfield --split test
 
-The HF side is exported from the same checkpoint with `megarank-convert megatron-to-hf` (unless --hf is given).
-CrossEncoder receives (query, passage) text pairs and tokenizes them as a pair; megarank formats one string
-with its template. Token counts differ by a few template tokens per pair, which the report shows.
+Model: by default SmolLM2-135M from the converter cache (scripts/build_smollm2_cache.py), converted with
+``checkpoint_tools hf-to-megatron`` (a new, random score head: speed and score agreement do not depend on it) and
+exported back with ``megatron-to-hf``; or ``--checkpoint`` (a megarank checkpoint) and ``--hf`` (its export).
+Candidates: the first ``--max-queries`` judged queries of the split's first-stage run (BM25 top-100 for
+SciFact-train), ``--top-k`` each; ``max_length`` is the checkpoint's (512 for the converted SmolLM2).
+
+Variants, same process, same threads, same pairs:
+  megarank-<dtype>   megarank.data.batches_for_pairs + megarank.inference.score_batches with `megarank rerank`'s
+                     defaults (length-sorted, --batch-tokens budget, the checkpoint's data.packing unless --packing)
+  ce-<dtype>         CrossEncoder(export, trust_remote_code=True, max_length, dtype).predict(pairs, batch_size=32,
+                     activation_fn=Identity) — ≥ 5.7 renders the pairs through the export's chat template, which is
+                     megarank's input string, so the scores are comparable
+Each variant is warmed up, then the queries are taken ``--chunk`` at a time and every chunk is scored by every
+variant in a rotating order (chunk k starts with variant k mod n), so machine load hits all alike. Reported:
+pairs/s per variant, megarank / CrossEncoder per dtype, max |score difference| megarank vs CrossEncoder per dtype
+(and bf16 vs fp32), CPU ISA (megarank.hardware.describe_cpu) and the load average before and after.
 """
+from __future__ import annotations
+
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,79 +34,189 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MEGARANK_SMOLLM2_CACHE", Path.home() / ".cache" / "megarank" / "smollm2-135m"))
+DATA = [Path("/work/shared/data/scifact-train"), REPO.parent / "shared" / "data" / "scifact-train"]
 
 
-def megarank_scores(step_dir, pairs, queries, corpus, batch_size, dtype):
-    from megarank import checkpoint as ckpt
-    from megarank.config import apply_overrides, config_from_dict, config_to_dict
-    from megarank.data import batches_for_pairs
-    from megarank.inference import score_batches
-    from megarank.model import build_model
-    from megarank.parallel.init import init_distributed
-    from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
-
-    cfg = ckpt.load_checkpoint_config(step_dir)
-    cfg = config_from_dict(apply_overrides(config_to_dict(cfg), [f"model.dtype={dtype}", "model.transformer_impl=local"]))
-    init_distributed(1, 1)
-    model = build_model(cfg.model, cfg.parallel)
-    ckpt.load_model_weights(model, step_dir)
-    tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg, str(step_dir)))
-    score_batches(model, batches_for_pairs(pairs[:batch_size], queries, corpus, batch_size, tok))  # warm-up
-    t = time.perf_counter()
-    scores = score_batches(model, batches_for_pairs(pairs, queries, corpus, batch_size, tok))
-    elapsed = time.perf_counter() - t
-    tokens = sum(tok.lengths([queries[q] for q, _ in pairs], [corpus[d] for _, d in pairs]))
-    return scores, elapsed, tokens, cfg.data.max_length
-
-
-def crossencoder_scores(hf_dir, pairs, queries, corpus, batch_size, device, dtype, max_length):
-    import torch
-    from sentence_transformers import CrossEncoder
-
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model = CrossEncoder(str(hf_dir), trust_remote_code=True, device=device, max_length=max_length,
-                         model_kwargs={"dtype": torch_dtype})
-    texts = [(queries[q], corpus[d]) for q, d in pairs]
-    model.predict(texts[:batch_size], batch_size=batch_size)  # warm-up
-    t = time.perf_counter()
-    scores = model.predict(texts, batch_size=batch_size, show_progress_bar=False)
-    return scores, time.perf_counter() - t
-
-
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="megarank checkpoint folder or run dir with `latest`")
-    p.add_argument("--hf", default=None, help="exported HF folder (default: export the checkpoint to a temp dir)")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cranfield"))
-    p.add_argument("--split", default="test")
-    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--checkpoint", default=None, help="megarank checkpoint (default: SmolLM2-135M converted from the cache)")
+    p.add_argument("--hf", default=None, help="its HF export (default: exported to a temp dir)")
+    p.add_argument("--data", default=None, help="BEIR folder (default: SciFact-train under ../shared/data)")
+    p.add_argument("--split", default="train")
     p.add_argument("--max-queries", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--chunk", type=int, default=1, help="queries per interleaving round")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--batch-tokens", type=int, default=None, help="megarank's budget (default: `megarank rerank`'s)")
+    p.add_argument("--batch-size", type=int, default=None, help="megarank's pair bound (default: `megarank rerank`'s)")
+    p.add_argument("--ce-batch-size", type=int, default=32, help="CrossEncoder.predict batch_size (its default 32)")
+    p.add_argument("--packing", choices=("checkpoint", "true", "false"), default="checkpoint",
+                   help="megarank's data.packing (default: the checkpoint's config, as `megarank rerank`)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    args = p.parse_args()
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the report here")
+    return p.parse_args(argv)
+
+
+def _cli(*argv):
+    subprocess.run([sys.executable, "-m", "checkpoint_tools", *map(str, argv), "--quiet"], check=True)
+
+
+def prepare_models(args) -> tuple[Path, Path]:
+    """(megarank checkpoint, HF export): given, or converted from the SmolLM2 cache into a temp dir."""
+    work = Path(tempfile.mkdtemp(prefix="rerank_bench."))
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    if ckpt is None:
+        if not (CACHE / "config.json").is_file():
+            sys.exit(f"no --checkpoint and no SmolLM2 cache at {CACHE} (build it: python scripts/build_smollm2_cache.py)")
+        ckpt = work / "mg"
+        _cli("hf-to-megatron", CACHE, ckpt)
+    hf = Path(args.hf) if args.hf else None
+    if hf is None:
+        hf = work / "hf"
+        _cli("megatron-to-hf", ckpt, hf)
+    return ckpt, hf
+
+
+class Megarank:
+    """One megarank model in ``dtype`` and the batching `megarank rerank` uses."""
+
+    def __init__(self, step_dir, dtype, device, batch_tokens, batch_size, packing):
+        from megarank import checkpoint as ckpt
+        from megarank.config import apply_overrides, config_from_dict, config_to_dict
+        from megarank.model import build_model
+        from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
+
+        impl = "local" if device == "cpu" else "auto"
+        cfg = ckpt.load_checkpoint_config(step_dir)
+        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), [f"model.dtype={dtype}", f"model.transformer_impl={impl}"]))
+        self.packed = cfg.data.packing if packing == "checkpoint" else packing == "true"
+        self.model = build_model(cfg.model, cfg.parallel)
+        ckpt.load_model_weights(self.model, step_dir)
+        self.tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg, str(step_dir)))
+        self.batch_tokens, self.batch_size = batch_tokens, batch_size
+        self.max_length = cfg.data.max_length
+        self.model_tokens = 0  # tokens the model ran (padding included), over the timed calls
+
+    def score(self, pairs, queries, corpus) -> list:
+        from megarank.data import batches_for_pairs
+        from megarank.inference import packed_batches, score_batches, scoring_multiple
+
+        multiple = scoring_multiple(self.tok.pad_to_multiple_of, self.packed)
+        batches = batches_for_pairs(pairs, queries, corpus, self.batch_size, self.tok, batch_tokens=self.batch_tokens,
+                                    packed=self.packed, multiple=multiple)
+        if self.packed:
+            batches = packed_batches(batches, self.tok.pad_id, self.tok.pad_to_multiple_of)
+        batches = list(self._counted(batches))
+        scores = score_batches(self.model, batches)
+        return [scores[p] for p in pairs]
+
+    def _counted(self, batches):
+        for pairs, batch in batches:
+            self.model_tokens += batch["input_ids"].numel()
+            yield pairs, batch
+
+
+class CE:
+    def __init__(self, hf_dir, dtype, device, max_length, batch_size):
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        self.model = CrossEncoder(str(hf_dir), trust_remote_code=True, device=device, max_length=max_length,
+                                  model_kwargs={"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]})
+        self.batch_size = batch_size
+
+    def score(self, pairs, queries, corpus) -> list:
+        import torch
+
+        texts = [(queries[q], corpus[d]) for q, d in pairs]
+        out = self.model.predict(texts, batch_size=self.batch_size, show_progress_bar=False,
+                                 activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+        return [float(s) for s in out]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data = Path(args.data) if args.data else next((d for d in DATA if d.is_dir()), None)
+    if data is None or not data.is_dir():
+        sys.exit(f"no data: {args.data or ' / '.join(map(str, DATA))} not found")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from megarank.cli import DEFAULT_BATCH_TOKENS
     from megarank.data import candidate_pairs, find_run_file, read_beir, read_run
     from megarank.checkpoint import resolve_checkpoint
+    from megarank.hardware import describe_cpu
+    from megarank.parallel.init import init_distributed
 
-    step_dir = resolve_checkpoint(args.checkpoint)
-    beir = read_beir(args.data, args.split)
-    run = read_run(find_run_file(args.data, args.split))
+    load_before = os.getloadavg()
+    step_dir, hf_dir = prepare_models(args)
+    step_dir = resolve_checkpoint(str(step_dir))
+    beir = read_beir(str(data), args.split)
+    run = read_run(find_run_file(str(data), args.split))
     qids = [q for q in run if q in beir.qrels][: args.max_queries]
-    pairs = candidate_pairs(beir.queries, beir.corpus, {q: run[q] for q in qids}, args.top_k)
-    hf_dir = Path(args.hf) if args.hf else Path(tempfile.mkdtemp()) / "hf"
-    if not args.hf:
-        subprocess.run([sys.executable, "-m", "checkpoint_tools", "megatron-to-hf", str(step_dir), str(hf_dir), "--quiet"], check=True)
-    ours, t_ours, tokens, max_length = megarank_scores(step_dir, pairs, beir.queries, beir.corpus, args.batch_size, args.dtype)
-    theirs, t_theirs = crossencoder_scores(hf_dir, pairs, beir.queries, beir.corpus, args.batch_size, args.device, args.dtype, max_length)
-    import torch
-
+    batch_tokens = DEFAULT_BATCH_TOKENS if args.batch_tokens is None else args.batch_tokens
+    batch_size = args.batch_size or (None if batch_tokens else 32)  # as megarank/evaluate_cli.py
+    init_distributed(1, 1)
+    dtypes = args.dtypes.split(",")
+    variants = {}
+    for dtype in dtypes:
+        variants[f"megarank-{dtype}"] = Megarank(step_dir, dtype, args.device, batch_tokens, batch_size, args.packing)
+        max_length = variants[f"megarank-{dtype}"].max_length
+        variants[f"ce-{dtype}"] = CE(hf_dir, dtype, args.device, max_length, args.ce_batch_size)
+    chunks = [candidate_pairs(beir.queries, beir.corpus, {q: run[q] for q in qids[i : i + args.chunk]}, args.top_k)
+              for i in range(0, len(qids), args.chunk)]
+    for v in variants.values():  # warm-up: a few pairs of the longest and a short one
+        v.score(chunks[0][:8], beir.queries, beir.corpus)
+    for v in variants.values():
+        if isinstance(v, Megarank):
+            v.model_tokens = 0
+    names = list(variants)
+    seconds = dict.fromkeys(names, 0.0)
+    scores = {n: [] for n in names}
+    for k, pairs in enumerate(chunks):
+        for j in range(len(names)):
+            name = names[(k + j) % len(names)]
+            tic = time.perf_counter()
+            got = variants[name].score(pairs, beir.queries, beir.corpus)
+            seconds[name] += time.perf_counter() - tic
+            scores[name].extend(got)
+        print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(f"{n} {len(scores[n]) / seconds[n]:.2f}" for n in names)
+              + " pairs/s so far", flush=True)
+    n_pairs = sum(len(c) for c in chunks)
+    real_tokens = 0
+    tok = variants[f"megarank-{dtypes[0]}"].tok
+    for pairs in chunks:
+        real_tokens += sum(tok.lengths([beir.queries[q] for q, _ in pairs], [beir.corpus[d] for _, d in pairs]))
     report = {
-        "pairs": len(pairs), "max_length": max_length, "megarank_tokens": tokens, "threads": torch.get_num_threads(), "device": args.device,
-        "dtype": args.dtype, "batch_size": args.batch_size,
-        "megarank_pairs_per_s": len(pairs) / t_ours, "crossencoder_pairs_per_s": len(pairs) / t_theirs,
-        "ratio_megarank_over_crossencoder": t_theirs / t_ours,
+        "cpu": describe_cpu(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+        "data": str(data), "split": args.split, "queries": len(qids), "top_k": args.top_k, "pairs": n_pairs,
+        "max_length": max_length, "real_tokens": real_tokens, "chunk_queries": args.chunk,
+        "megarank": {"batch_tokens": batch_tokens, "batch_size": batch_size,
+                     "packing": variants[f"megarank-{dtypes[0]}"].packed},
+        "ce_batch_size": args.ce_batch_size,
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "pairs_per_s": {n: n_pairs / seconds[n] for n in names},
+        "seconds": seconds,
+        "megarank_padding_share": {n: 1 - real_tokens / v.model_tokens for n, v in variants.items()
+                                   if isinstance(v, Megarank)},
     }
-    print(json.dumps(report, indent=1))
+    for dtype in dtypes:
+        ours, theirs = f"megarank-{dtype}", f"ce-{dtype}"
+        report[f"ratio_megarank_over_ce_{dtype}"] = seconds[theirs] / seconds[ours]
+        report[f"max_abs_diff_megarank_vs_ce_{dtype}"] = max(abs(a - b) for a, b in zip(scores[ours], scores[theirs]))
+    if "fp32" in dtypes and "bf16" in dtypes:
+        report["max_abs_diff_megarank_bf16_vs_fp32"] = max(
+            abs(a - b) for a, b in zip(scores["megarank-bf16"], scores["megarank-fp32"]))
+        report["ratio_megarank_bf16_over_fp32"] = seconds["megarank-fp32"] / seconds["megarank-bf16"]
+    spread = max(scores[names[0]]) - min(scores[names[0]])
+    report["score_spread"] = spread  # what the differences above are small against
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 

@@ -2,6 +2,7 @@
 
     megarank train CONFIG [section.key=value ...]
     megarank evaluate CHECKPOINT --data BEIR_DIR [--split test] [--run RUN] [--top-k 100] [--out run.trec]
+                      [--batch-tokens 16384] [--batch-size N] [--dtype auto|fp32|bf16]
     megarank rerank CHECKPOINT --data BEIR_DIR --out run.trec [...]  (same as evaluate, --out required)
 
 Bad input (config, data, paths, checkpoints) ends in one line, ``megarank CMD: error: <what, naming the file,
@@ -55,13 +56,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Scoring budget of `evaluate` / `rerank`: 32 pairs of 512 tokens (same peak activations as the old fixed
+# batch of 32 at max_length 512); shorter pairs go in larger batches (benchmarks/RESULTS.md, rerank section).
+DEFAULT_BATCH_TOKENS = 16384
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _eval_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
     p.add_argument("checkpoint", help="a megarank checkpoint folder (converted or step-N), or a run dir with `latest`")
     p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     p.add_argument("--split", default="test", help="qrels split (default: test)")
     p.add_argument("--run", default=None, help="first-stage run to rerank (default: <data>/candidates/<split>.*.tsv)")
     p.add_argument("--top-k", type=_positive_int, default=100, help="candidates reranked per query (default 100)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="pairs per scoring batch (default 32)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="pairs per scoring batch: 32 by default with --batch-tokens 0, else an upper bound (default none)")
+    p.add_argument("--batch-tokens", type=_non_negative_int, default=DEFAULT_BATCH_TOKENS,
+                   help="token budget per scoring batch: length-sorted pairs fill each batch while the tokens the model "
+                        f"runs (rows x padded length, or the packed stream) stay within it (default {DEFAULT_BATCH_TOKENS}; "
+                        "0 = fixed --batch-size); same scores as fixed batches")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="compute dtype: auto = bf16 where bf16 matmuls are native (CUDA with bf16, a CPU with AMX-BF16 "
+                        "or AVX512-BF16), else the checkpoint's; the report says which ran and why (default auto)")
     p.add_argument("--max-queries", type=_positive_int, default=None, help="only the first N queries (quick checks)")
     p.add_argument("--out", default=None, required=out_required, help="write the reranked TREC run file here")
     p.add_argument("--metrics-out", default=None, help="write the metrics as JSON here")

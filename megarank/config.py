@@ -153,7 +153,10 @@ class DataConfig:
     eval_run: Optional[str] = _f(None, "First-stage run to rerank; null = <eval_path>/candidates/<split>.*.tsv.")
     eval_top_k: int = _f(100, "Candidates reranked per query.")
     eval_max_queries: Optional[int] = _f(None, "Evaluate on the first N queries only (quick dev checks).")
-    eval_batch_size: int = _f(32, "Pairs per scoring batch.")
+    eval_batch_size: int = _f(32, "Pairs per scoring batch; with data.eval_batch_tokens an upper bound (0 = none).")
+    eval_batch_tokens: int = _f(0, "Token budget per scoring batch: length-sorted pairs fill each batch while the tokens the "
+                                "model runs (rows x padded length, or the packed stream length) stay within it, so short "
+                                "pairs go in larger batches; 0 = fixed data.eval_batch_size pairs. Same scores.")
 
 
 @dataclass
@@ -504,6 +507,10 @@ def _train_errors(cfg: Config) -> list[str]:
     for key in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
         if getattr(t, key) <= 0:
             errs.append(f"train.{key} must be positive (got {getattr(t, key)})")
+    if d.eval_batch_tokens < 0:
+        errs.append(f"data.eval_batch_tokens must be >= 0 (got {d.eval_batch_tokens}; 0 = data.eval_batch_size pairs)")
+    elif d.eval_batch_tokens == 0 and d.eval_batch_size < 1:
+        errs.append(f"data.eval_batch_size must be positive without data.eval_batch_tokens (got {d.eval_batch_size})")
     if t.micro_batch_tokens < 0:
         errs.append(f"train.micro_batch_tokens must be >= 0 (got {t.micro_batch_tokens}; 0 = micro_batch_size groups)")
     if t.micro_batch_tokens > 0 and cfg.model.fp8 is not None and cfg.model.fp8_recipe == "delayed":

@@ -53,7 +53,8 @@ def run_evaluation(args) -> int:
     from megarank.evaluation import evaluate_beir
     from megarank.metrics import write_trec_run
     from megarank.model import build_model
-    from megarank.parallel.init import destroy_distributed, init_distributed
+    from megarank.hardware import resolve_inference_dtype
+    from megarank.parallel.init import destroy_distributed, device, init_distributed
     from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
 
     step_dir = ckpt.resolve_checkpoint(args.checkpoint)
@@ -62,17 +63,27 @@ def run_evaluation(args) -> int:
     cfg = config_from_dict(apply_overrides(config_to_dict(cfg), list(args.overrides)))
     p = cfg.parallel
     init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=cfg.train.seed)
+    # The weights are stored in the checkpoint's dtype and cast on load: torch DCP copies each stored tensor into
+    # the model's own (torch/distributed/checkpoint/filesystem.py:914, `target_tensor.copy_(tensor)`), so an fp32
+    # checkpoint loads into a bf16 model as exactly its bf16 rounding (tests/test_scoring_batches.py).
+    dtype, dtype_reason = resolve_inference_dtype(args.dtype, cfg.model.dtype, device())
+    cfg.model.dtype = dtype
     validate(cfg, world_size=dist.get_world_size())
+    if dist.get_rank() == 0:
+        log.info("scoring in %s (%s)", dtype, dtype_reason)
     model = build_model(cfg.model, cfg.parallel)
     ckpt.load_model_weights(model, step_dir)
     pair_tokenizer = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg, str(step_dir)))
+    batch_size = args.batch_size or (None if args.batch_tokens else 32)
     ours, first_stage, scores = evaluate_beir(
-        model, pair_tokenizer, args.data, args.split, args.run, args.top_k, args.batch_size, args.max_queries,
-        packing=cfg.data.packing,
+        model, pair_tokenizer, args.data, args.split, args.run, args.top_k, batch_size, args.max_queries,
+        packing=cfg.data.packing, batch_tokens=args.batch_tokens,
     )
     if dist.get_rank() == 0:
         report = {"checkpoint": str(step_dir), "split": args.split, "top_k": args.top_k,
-                  "queries": len(scores), "megarank": ours, "first_stage": first_stage}
+                  "queries": len(scores), "megarank": ours, "first_stage": first_stage,
+                  "dtype": dtype, "dtype_reason": dtype_reason, "batch_tokens": args.batch_tokens,
+                  "batch_size": batch_size, "packing": cfg.data.packing}
         print(json.dumps(report), flush=True)  # first: the metrics survive even a disk that fills up below
         if args.out:
             write_trec_run(args.out, scores, tag="megarank")

@@ -4,7 +4,7 @@ import math
 from typing import Optional
 
 from megarank.data import Run, find_run_file, read_beir, read_run, rerank_batches
-from megarank.inference import packed_batches, score_batches, scores_by_query
+from megarank.inference import packed_batches, score_batches, scores_by_query, scoring_multiple
 from megarank.metrics import evaluate_run
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,14 @@ def nan_ranked_last(scores: dict) -> dict:
 
 def evaluate_beir(
     model, pair_tokenizer, folder: str, split: str, run_path: Optional[str] = None, top_k: int = 100,
-    batch_size: int = 32, max_queries: Optional[int] = None, nan_last: bool = False, packing: bool = False,
+    batch_size: Optional[int] = 32, max_queries: Optional[int] = None, nan_last: bool = False, packing: bool = False,
+    batch_tokens: int = 0,
 ):
     """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank.
+
+    Scoring batches hold ``batch_size`` pairs, or with ``batch_tokens`` > 0 as many pairs as keep the tokens the
+    model runs (padding included; the stream length when ``packing``) within it, at most ``batch_size`` (if set):
+    see ``megarank.data.batches_for_pairs``. The scores do not depend on the split (fp32 rounding aside).
 
     A NaN score is an error in the metrics unless ``nan_last``, which ranks such candidates last
     (`nan_ranked_last`); the returned scores keep the NaNs either way.
@@ -43,7 +48,8 @@ def evaluate_beir(
         qids = qids[:max_queries]
     run = Run({q: run[q] for q in qids}, path=run_path)
     qrels = {q: beir.qrels[q] for q in qids}
-    batches = rerank_batches(beir.queries, beir.corpus, run, top_k, batch_size, pair_tokenizer)
+    batches = rerank_batches(beir.queries, beir.corpus, run, top_k, batch_size, pair_tokenizer, batch_tokens=batch_tokens,
+                             packed=packing, multiple=scoring_multiple(pair_tokenizer.pad_to_multiple_of, packing))
     if packing:  # data.packing: each length-sorted batch as one stream of whole pairs
         batches = packed_batches(batches, pair_tokenizer.pad_id, pair_tokenizer.pad_to_multiple_of)
     scores = scores_by_query(score_batches(model, batches))

@@ -1,7 +1,10 @@
 """Batched, no-grad scoring and reranking of query-candidate pairs on any TP/PP/DP layout.
 
 Batches come length-sorted from ``megarank.data.rerank_batches``, each padded to its own longest pair (pipeline
-stages exchange every activation's shape: ``variable_seq_lengths`` in model/transformer_config.py). They are
+stages exchange every activation's shape: ``variable_seq_lengths`` in model/transformer_config.py), either
+``batch_size`` pairs each or, with a token budget (``--batch-tokens``, ``data.eval_batch_tokens``), as many pairs
+as fit the budget: short pairs then go in larger batches. Every rank builds the same list of batches (the split
+depends only on the pairs' lengths), so the rounds below are the same on every rank either way. They are
 dealt to data-parallel ranks in rounds of dp: in each round rank r scores the round's r-th batch. Every rank
 makes the same number of forward calls: in a last, short round the ranks without a batch of their own score
 the round's last batch again and drop the result, because collectives inside the forward must match across
@@ -51,12 +54,20 @@ def dp_rounds(batches, dp_size: int):
         yield chunk
 
 
+def scoring_multiple(pad_to_multiple_of: int, packed: bool) -> int:
+    """What each scoring batch's length is rounded up to: the pad multiple padded; packed, the stream's multiple,
+    which includes the TP size so that sequence parallelism can split it. Token budgets cost batches with it."""
+    if packed:
+        return packing_multiple(pad_to_multiple_of, parallel_state.get_tensor_model_parallel_world_size())
+    return pad_to_multiple_of or 1
+
+
 def packed_batches(batches, pad_id: int, pad_to_multiple_of: int):
     """``(pairs, padded batch)`` items -> the same with each batch packed into one stream (``data.packing``).
 
     The stream length is a multiple of the TP size too, so sequence parallelism can split it.
     """
-    multiple = packing_multiple(pad_to_multiple_of, parallel_state.get_tensor_model_parallel_world_size())
+    multiple = scoring_multiple(pad_to_multiple_of, packed=True)
     for pairs, batch in batches:
         yield pairs, pack_padded(batch, pad_id, multiple)
 

@@ -13,6 +13,10 @@ SAMPLE = sample_data_dir()
 METRICS = {"nDCG@10", "RR@10", "MRR@10", "R@10", "R@100"}
 LAYOUTS = {"one": (1, []), "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
            "pp2": (2, ["parallel.pipeline_model_parallel_size=2"])}
+# Exact comparisons run in fp32 (--dtype auto picks bf16 on CPUs with native bf16 matmuls). "fixed": today's
+# fixed batches of 5 pairs against the default token budget of "one"; "bf16": the smoke run of --dtype bf16.
+FLAGS = {"one": ["--dtype", "fp32"], "tp2": ["--dtype", "fp32"], "pp2": ["--dtype", "fp32"],
+         "fixed": ["--dtype", "fp32", "--batch-tokens", "0", "--batch-size", "5"], "bf16": ["--dtype", "bf16"]}
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +35,15 @@ def evaluated(trained, tmp_path_factory):
     run_dir, _ = trained
     work = tmp_path_factory.mktemp("evaluate")
     jobs = {}
-    for name, (nproc, overrides) in LAYOUTS.items():
+    for name, (nproc, overrides) in {**LAYOUTS, "fixed": (1, []), "bf16": (1, [])}.items():
         target = run_dir if name == "one" else run_dir / "step-2"
         # Config overrides go right after the checkpoint (argparse takes them as the positional list there).
         # max_length 256: the sample's pairs are of unequal length below it, so batches carry padding (each
         # batch to its own longest pair, rounded up to a multiple of 8, on every layout).
         overrides = ["data.max_length=256", *overrides]
         jobs[name] = (nproc, megarank_cmd(nproc, "evaluate", str(target), *overrides, "--data", str(SAMPLE),
-                                          "--split", "test", "--out", f"{name}.trec", "--metrics-out", f"{name}.json"))
+                                          "--split", "test", "--out", f"{name}.trec", "--metrics-out", f"{name}.json",
+                                          *FLAGS[name]))
     outputs = run_many(jobs, cwd=work)
     return work, outputs, run_dir / "step-2"
 
@@ -102,6 +107,24 @@ def test_evaluate_gives_the_same_scores_at_tp2_and_pp2(evaluated, layout):
     for system in ("megarank", "first_stage"):
         for name in METRICS:
             assert report[system][name] == pytest.approx(ref_report[system][name], abs=1e-9), (system, name)
+
+
+def test_evaluate_reports_dtype_and_batching_and_budget_batches_give_the_fixed_batches_scores(evaluated):
+    work, outputs, _ = evaluated
+    one, fixed, bf16 = (json.loads((work / f"{n}.json").read_text()) for n in ("one", "fixed", "bf16"))
+    assert (one["dtype"], one["dtype_reason"]) == ("fp32", "requested")
+    assert (one["batch_tokens"], one["batch_size"]) == (16384, None), "the default: a token budget, no pair bound"
+    assert (fixed["batch_tokens"], fixed["batch_size"]) == (0, 5)
+    assert "scoring in fp32 (requested)" in outputs["one"]
+    ref, got = read_trec_run(work / "one.trec"), read_trec_run(work / "fixed.trec")
+    assert {q: set(d) for q, d in got.items()} == {q: set(d) for q, d in ref.items()}
+    assert max(abs(got[q][d] - ref[q][d]) for q in ref for d in ref[q]) <= 1e-6
+    # bf16 smoke: it ran in bf16, said so, and ranks like fp32 up to bf16 rounding
+    assert (bf16["dtype"], bf16["dtype_reason"]) == ("bf16", "requested")
+    low = read_trec_run(work / "bf16.trec")
+    worst = max(abs(low[q][d] - ref[q][d]) for q in ref for d in ref[q])
+    scale = max(abs(s) for d in ref.values() for s in d.values())
+    assert 0 < worst <= 0.05 * scale, (worst, scale)
 
 
 def test_evaluate_rejects_a_folder_that_is_not_a_checkpoint_in_one_line(tmp_path):

@@ -105,12 +105,20 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def batch_cost(num_rows: int, longest: int, total: int, packed: bool, multiple: int) -> int:
+    """Tokens the model processes for a batch of ``num_rows`` sequences (``longest`` the longest, ``total`` all
+    their tokens): the stream length packed, rows x padded length padded. From aggregates, so that a batch
+    growing one sequence at a time is costed in O(1) (scoring batches, megarank.data.candidates)."""
+    multiple = multiple or 1
+    if packed:
+        return _round_up(total, multiple)
+    return num_rows * _round_up(longest, multiple)
+
+
 def micro_batch_cost(group_rows: list, packed: bool, multiple: int) -> int:
     """Tokens the model processes for these groups' rows: the stream length packed, rows x padded length padded."""
-    rows = [r for g in group_rows for r in g]
-    if packed:
-        return _round_up(sum(len(r) for r in rows), multiple)
-    return len(rows) * _round_up(max(len(r) for r in rows), multiple)
+    lengths = [len(r) for g in group_rows for r in g]
+    return batch_cost(len(lengths), max(lengths), sum(lengths), packed, multiple)
 
 
 def token_budget_micro_batches(groups, pair_tokenizer, budget: int, packed: bool, multiple: int) -> list:

@@ -79,7 +79,7 @@ def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
     d = cfg.data
     ours, first_stage, scores = evaluate_beir(model, pair_tokenizer, d.eval_path, d.eval_split, d.eval_run,
                                               d.eval_top_k, d.eval_batch_size, d.eval_max_queries, nan_last=True,
-                                              packing=d.packing)
+                                              packing=d.packing, batch_tokens=d.eval_batch_tokens)
     nan = count_nan(scores)
     if nan and _is_logging_rank():
         log.warning("eval step %d: %d of %d candidate scores are NaN; they rank last in the metrics", step, nan,
