@@ -1,7 +1,8 @@
-"""Real tokens per second of a training forward+backward: megarank packed vs padded micro-batches (issue 11).
+"""Real tokens per second and MFU of a training forward+backward: megarank packed vs padded vs a `transformers` peer.
 
-    python benchmarks/packing_bench.py                        # SciFact-train, SmolLM2-135M shape, fp32
-    python benchmarks/packing_bench.py --groups 1,2 --micro-batches 6 --json /tmp/packing.json
+    python benchmarks/packing_bench.py                                  # SciFact-train, SmolLM2-135M shape, fp32
+    python benchmarks/packing_bench.py --dtypes fp32,bf16 --groups 1 --micro-batches 3 --json /tmp/packing.json
+    python benchmarks/packing_bench.py --variants padded,packed-bucket,packed   # the two packed attentions
 
 The micro-batches are the trainer's own: megarank's BEIR group source (BM25 hard negatives, ``n_passages`` 5) and
 pair tokenizer (SmolLM2's tokenizer from the converted cache, megarank's template, ``max_length`` 512) on
@@ -9,22 +10,27 @@ pair tokenizer (SmolLM2's tokenizer from the converted cache, megarank's templat
 ``megarank.training.loop._micro_batches`` does, ``--groups`` query groups per micro-batch. The model has
 SmolLM2-135M's shape (read from the cache's config.json; random weights: speed does not depend on them).
 
-Variants, one model, same process, same threads, same micro-batches:
-  padded          each micro-batch right-padded to its longest pair (multiple of 8): today's default
-  packed-bucket   data.packing: one stream of whole pairs, local attention in length buckets
-  packed-loop     the same stream, local attention one SDPA call per sequence (the default)
-One step = forward, megarank's listwise loss, backward, grads dropped. After a warm-up of every variant, the
-timed steps are interleaved (micro-batch k: padded, packed-bucket, packed-loop; then k+1 ...) so machine load
-hits all alike. Reported: real (non-padding) tokens / total step seconds, and the ratio to padded.
+Variants, same process, same threads, same micro-batches, one model per (variant family, dtype):
+  padded          megarank, each micro-batch right-padded to its longest pair (multiple of 8): data.packing=false
+  packed          megarank, data.packing (the default): one stream of whole pairs, attention per sequence
+  packed-bucket   the same stream, local attention in length buckets (optional)
+  peer            `transformers`: the cross-encoder NeMo AutoModel trains (LlamaBidirectionalForSequenceClassification
+                  from checkpoint_tools/hf_modeling, the class megarank exports and NeMo AutoModel's reads: LlamaModel
+                  with is_causal=False, SDPA, mean pool over real tokens, linear head) holding megarank's weights
+                  (checked: same scores), fed the padded micro-batch, i.e. padded to the longest pair rounded up
+                  to a multiple of 8 as NeMo AutoModel's collator pads
+One step = forward, megarank's listwise loss (softmax CE over each group, positive first), backward, grads
+dropped. After a warm-up of every variant, the timed steps are interleaved (micro-batch k: every dtype, every
+variant; then k+1 ...) so machine load hits all alike. Reported: real (non-padding) tokens / summed step
+seconds, the ratio to padded and to the peer, and MFU = model FLOPs of the real tokens (megarank/training/flops.py)
+per second / this CPU's measured GEMM peak for the dtype (megarank/hardware.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MEGARANK_SMOLLM2_CACHE", Path.home() / ".cache" / "megarank" / "smollm2-135m"))
 DATA = [Path("/work/shared/data/scifact-train"), ROOT.parent / "shared" / "data" / "scifact-train",
         ROOT.parent / "shared" / "data" / "cranfield"]
-VARIANTS = ("padded", "packed-bucket", "packed-loop")
+VARIANTS = ("padded", "packed", "packed-bucket", "peer")
 
 
 def parse_args(argv=None):
@@ -43,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(CACHE), help="HF folder whose config.json gives the shape and tokenizer")
     p.add_argument("--groups", default="1,2", help="query groups per micro-batch, comma-separated")
     p.add_argument("--micro-batches", type=int, default=4, help="timed micro-batches per --groups value")
+    p.add_argument("--variants", default="padded,packed,peer", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     p.add_argument("--threads", type=int, default=None)
@@ -51,35 +59,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def cpu_isa() -> str:
-    """The CPU model and its matrix/vector ISA flags (what decides fp32 vs bf16 speed)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (lscpu failed)"
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = set(re.findall(r"\b(amx\w*|avx512_bf16|avx512f|avx2)\b", out))
-    return f"{name}; flags: {' '.join(sorted(flags)) or 'none of amx/avx512/avx2'}"
-
-
 def find_data(arg):
     for path in ([Path(arg)] if arg else DATA):
         if (path / "candidates").is_dir():
             return path
-    raise SystemExit("no BEIR folder with candidates/ found; pass --data")
+    raise SystemExit(f"no BEIR folder with candidates/ found (tried {', '.join(map(str, DATA))}); pass --data")
 
 
-def make_config(args, data: Path):
+def hf_shape(args) -> dict:
+    config = Path(args.model) / "config.json"
+    if not config.is_file():
+        raise SystemExit(f"{config} not found: build the SmolLM2 cache (scripts/build_smollm2_cache.py) or pass --model")
+    hf = json.loads(config.read_text())
+    hf["rope_theta"] = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    if args.layers:
+        hf["num_hidden_layers"] = args.layers
+    return hf
+
+
+def make_config(args, data: Path, hf: dict, dtype: str):
     from megarank.config import load_config
 
-    hf = json.loads((Path(args.model) / "config.json").read_text())
-    theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     return load_config(None, [
-        f"model.num_layers={args.layers or hf['num_hidden_layers']}", f"model.hidden_size={hf['hidden_size']}",
+        f"model.num_layers={hf['num_hidden_layers']}", f"model.hidden_size={hf['hidden_size']}",
         f"model.ffn_hidden_size={hf['intermediate_size']}", f"model.num_attention_heads={hf['num_attention_heads']}",
         f"model.num_query_groups={hf['num_key_value_heads']}", f"model.vocab_size={hf['vocab_size']}",
-        f"model.rope_theta={theta}", "model.rope_scaling=null", f"model.norm_eps={hf['rms_norm_eps']}",
-        "model.transformer_impl=local", "model.dtype=fp32",
+        f"model.rope_theta={hf['rope_theta']}", "model.rope_scaling=null", f"model.norm_eps={hf['rms_norm_eps']}",
+        "model.transformer_impl=local", f"model.dtype={dtype}",
         "data.format=beir", f"data.train_path={data}", f"data.tokenizer={args.model}",
         f"data.max_length={args.max_length}", "data.n_passages=5", f"train.seed={args.seed}",
     ])
@@ -97,26 +103,87 @@ def micro_batches(cfg, groups_per_micro: int, count: int, seed: int) -> tuple[li
     return [collate_groups([source.get(i, 0) for i in order[k * n:(k + 1) * n]], tok) for k in range(count)], tok
 
 
-def step(model, batch) -> float:
-    from megarank.data.packing import model_inputs
+# ----------------------------------------------------------------------------------------------- the peer
+
+
+def build_peer(m, hf: dict, megarank_model, dtype):
+    """The export's HF reranker class with megarank's weights (fused QKV and [gate; up] split as export does)."""
+    from checkpoint_tools.hf_modeling.configuration_llama_bidirec import LlamaBidirectionalConfig
+    from checkpoint_tools.hf_modeling.modeling_llama_bidirec import LlamaBidirectionalForSequenceClassification
+    from checkpoint_tools.layout import split_gate_up, split_qkv
+    from megarank.training.flops import head_dim
+
+    config = LlamaBidirectionalConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, head_dim=head_dim(m), rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta, max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, num_labels=1, pooling="avg",
+        temperature=1.0, pad_token_id=hf.get("pad_token_id"), attn_implementation="sdpa")
+    peer = LlamaBidirectionalForSequenceClassification(config)
+    sd = megarank_model.state_dict()
+    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][: m.vocab_size],
+           "model.norm.weight": sd["decoder.final_layernorm.weight"], "score.weight": sd["score.weight"]}
+    for i in range(m.num_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        q, k, v = split_qkv(sd[src + "self_attention.linear_qkv.weight"], m.num_attention_heads, m.num_query_groups,
+                            head_dim(m))
+        gate, up = split_gate_up(sd[src + "mlp.linear_fc1.weight"])
+        out.update({dst + "input_layernorm.weight": sd[src + "input_layernorm.weight"],
+                    dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
+                    dst + "self_attn.v_proj.weight": v,
+                    dst + "self_attn.o_proj.weight": sd[src + "self_attention.linear_proj.weight"],
+                    dst + "post_attention_layernorm.weight": sd[src + "pre_mlp_layernorm.weight"],
+                    dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+                    dst + "mlp.down_proj.weight": sd[src + "mlp.linear_fc2.weight"]})
+    peer.load_state_dict(out, strict=True)
+    return peer.to(dtype).train()
+
+
+def check_same_scores(megarank_model, peer, batch, dtype) -> float:
+    """Max |score difference| / max |score| of megarank (padded) and the peer on one micro-batch (eval, no grad)."""
+    megarank_model.eval(), peer.eval()
+    with torch.no_grad():
+        ours = megarank_model(batch["input_ids"], batch["attention_mask"]).float()
+        theirs = peer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits.float()
+    megarank_model.train(), peer.train()
+    rel = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    limit = 1e-4 if dtype == torch.float32 else 5e-2
+    if not rel <= limit:
+        raise SystemExit(f"the peer's scores differ from megarank's by {rel:.3g} (relative): not the same model")
+    return rel
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def step(forward, model, batch) -> float:
     from megarank.training.loss import listwise_loss
 
     t0 = time.perf_counter()
-    args, kwargs = model_inputs(batch, "cpu")
-    listwise_loss(model(*args, **kwargs), batch["group_size"]).backward()
+    listwise_loss(forward(batch), batch["group_size"]).backward()
     elapsed = time.perf_counter() - t0
     for p in model.parameters():
         p.grad = None
     return elapsed
 
 
-def run_variant(model, name, padded, packed) -> float:
+def variant_step(name: str, models: dict, padded: dict, packed: dict) -> float:
     import megarank.model.attention as attention
+    from megarank.data.packing import model_inputs
 
-    if name == "padded":
-        return step(model, padded)
-    attention.PACKED_ATTENTION = name.split("-")[1]
-    return step(model, packed)
+    if name == "peer":
+        peer = models["peer"]
+        return step(lambda b: peer(input_ids=b["input_ids"], attention_mask=b["attention_mask"].long()).logits,
+                    peer, padded)
+    model = models["megarank"]
+
+    def forward(b):
+        args, kwargs = model_inputs(b, "cpu")
+        return model(*args, **kwargs)
+
+    attention.PACKED_ATTENTION = "bucket" if name == "packed-bucket" else "loop"
+    return step(forward, model, padded if name == "padded" else packed)
 
 
 def main(argv=None):
@@ -124,47 +191,76 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from megarank.data.packing import pack_padded
+    from megarank.hardware import DTYPES, describe_cpu, peak_flops
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
+    from megarank.training.flops import real_lengths, training_flops
 
+    variants = args.variants.split(",")
+    dtypes = args.dtypes.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
     init_distributed(tp=1, pp=1)
     data = find_data(args.data)
-    cfg = make_config(args, data)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.parallel).train()
+    hf = hf_shape(args)
     load = os.getloadavg()
-    print(f"CPU: {cpu_isa()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"load average {load[0]:.1f} at start")
-    print(f"data {data}, model shape {args.model} ({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}), "
-          f"fp32, max_length {args.max_length}, random weights\n")
-    print("| groups/micro | micro-batches | real tokens | padded tokens (pad %) | variant | real tokens/s (total) | ratio to padded |")
-    print("|---:|---:|---:|---:|---|---:|---:|")
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} at start")
+    models, peaks = {}, {}
+    for dtype in dtypes:
+        cfg = make_config(args, data, hf, dtype)
+        torch.manual_seed(0)
+        mg = build_model(cfg.model, cfg.parallel).train()
+        models[dtype] = {"cfg": cfg, "megarank": mg}
+        if "peer" in variants:
+            models[dtype]["peer"] = build_peer(cfg.model, hf, mg, DTYPES[dtype])
+        peaks[dtype] = peak_flops(dtype, "cpu")
+    m = models[dtypes[0]]["cfg"].model
+    print(f"data {data}, model shape {args.model} ({m.num_layers} layers, hidden {m.hidden_size}), "
+          f"max_length {args.max_length}, random weights; MFU peaks: "
+          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s ({src})" for d, (p, src) in peaks.items()) + "\n")
+    print("| groups/micro | micro-batches | real tokens | padding in padded batches | dtype | variant | "
+          "real tokens/s | ratio to padded | ratio to peer | MFU |")
+    print("|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
     rows = []
     for g in [int(x) for x in args.groups.split(",")]:
-        batches, tok = micro_batches(cfg, g, args.micro_batches + 1, args.seed)
+        batches, tok = micro_batches(models[dtypes[0]]["cfg"], g, args.micro_batches + 1, args.seed)
         pairs = [(b, pack_padded(b, tok.pad_id, 8)) for b in batches]
         warm, timed = pairs[0], pairs[1:]
-        for name in VARIANTS:
-            run_variant(model, name, *warm)
-        times = {name: [] for name in VARIANTS}
+        check = {}
+        for dtype in dtypes:
+            if "peer" in variants:
+                check[dtype] = check_same_scores(models[dtype]["megarank"], models[dtype]["peer"], warm[0], DTYPES[dtype])
+            for name in variants:
+                variant_step(name, models[dtype], *warm)
+        times = {(d, v): [] for d in dtypes for v in variants}
         for padded, packed in timed:
-            for name in VARIANTS:
-                times[name].append(run_variant(model, name, padded, packed))
+            for dtype in dtypes:
+                for name in variants:
+                    times[dtype, name].append(variant_step(name, models[dtype], padded, packed))
         real = sum(int(p["attention_mask"].sum()) for p, _ in timed)
         padded_tokens = sum(p["input_ids"].numel() for p, _ in timed)
-        base = real / sum(times["padded"])
-        for name in VARIANTS:
-            rate = real / sum(times[name])
-            print(f"| {g} | {len(timed)} | {real} | {padded_tokens} ({1 - real / padded_tokens:.1%}) | {name} | "
-                  f"{rate:.0f} | {rate / base:.2f} |")
-            rows.append({"groups": g, "variant": name, "real_tokens": real, "padded_tokens": padded_tokens,
-                         "times_s": times[name], "tokens_per_s": rate, "ratio": rate / base,
-                         "median_s": statistics.median(times[name])})
+        flops = sum(training_flops(m, real_lengths(p)) for p, _ in timed)
+        for dtype in dtypes:
+            rate = {v: real / sum(times[dtype, v]) for v in variants}
+            for name in variants:
+                mfu = flops / sum(times[dtype, name]) / peaks[dtype][0]
+                to_padded = f"{rate[name] / rate['padded']:.2f}" if "padded" in rate else "-"
+                to_peer = f"{rate[name] / rate['peer']:.2f}" if "peer" in rate else "-"
+                print(f"| {g} | {len(timed)} | {real} | {1 - real / padded_tokens:.1%} | {dtype} | {name} | "
+                      f"{rate[name]:.0f} | {to_padded} | {to_peer} | {100 * mfu:.1f}% |")
+                rows.append({"groups": g, "dtype": dtype, "variant": name, "real_tokens": real,
+                             "padded_tokens": padded_tokens, "model_flops": flops, "times_s": times[dtype, name],
+                             "tokens_per_s": rate[name], "mfu": mfu, "median_s": statistics.median(times[dtype, name]),
+                             "peer_score_rel_diff": check.get(dtype)})
     load_end = os.getloadavg()
-    print(f"\nload average {load_end[0]:.1f} at the end")
+    if check:
+        print("\npeer vs megarank scores (first micro-batch, eval): max relative difference "
+              + ", ".join(f"{d} {c:.1e}" for d, c in check.items()))
+    print(f"load average {load_end[0]:.1f} {load_end[1]:.1f} at the end")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_isa(), "threads": torch.get_num_threads(),
-                                               "load": [load, load_end], "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": describe_cpu(), "peaks": peaks, "load": [load, load_end],
+                                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

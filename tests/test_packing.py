@@ -7,7 +7,7 @@ strategies, attention that never crosses a sequence boundary, RoPE that restarts
 In 2 spawned gloo ranks, through megarank's own ``forward_step`` and a megatron DDP wrapper (so
 ``finalize_model_grads`` does the DP all-reduce and the sequence-parallel norm-grad all-reduce as in
 training): DP=2 (different data on each rank), TP=2, TP=2 + SP (stream padded to a multiple of TP), PP=2
-(variable_seq_lengths). At each layout the padded step runs first, then the packed step on the same model;
+(variable_seq_lengths); in 4 ranks, TP=2 + SP x PP=2. At each layout the padded step runs first, then the packed step on the same model;
 scores, loss and every rank's local (sharded) gradients must match to fp32 tolerance.
 """
 from __future__ import annotations
@@ -279,6 +279,47 @@ def test_training_loop_uses_the_token_budget(packing):
         validate(load_config(TINY, ["train.micro_batch_tokens=-1"]), world_size=1)
 
 
+def test_validate_refuses_packing_where_the_attention_cannot_pack():
+    """megatron-core's DotProductAttention (model.attention_backend=megatron, local spec) asserts that no
+    packed_seq_params reach it: validate() says so in one sentence naming both keys."""
+    from megarank.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match="data.packing needs model.attention_backend sdpa"):
+        validate(load_config(TINY, ["model.attention_backend=megatron"]), world_size=1)
+    validate(load_config(TINY, ["model.attention_backend=megatron", "data.packing=false"]), world_size=1)
+    validate(load_config(TINY, []), world_size=1)  # the default: packed, SDPA core attention
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True), (4, True)])
+def test_packed_streams_meet_the_sp_and_fp8_divisibility_that_validate_checks(tp, sp):
+    """Whenever validate() accepts a layout, every packed stream the data code can make (a multiple of
+    packing_multiple) splits evenly over TP under sequence parallelism and gives every FP8 GEMM on a rank a
+    token count Transformer Engine accepts (a multiple of 8: transformer_engine/pytorch/utils.py
+    assert_dim_for_fp8_exec, on the local SP shard). Real lengths 1..600."""
+    from megarank.config import ConfigError, load_config, validate
+    from megarank.data.packing import pack_rows, packing_multiple
+
+    accepted = 0
+    for pad in (1, 4, 8, 16, 32):
+        for fp8 in (None, "hybrid"):
+            cfg = load_config(TINY, [f"parallel.tensor_model_parallel_size={tp}",
+                                     f"parallel.sequence_parallel={str(sp).lower()}", f"data.pad_to_multiple_of={pad}",
+                                     "model.num_attention_heads=8", "model.num_query_groups=4", "model.dtype=bf16",
+                                     f"model.fp8={fp8 or 'null'}", "model.transformer_impl=auto"])
+            try:
+                validate(cfg, check_environment=False)
+            except ConfigError:
+                continue
+            accepted += 1
+            multiple = packing_multiple(cfg.data.pad_to_multiple_of, tp)
+            for n in range(1, 601):
+                stream = pack_rows([[1] * n], PAD_ID, multiple)["input_ids"].shape[1]
+                local = stream // tp if sp else stream
+                assert not sp or stream % tp == 0, (pad, fp8, stream)
+                assert not fp8 or local % 8 == 0, (pad, fp8, stream)
+    assert accepted >= 4  # some layouts with and without FP8 were accepted and checked
+
+
 def test_buckets_bound_the_padding_they_add():
     from megarank.model import attention
 
@@ -356,14 +397,23 @@ def _all_layouts() -> dict:
             "pp2": _layout(1, 2, False)}
 
 
+def _tp2_sp_pp2() -> dict:
+    return {"tp2sp_pp2": _layout(2, 2, True)}
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     return run_distributed(_all_layouts, 2, timeout=240)
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2sp", "pp2"])
-def test_packed_matches_padded_at_layout(two_ranks, layout):
-    runs = [r[layout] for r in two_ranks]
+@pytest.fixture(scope="module")
+def four_ranks():
+    return run_distributed(_tp2_sp_pp2, 4, timeout=300)
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2sp", "pp2", "tp2sp_pp2"])
+def test_packed_matches_padded_at_layout(request, layout):
+    runs = [r[layout] for r in request.getfixturevalue("four_ranks" if layout == "tp2sp_pp2" else "two_ranks")]
     assert any(r["packed"]["scores"] is not None for r in runs)
     for rank, run in enumerate(runs):
         ref, got = run["padded"], run["packed"]

@@ -2,7 +2,8 @@
 
 - the loss goes down (Cranfield-derived groups from ../shared/data, and the built-in sample);
 - every parallel layout (DP=2 with and without the distributed optimizer, TP=2, TP=2 + SP, PP=2) trains to the
-  same losses, gradient norms and weights as one process, from identical initial weights;
+  same losses, gradient norms and weights as one process, from identical initial weights, with packed
+  micro-batches (the default) and with padded ones (data.packing=false, one process and TP=2);
 - the NaN/Inf guard skips and counts bad steps (weights, Adam state and LR untouched) and stops after
   train.max_nonfinite_steps in a row;
 - log lines, TensorBoard event files and keep-last-K pruning.
@@ -22,8 +23,9 @@ from tests.training_harness import (CRANFIELD, LOG_LINE, TINY, assert_bit_identi
 STEPS = 3
 # Same global batch everywhere (4 groups of 5 passages: 2 micro-batches of 2 on one rank, 1 per rank at DP=2).
 # No warm-up, so all three steps move the weights; clip_grad 0.1 is below every step's norm, so clipping is on.
-# max_length 256 leaves the sample's sequences (170-256 tokens) unequal, so batches carry padding: each
-# micro-batch to its own longest pair rounded up to a multiple of 8, on every layout (PP=2 included).
+# max_length 256 leaves the sample's sequences (170-256 tokens) unequal: packed streams hold sequences of
+# different lengths (and an end-padding segment), padded micro-batches (data.packing=false) carry padding, each
+# to its own longest pair rounded up to a multiple of 8.
 # Adam divides by |g| + eps: a gradient element that cancels to ~0 has its fp32 reduction-order noise (~1e-10)
 # amplified to lr * noise / eps in the weights. eps 1e-6 (not 1e-8) keeps that far below the tolerance without
 # changing any update of a gradient element that matters (|g| >> 1e-6).
@@ -35,6 +37,8 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
     "tp2_sp": (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
+    "padded": (1, ["data.packing=false"]),
+    "tp2_padded": (2, ["parallel.tensor_model_parallel_size=2", "data.packing=false"]),
 }
 
 
@@ -86,7 +90,9 @@ def test_layout_matches_one_process(layout_runs, layout):
             assert got[step] == pytest.approx(ref[step], rel=rel, abs=1e-7), f"{tag} at step {step}"
     ref_w = read_plain_tensors(ref_dir / f"step-{STEPS}" / "model")
     got_w = read_plain_tensors(run_dir / f"step-{STEPS}" / "model")
-    diff, key = max_abs_diff(ref_w, got_w)  # measured: 0 to 4e-9 at DP=2, 1.2e-7 at PP=2, 2.6e-7 at TP=2
+    # Packed (2026-12-01, after the TP-attribute fix e1e9f70): losses within 7.6e-8 relative at TP=2 (step 3), grad
+    # norms within 1.1e-7 everywhere; padded before it: weights 0 to 4e-9 at DP=2, 1.2e-7 at PP=2, 2.6e-7 at TP=2.
+    diff, key = max_abs_diff(ref_w, got_w)
     for k in ref_w:
         torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{layout} {k} after {STEPS} steps (largest: {key} {diff:.3g}): {m}")
@@ -282,10 +288,14 @@ def test_log_line_and_tensorboard_event_files(sample_run):
     for field in ("loss", "acc", "mrr", "lr", "grad_norm", "tps"):
         float(m[field])
     assert float(m["tps"]) > 0 and float(m["lr"]) == pytest.approx(1e-3)
+    # MFU: model FLOPs of the real tokens over the CPU's measured fp32 GEMM peak (a share, not a speed)
+    mfu = float(m["mfu"].rstrip("%"))
+    assert 0.0 < mfu < 100.0 and "MFU = model FLOPs of the real (non-padding) tokens" in out
+    assert tb_scalars(run_dir / "tensorboard", "train/mfu")[24] == pytest.approx(mfu / 100, abs=6e-4)
     assert re.fullmatch(r"\d+:\d\d:\d\d", m["elapsed"]) and m["eta"] == "0:00:00"
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file in <checkpoint.dir>/tensorboard"
-    for tag in ("loss", "acc", "mrr", "lr", "grad_norm", "tokens_per_s"):
+    for tag in ("loss", "acc", "mrr", "lr", "grad_norm", "tokens_per_s", "mfu"):
         values = tb_scalars(run_dir / "tensorboard", f"train/{tag}")
         assert sorted(values) == list(range(1, 25)), tag
     # the event file holds the loss the log line printed, at full precision

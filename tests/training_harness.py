@@ -25,7 +25,7 @@ CRANFIELD = SHARED_DATA / "cranfield"
 
 LOG_LINE = re.compile(
     r"step (?P<step>\d+)/(?P<total>\d+) \| loss (?P<loss>\S+) \| acc (?P<acc>\S+) \| mrr (?P<mrr>\S+) \| "
-    r"lr (?P<lr>\S+) \| grad norm (?P<grad_norm>\S+) \| (?P<tps>\S+) tokens/s \| "
+    r"lr (?P<lr>\S+) \| grad norm (?P<grad_norm>\S+) \| (?P<tps>\S+) tokens/s \| MFU (?P<mfu>[\d.]+%|n/a) \| "
     r"elapsed (?P<elapsed>\S+) \| ETA (?P<eta>\S+)"
 )
 

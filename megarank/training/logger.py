@@ -1,5 +1,11 @@
-"""One log line per log step (on the last pipeline stage's first rank) and TensorBoard event files."""
+"""One log line per log step (on the last pipeline stage's first rank) and TensorBoard event files.
+
+``MFU`` in the line is model FLOPs utilisation of the step (megarank/training/flops.py): the model FLOPs of the
+real, non-padding tokens of all data-parallel replicas per second over the peak of all devices; ``n/a`` where
+the device's peak is unknown. TensorBoard gets it as ``train/mfu`` (a fraction, 0-1).
+"""
 import logging
+import math
 import time
 from typing import Optional
 
@@ -11,6 +17,14 @@ def _fmt_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}"
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _fmt_mfu(value) -> str:
+    return f"{100 * value:.1f}%" if _finite(value) else "n/a"
 
 
 class MetricsLogger:
@@ -30,11 +44,13 @@ class MetricsLogger:
         elapsed = time.time() - self.start
         eta = elapsed / max(steps_done_this_run, 1) * (self.total_steps - step)
         log.info(
-            "step %d/%d | loss %.4f | acc %.3f | mrr %.3f | lr %.3e | grad norm %.3f | %.0f tokens/s | elapsed %s | ETA %s",
+            "step %d/%d | loss %.4f | acc %.3f | mrr %.3f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %s | "
+            "elapsed %s | ETA %s",
             step, self.total_steps, metrics["loss"], metrics["acc"], metrics["mrr"], metrics["lr"],
-            metrics["grad_norm"], metrics["tokens_per_s"], _fmt_duration(elapsed), _fmt_duration(eta),
+            metrics["grad_norm"], metrics["tokens_per_s"], _fmt_mfu(metrics.get("mfu")), _fmt_duration(elapsed),
+            _fmt_duration(eta),
         )
-        self.scalars("train", step, metrics)
+        self.scalars("train", step, {k: v for k, v in metrics.items() if k != "mfu" or _finite(v)})
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if self.writer is not None:

@@ -3,15 +3,18 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megarank import checkpoint as ckpt
 from megarank.config import Config, validate
+from megarank.hardware import peak_flops
 from megarank.model import build_model
-from megarank.parallel.init import init_distributed
+from megarank.parallel.init import device, init_distributed
 from megarank.run_lock import acquire_run_lock
 from megarank.training.data import make_group_source, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir
+from megarank.training.flops import mfu, micro_batches_flops, peak_dtype
 from megarank.training.logger import MetricsLogger
 from megarank.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megarank.training.preemption import PreemptionWatcher
@@ -47,6 +50,29 @@ def _micro_batches(groups: list, cfg: Config, pair_tokenizer) -> list:
     if d.packing:  # one stream of whole sequences per micro-batch
         batches = [pack_padded(b, pair_tokenizer.pad_id, multiple) for b in batches]
     return batches
+
+
+def _step_work(micro: list, model_cfg) -> tuple[float, float]:
+    """Collective over data parallel: (real tokens, model FLOPs) of this step's micro-batches summed over the
+    data-parallel replicas (each trains different groups; token budgets give them different micro-batches). Every
+    TP/PP rank of a replica holds the same micro-batches, so each counts its whole replica (megarank/training/flops.py)."""
+    local = [float(sum(int(b["attention_mask"].sum()) for b in micro)), float(micro_batches_flops(model_cfg, micro))]
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return local[0], local[1]
+    totals = torch.tensor(local, dtype=torch.float64, device=device())
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return totals[0].item(), totals[1].item()
+
+
+def _mfu_peak(cfg: Config) -> float:
+    """The MFU denominator's per-device peak (FLOP/s), logged once with where it comes from. On a CPU it is a
+    GEMM rate measured now with this rank's threads (megarank/hardware.py); ranks sharing one CPU each count as
+    a device with the threads they have."""
+    dtype = peak_dtype(cfg.model)
+    peak, source = peak_flops(dtype, device())
+    log.info("MFU = model FLOPs of the real (non-padding) tokens / step time / (%.3g TFLOP/s per device, %s, x %d "
+             "devices)", peak / 1e12, source, dist.get_world_size())
+    return peak
 
 
 def _train_state(step, scheduler, sampler, nonfinite) -> dict:
@@ -115,6 +141,7 @@ def train(cfg: Config) -> dict:
     tb_dir = cfg.logging.tensorboard_dir or (str(Path(cfg.checkpoint.dir) / "tensorboard") if cfg.checkpoint.dir else None)
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
     watcher = PreemptionWatcher(cfg.checkpoint.dir)
+    peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
     def save(s):
         if ddp.use_forward_hook:  # overlap_param_gather: other DP ranks' shards are stale until the next forward
             ddp.start_param_sync(force_sync=True)
@@ -132,8 +159,10 @@ def train(cfg: Config) -> dict:
         nonfinite = nonfinite + 1 if result["skipped"] else 0
         if nonfinite >= t.max_nonfinite_steps:
             raise NonFiniteError(f"{nonfinite} consecutive steps had NaN/Inf loss or gradients (train.max_nonfinite_steps); stopping at step {step}")
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro) * parallel_state.get_data_parallel_world_size()
-        metrics = {**result, "tokens_per_s": tokens / max(time.time() - tic, 1e-9), "nonfinite_skips": nonfinite}
+        seconds = max(time.time() - tic, 1e-9)
+        tokens, flops = _step_work(micro, cfg.model)
+        metrics = {**result, "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, peak, dist.get_world_size()),
+                   "nonfinite_skips": nonfinite}
         if result["skipped"] and _is_logging_rank():  # every skipped step, not only those on a log step
             log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
         if step % t.log_interval == 0 or step == t.steps:
