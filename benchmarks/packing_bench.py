@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory in the process (benchmarks/model_bench.py keep_freed_memory): no "
+                        "page faults on re-allocated activations, which `megarank train` does not do")
     return p.parse_args(argv)
 
 
@@ -190,6 +193,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from model_bench import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--keep-freed-memory: mallopt failed (not glibc?)")
     from megarank.data.packing import pack_padded
     from megarank.hardware import DTYPES, describe_cpu, peak_flops
     from megarank.model import build_model
@@ -205,7 +216,8 @@ def main(argv=None):
     data = find_data(args.data)
     hf = hf_shape(args)
     load = os.getloadavg()
-    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} at start")
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} at start"
+          + ("; glibc keeps freed memory" if args.keep_freed_memory else ""))
     models, peaks = {}, {}
     for dtype in dtypes:
         cfg = make_config(args, data, hf, dtype)

@@ -1,7 +1,8 @@
 """Checkpoint, kill, resume: real `megarank train` processes on CPU (gloo, fp32, the tiny model and sample data).
 
 - SIGKILL after `latest` names step N, resume to 2N: the same per-step losses and bit-identical weights and
-  optimizer state as 2N steps straight (one process, and DP=2 with the distributed optimizer);
+  optimizer state as 2N steps straight (one process; DP=2 with the distributed optimizer; and DP=2 with packed
+  token-budget micro-batches, whose split differs per step and per rank);
 - a kill in the middle of saving step 2N leaves `latest` on step N, which is complete and resumes exactly;
 - a checkpoint saved at TP=2 resumes at TP=1, DP=2 and PP=2 with its weights and optimizer state, and the
   resume log names the layout change;
@@ -49,15 +50,23 @@ def _assert_same_run(straight_dir, resumed_dir, resumed_tb, steps) -> None:
                          read_plain_tensors(resumed_dir / final / "optimizer"), "optimizer state")
 
 
+# train.micro_batch_tokens 2000 on the sample's groups (about 850-1280 packed tokens each, 2 per DP rank): one
+# rank's step is sometimes 1 micro-batch of 2 groups, sometimes 2 of 1 (loss weights 1.0 and 0.5 x 2), and the
+# two ranks differ (step 1: 2 micro-batches on rank 0, 1 on rank 1).
+RESUME_LAYOUTS = {
+    "one": (1, []),
+    "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
+    "budget_dp2": (2, ["parallel.use_distributed_optimizer=true", "train.micro_batch_tokens=2000", "data.packing=true"]),
+}
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """2N steps without interruption, on one process and on DP=2 with the distributed optimizer."""
+    """2N steps without interruption at each of RESUME_LAYOUTS."""
     work = tmp_path_factory.mktemp("straight")
-    run_many({
-        "one": (1, train_cmd(1, *RESUME, f"checkpoint.dir={work / 'one'}")),
-        "dp2": (2, train_cmd(2, *RESUME, "parallel.use_distributed_optimizer=true", f"checkpoint.dir={work / 'dp2'}")),
-    }, cwd=work)
-    return {"one": work / "one", "dp2": work / "dp2"}
+    run_many({name: (nproc, train_cmd(nproc, *RESUME, *extra, f"checkpoint.dir={work / name}"))
+              for name, (nproc, extra) in RESUME_LAYOUTS.items()}, cwd=work)
+    return {name: work / name for name in RESUME_LAYOUTS}
 
 
 FREEZE = '''
@@ -108,9 +117,10 @@ def _sigkill_at(tmp_path, nproc: int, point: str, *overrides: str) -> subprocess
     return proc
 
 
-@pytest.mark.parametrize("layout", ["one", "dp2"], ids=["1-process", "dp2-distributed-optimizer"])
+@pytest.mark.parametrize("layout", list(RESUME_LAYOUTS), ids=["1-process", "dp2-distributed-optimizer",
+                                                                "dp2-packed-token-budget"])
 def test_sigkill_after_step_n_then_resume_matches_training_straight(straight, tmp_path, layout):
-    nproc, extra = (1, []) if layout == "one" else (2, ["parallel.use_distributed_optimizer=true"])
+    nproc, extra = RESUME_LAYOUTS[layout]
     run_dir = tmp_path / "run"
     # Killed in the middle of steps N+1..2N: step N+1 trained (and logged), nothing after step N saved.
     _sigkill_at(tmp_path, nproc, f"step:{N + 2}", *RESUME, *extra, f"checkpoint.dir={run_dir}",
