@@ -14,6 +14,7 @@ SciFact-train), ``--top-k`` each; ``max_length`` is the checkpoint's (512 for th
 Variants, same process, same threads, same pairs:
   megarank-<dtype>   megarank.data.batches_for_pairs + megarank.inference.score_batches with `megarank rerank`'s
                      defaults (length-sorted, --batch-tokens budget, the checkpoint's data.packing unless --packing)
+  megarank-<dtype>-fixed  (--compare-fixed) the same with the old default: fixed batches of 32 pairs
   ce-<dtype>         CrossEncoder(export, trust_remote_code=True, max_length, dtype).predict(pairs, batch_size=32,
                      activation_fn=Identity) — ≥ 5.7 renders the pairs through the export's chat template, which is
                      megarank's input string, so the scores are comparable
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,16 +45,20 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="megarank checkpoint (default: SmolLM2-135M converted from the cache)")
     p.add_argument("--hf", default=None, help="its HF export (default: exported to a temp dir)")
     p.add_argument("--data", default=None, help="BEIR folder (default: SciFact-train under ../shared/data)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default=None, help="qrels split (default: test if the folder has one, else train)")
     p.add_argument("--max-queries", type=int, default=10)
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--chunk", type=int, default=1, help="queries per interleaving round")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--dtypes", "--dtype", dest="dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--batch-tokens", type=int, default=None, help="megarank's budget (default: `megarank rerank`'s)")
     p.add_argument("--batch-size", type=int, default=None, help="megarank's pair bound (default: `megarank rerank`'s)")
-    p.add_argument("--ce-batch-size", type=int, default=32, help="CrossEncoder.predict batch_size (its default 32)")
+    p.add_argument("--ce-batch-size", type=int, default=None,
+                   help="CrossEncoder.predict batch_size (default: --batch-size if given, else CrossEncoder's 32)")
     p.add_argument("--packing", choices=("checkpoint", "true", "false"), default="checkpoint",
                    help="megarank's data.packing (default: the checkpoint's config, as `megarank rerank`)")
+    p.add_argument("--compare-fixed", action="store_true",
+                   help="also megarank-<dtype>-fixed: fixed batches of 32 pairs (--batch-tokens 0), the old default")
+    p.add_argument("--no-ce", action="store_true", help="leave CrossEncoder out (e.g. budget vs fixed only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -141,6 +147,9 @@ def main(argv=None) -> int:
     data = Path(args.data) if args.data else next((d for d in DATA if d.is_dir()), None)
     if data is None or not data.is_dir():
         sys.exit(f"no data: {args.data or ' / '.join(map(str, DATA))} not found")
+    if args.split is None:
+        args.split = "test" if (data / "qrels" / "test.tsv").is_file() else "train"
+    args.ce_batch_size = args.ce_batch_size or args.batch_size or 32
     import torch
 
     if args.threads:
@@ -165,7 +174,10 @@ def main(argv=None) -> int:
     for dtype in dtypes:
         variants[f"megarank-{dtype}"] = Megarank(step_dir, dtype, args.device, batch_tokens, batch_size, args.packing)
         max_length = variants[f"megarank-{dtype}"].max_length
-        variants[f"ce-{dtype}"] = CE(hf_dir, dtype, args.device, max_length, args.ce_batch_size)
+        if args.compare_fixed:
+            variants[f"megarank-{dtype}-fixed"] = Megarank(step_dir, dtype, args.device, 0, 32, args.packing)
+        if not args.no_ce:
+            variants[f"ce-{dtype}"] = CE(hf_dir, dtype, args.device, max_length, args.ce_batch_size)
     chunks = [candidate_pairs(beir.queries, beir.corpus, {q: run[q] for q in qids[i : i + args.chunk]}, args.top_k)
               for i in range(0, len(qids), args.chunk)]
     for v in variants.values():  # warm-up: a few pairs of the longest and a short one
@@ -175,13 +187,15 @@ def main(argv=None) -> int:
             v.model_tokens = 0
     names = list(variants)
     seconds = dict.fromkeys(names, 0.0)
+    per_chunk = {n: [] for n in names}  # seconds of each round, for per-round ratios (load varies between rounds)
     scores = {n: [] for n in names}
     for k, pairs in enumerate(chunks):
         for j in range(len(names)):
             name = names[(k + j) % len(names)]
             tic = time.perf_counter()
             got = variants[name].score(pairs, beir.queries, beir.corpus)
-            seconds[name] += time.perf_counter() - tic
+            per_chunk[name].append(time.perf_counter() - tic)
+            seconds[name] += per_chunk[name][-1]
             scores[name].extend(got)
         print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(f"{n} {len(scores[n]) / seconds[n]:.2f}" for n in names)
               + " pairs/s so far", flush=True)
@@ -204,9 +218,15 @@ def main(argv=None) -> int:
                                    if isinstance(v, Megarank)},
     }
     for dtype in dtypes:
-        ours, theirs = f"megarank-{dtype}", f"ce-{dtype}"
-        report[f"ratio_megarank_over_ce_{dtype}"] = seconds[theirs] / seconds[ours]
-        report[f"max_abs_diff_megarank_vs_ce_{dtype}"] = max(abs(a - b) for a, b in zip(scores[ours], scores[theirs]))
+        ours, theirs, fixed = f"megarank-{dtype}", f"ce-{dtype}", f"megarank-{dtype}-fixed"
+        if theirs in variants:
+            report[f"ratio_megarank_over_ce_{dtype}"] = seconds[theirs] / seconds[ours]
+            report[f"median_round_ratio_megarank_over_ce_{dtype}"] = statistics.median(
+                t / o for t, o in zip(per_chunk[theirs], per_chunk[ours]))
+            report[f"max_abs_diff_megarank_vs_ce_{dtype}"] = max(abs(a - b) for a, b in zip(scores[ours], scores[theirs]))
+        if fixed in variants:
+            report[f"ratio_budget_over_fixed_{dtype}"] = seconds[fixed] / seconds[ours]
+            report[f"max_abs_diff_budget_vs_fixed_{dtype}"] = max(abs(a - b) for a, b in zip(scores[ours], scores[fixed]))
     if "fp32" in dtypes and "bf16" in dtypes:
         report["max_abs_diff_megarank_bf16_vs_fp32"] = max(
             abs(a - b) for a, b in zip(scores["megarank-bf16"], scores["megarank-fp32"]))

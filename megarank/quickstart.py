@@ -77,8 +77,10 @@ def main(argv=None) -> int:
     from megarank.checkpoint import resolve_checkpoint
 
     step_dir = resolve_checkpoint(w / "train")
+    # fp32 as trained: --dtype auto would pick bf16 on some CPUs only, and the quickstart's metrics should not
+    # depend on the machine's ISA.
     _run(["megarank", "evaluate", step_dir, "--data", data, "--split", "test", "--out", w / "test.run.trec",
-          "--metrics-out", w / "test.metrics.json"], args.nproc)
+          "--metrics-out", w / "test.metrics.json", "--dtype", "fp32"], args.nproc)
     _run(["checkpoint_tools", "megatron-to-hf", step_dir, w / "reranker-hf", "--overwrite"])
     _run(["checkpoint_tools", "verify", w / "reranker-hf", step_dir])
     print(f"\nquickstart finished in {time.time() - start:.0f} s: HF reranker in {w / 'reranker-hf'}, "
