@@ -110,3 +110,21 @@ def test_attention_is_per_sequence_and_mfu_arithmetic():
     assert mfu(6e12, 2.0, 1e12, 4) == pytest.approx(0.75)  # 3 TFLOP/s over 4 devices of 1 TFLOP/s
     assert peak_dtype(m) == "fp32"
     assert peak_dtype(load_config(TINY, ["model.dtype=bf16", "model.fp8=hybrid"]).model) == "fp8"
+
+
+def test_log_line_shows_mfu_and_na_when_the_peak_is_unknown(caplog, tmp_path):
+    import logging
+    import math
+
+    from megarank.training.logger import MetricsLogger
+    from tests.training_harness import LOG_LINE, tb_scalars
+
+    metrics = {"loss": 1.0, "acc": 0.5, "mrr": 0.7, "lr": 1e-3, "grad_norm": 0.3, "tokens_per_s": 1234.0}
+    logger = MetricsLogger(True, 10, str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="megarank.train"):
+        logger.step(1, {**metrics, "mfu": 0.4567}, 1)
+        logger.step(2, {**metrics, "mfu": math.nan}, 2)  # a GPU hardware.peak_flops does not know
+    logger.close()
+    lines = [LOG_LINE.search(r.getMessage()) for r in caplog.records]
+    assert [m["mfu"] for m in lines] == ["45.7%", "n/a"]
+    assert tb_scalars(tmp_path, "train/mfu") == {1: pytest.approx(0.4567)}  # no NaN scalar
