@@ -28,7 +28,8 @@ FLOP/s over the 1024³ fp32 GEMM rate measured with the same clock and threads (
 Clock: on a shared 2-core machine wall time measures the other jobs as much as this one. ``--clock cpu``
 (default) times process CPU time with ``--threads 1``: one thread cannot wait on a descheduled sibling, so its
 CPU time is the work done, whatever the load. ``--clock wall`` for a quiet machine. glibc keeps freed memory
-(model_bench.keep_freed_memory) so steps do not page-fault their activations in again.
+(model_bench.keep_freed_memory) so steps do not page-fault their activations in again; ``--malloc
+default`` leaves glibc as `megarank rerank` has it (page faults are system CPU time, which ``--clock cpu`` counts).
 ``--hypotheses`` adds per-op micro-benchmarks (SDPA mask variants, GEMM shapes forward vs backward, RoPE,
 RMSNorm, SwiGLU); ``--profile`` prints torch.profiler's top ops (self CPU) of one no-grad forward, baseline
 and today's; ``--compile`` measures torch.compile (dynamic shapes) of the scoring forward and a training step.
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="keep: glibc keeps freed memory (no page faults on re-allocation); default: glibc as is, "
+                   "as `megarank rerank` runs (run both, in two processes, to see what page faults cost)")
     p.add_argument("--data", default=None, help="BEIR folder with candidates/ (default SciFact-train; 'synthetic')")
     p.add_argument("--variants", default="score-baseline,score,score-schedule,score-inference,score-packed,"
                    "score-small,train-baseline,train")
@@ -381,7 +385,7 @@ def compile_study(args, model, batches, cfg, clk) -> list:
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    malloc = keep_freed_memory()
+    malloc = keep_freed_memory() if args.malloc == "keep" else False
     clk = clock(args.clock)
     from megarank.data.packing import pack_padded
     from megarank.hardware import describe_cpu, measured_gemm_flops, peak_flops
@@ -444,7 +448,9 @@ def main(argv=None):
               f"{100 * mm / t / peak:.1f}% | {100 * (mm + attn) / t / peak:.1f}% | {ratio} |")
         rows.append({"variant": name, "tokens": tokens, "mm_flops": mm, "attn_flops": attn, "times_s": times[name],
                      "median_s": t, "gemm_pct": 100 * mm / t / peak, "matmul_pct": 100 * (mm + attn) / t / peak})
-    print(f"\nload average {load_end} at the end; median of {args.repeats} interleaved repeats, each the sum over "
+    res = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
+    print(f"\npage faults so far: {res.ru_minflt} minor, {res.ru_majflt} major; system CPU {res.ru_stime:.1f} s, user {res.ru_utime:.1f} s")
+    print(f"load average {load_end} at the end; median of {args.repeats} interleaved repeats, each the sum over "
           f"{len(batches)} batches; train-* ratios are to train-baseline, score-* to score-baseline")
 
     result = {"cpu": describe_cpu(), "threads": args.threads, "clock": args.clock, "load": [load_start, load_end],

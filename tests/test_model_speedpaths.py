@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_packing import PAD_ID, _build, _scores_and_grads, assert_rel_close, padded_batch
+from tests.test_packing import PAD_ID, _build, assert_rel_close, padded_batch
 
 RTOL = 1e-6  # fp32; in practice the paths agree bit for bit
 
@@ -22,6 +22,18 @@ def one_rank():
     init_distributed(tp=1, pp=1)
     yield
     destroy_distributed()
+
+
+def _scores_and_grads(model, batch):
+    """tests/test_packing.py's helper on the model's own device (CUDA where the model was built there)."""
+    from megarank.data.packing import model_inputs
+
+    device = next(model.parameters()).device
+    model.zero_grad()
+    args, kwargs = model_inputs(batch, device)
+    scores = model(*args, **kwargs)
+    (scores[:, 0] * torch.linspace(-1.0, 2.0, scores.shape[0], device=device)).sum().backward()
+    return scores.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()}
 
 
 def _compare(model, batch, rtol=RTOL):
@@ -62,12 +74,14 @@ def test_core_rope_tables_grow_with_longer_sequences():
 def test_core_rope_matches_megatron_rope_bf16():
     model = _build("model.dtype=bf16")
     batch = padded_batch([16, 11, 5])
+    device = next(model.parameters()).device
+    ids, valid = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     model.use_core_rope(False)
     with torch.no_grad():
-        ref = model(batch["input_ids"], batch["attention_mask"])
+        ref = model(ids, valid)
     model.use_core_rope(True)
     with torch.no_grad():
-        out = model(batch["input_ids"], batch["attention_mask"])
+        out = model(ids, valid)
     assert torch.equal(out, ref)
 
 
@@ -129,3 +143,14 @@ def test_swiglu_no_grad_in_place_equals_the_autograd_path():
     (grad,) = torch.autograd.grad(with_grad, x, torch.ones_like(with_grad))
     (ref_grad,) = torch.autograd.grad((F.silu(x[..., :8]) * x[..., 8:]).sum(), x)
     assert_rel_close(grad, ref_grad, "swiglu grad", RTOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="megatron's activation recompute needs CUDA (its RNG tracker)")
+@pytest.mark.parametrize("recompute", [["model.recompute_granularity=full", "model.recompute_num_layers=1"],
+                                       ["model.recompute_granularity=selective"]])
+def test_core_rope_under_activation_recompute(recompute):
+    """Recompute re-runs the core attention in the backward: the tables are per length, not per call.
+    GPU only: megatron's checkpointing forks the CUDA RNG tracker (tensor_parallel/random.py)."""
+    model = _build(*recompute).train()
+    _compare(model, padded_batch([16, 13, 7, 1, 24]))
