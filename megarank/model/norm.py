@@ -21,9 +21,10 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused rms_norm kernel: x * rsqrt(mean(x^2) + eps) * weight in one pass instead of pow, mean,
-        # add, rsqrt and two multiplies (measured 1.6 vs 9.0 ms for SmolLM2's [448, 8, 576] on one CPU thread,
-        # issue 11), with the same roundings: outputs and gradients equal the formula below bit for bit in
+        # torch's fused rms_norm kernel: x * rsqrt(mean(x^2) + eps) * weight with one output tensor instead of
+        # pow, mean, add, rsqrt and two multiplies, each a new tensor (SmolLM2's [448, 8, 576], one CPU thread:
+        # 1.6 vs 9.0 ms under glibc's default allocator, which page-faults each new large tensor in; the same
+        # 2.7 ms when freed memory is kept: benchmarks/RESULTS.md, issue 11), with the same roundings: outputs and gradients equal the formula below bit for bit in
         # fp32 and bf16 (tests/test_model_speedpaths.py). Below fp32 the normalised value is rounded to x's dtype
         # before the weight multiplies it, as HF LlamaRMSNorm does (``weight * x32.to(dtype)``).
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
