@@ -24,8 +24,8 @@ class RMSNorm(nn.Module):
         # torch's fused rms_norm kernel: x * rsqrt(mean(x^2) + eps) * weight with one output tensor instead of
         # pow, mean, add, rsqrt and two multiplies, each a new tensor (SmolLM2's [448, 8, 576], one CPU thread:
         # 1.6 vs 9.0 ms under glibc's default allocator, which page-faults each new large tensor in; the same
-        # 2.7 ms when freed memory is kept: benchmarks/RESULTS.md, issue 11), with the same roundings: outputs and gradients equal the formula below bit for bit in
-        # fp32 and bf16 (tests/test_model_speedpaths.py). Below fp32 the normalised value is rounded to x's dtype
+        # 2.7 ms when freed memory is kept: benchmarks/RESULTS.md, issue 11), with the same roundings: outputs
+        # and gradients equal the formula below bit for bit in fp32 and bf16 (tests/test_model_speedpaths.py). Below fp32 the normalised value is rounded to x's dtype
         # before the weight multiplies it, as HF LlamaRMSNorm does (``weight * x32.to(dtype)``).
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
