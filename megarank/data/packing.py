@@ -12,9 +12,20 @@ hands to RoPE and to core attention (megatron/core/transformer/attention.py:1066
   ``seqlens`` added here, so it never syncs on ``cu_seqlens`` in a layer.
 
 The stream is padded at its end to a multiple of ``multiple`` (sequence parallelism splits it over TP ranks;
-TE's FP8 GEMMs want multiples of 8/16). The padding is one extra *segment* of pad tokens: every token of the
-stream then belongs to a segment, attention stays inside each, and pooling reads only the first
-``num_sequences`` segments, so the dummy's outputs are never used and its gradient is exactly 0.
+TE's FP8 GEMMs want the tokens on a rank divisible by 8: config.validate requires ``data.pad_to_multiple_of`` to
+be a multiple of 8 x TP under SP with FP8, and ``packing_multiple`` is a multiple of it, tests/test_packing.py).
+The padding is one extra *segment* of pad tokens: every token of the stream then belongs to a segment, attention
+stays inside each, and pooling reads only the first ``num_sequences`` segments, so the dummy's outputs are never
+used and its gradient is exactly 0.
+
+What Transformer Engine's ``DotProductAttention`` needs for ``qkv_format="thd"`` and gets here (TE main at
+d0067d0, transformer_engine/pytorch/attention/dot_product_attention/dot_product_attention.py):
+3-D q/k/v ``[t, heads, d]`` (megatron squeezes the batch dim, attention.py:1066-1069; TE asserts it at 1782-1784);
+a mask type containing "padding" (1785-1787: the spec's ``AttnMaskType.padding``, and megatron turns ``no_mask``
+into ``padding`` for thd, extensions/transformer_engine.py:1397-1404); ``cu_seqlens_q/kv`` 1-D int32 of one shape
+(1788-1798), ending at ``t`` because the end padding is a segment (so no output row is left to chance);
+``max_seqlen_q/kv`` as host ints, which spares TE a device-to-host sync per layer (1800-1811, 1488-1494); and no
+``cu_seqlens_*_padded``, so TE sees no padding between sequences and keeps FlashAttention eligible (2008-2026).
 """
 from __future__ import annotations
 
