@@ -160,18 +160,19 @@ def check_same_scores(megarank_model, peer, batch, dtype) -> float:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def step(forward, model, batch) -> float:
+def step(forward, model, batch) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of forward + listwise loss + backward."""
     from megarank.training.loss import listwise_loss
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     listwise_loss(forward(batch), batch["group_size"]).backward()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     for p in model.parameters():
         p.grad = None
-    return elapsed
+    return elapsed, cpu
 
 
-def variant_step(name: str, models: dict, padded: dict, packed: dict) -> float:
+def variant_step(name: str, models: dict, padded: dict, packed: dict) -> tuple[float, float]:
     import megarank.model.attention as attention
     from megarank.data.packing import model_inputs
 
@@ -231,9 +232,10 @@ def main(argv=None):
     print(f"data {data}, model shape {args.model} ({m.num_layers} layers, hidden {m.hidden_size}), "
           f"max_length {args.max_length}, random weights; MFU peaks: "
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s ({src})" for d, (p, src) in peaks.items()) + "\n")
-    print("| groups/micro | micro-batches | real tokens | padding in padded batches | dtype | variant | "
-          "real tokens/s | ratio to padded | ratio to peer | MFU |")
-    print("|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
+    header = ("| groups/micro | micro-batches | real tokens | padding in padded batches | dtype | variant | "
+              "real tokens/s | ratio to padded | ratio to peer | MFU | real tokens per CPU-s | CPU-s ratio to padded "
+              "| CPU-s ratio to peer |\n|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    table = []
     rows = []
     for g in [int(x) for x in args.groups.split(",")]:
         batches, tok = micro_batches(models[dtypes[0]]["cfg"], g, args.micro_batches + 1, args.seed)
@@ -245,27 +247,41 @@ def main(argv=None):
                 check[dtype] = check_same_scores(models[dtype]["megarank"], models[dtype]["peer"], warm[0], DTYPES[dtype])
             for name in variants:
                 variant_step(name, models[dtype], *warm)
+            print(f"  warm-up {dtype} done", flush=True)
         times = {(d, v): [] for d in dtypes for v in variants}
-        for padded, packed in timed:
+        cpu = {(d, v): [] for d in dtypes for v in variants}
+        for k, (padded, packed) in enumerate(timed):
             for dtype in dtypes:
                 for name in variants:
-                    times[dtype, name].append(variant_step(name, models[dtype], padded, packed))
+                    wall, used = variant_step(name, models[dtype], padded, packed)
+                    times[dtype, name].append(wall)
+                    cpu[dtype, name].append(used)
+                print(f"  micro-batch {k + 1}/{len(timed)} {dtype}: " + ", ".join(
+                    f"{v} {times[dtype, v][-1]:.2f} s ({cpu[dtype, v][-1]:.2f} CPU-s)" for v in variants)
+                    + f" (load {os.getloadavg()[0]:.1f})", flush=True)
         real = sum(int(p["attention_mask"].sum()) for p, _ in timed)
         padded_tokens = sum(p["input_ids"].numel() for p, _ in timed)
         flops = sum(training_flops(m, real_lengths(p)) for p, _ in timed)
         for dtype in dtypes:
             rate = {v: real / sum(times[dtype, v]) for v in variants}
+            cpu_rate = {v: real / sum(cpu[dtype, v]) for v in variants}
+
+            def ratio(r, name, base):
+                return f"{r[name] / r[base]:.2f}" if base in r else "-"
+
             for name in variants:
                 mfu = flops / sum(times[dtype, name]) / peaks[dtype][0]
-                to_padded = f"{rate[name] / rate['padded']:.2f}" if "padded" in rate else "-"
-                to_peer = f"{rate[name] / rate['peer']:.2f}" if "peer" in rate else "-"
-                print(f"| {g} | {len(timed)} | {real} | {1 - real / padded_tokens:.1%} | {dtype} | {name} | "
-                      f"{rate[name]:.0f} | {to_padded} | {to_peer} | {100 * mfu:.1f}% |")
+                table.append(f"| {g} | {len(timed)} | {real} | {1 - real / padded_tokens:.1%} | {dtype} | {name} | "
+                             f"{rate[name]:.0f} | {ratio(rate, name, 'padded')} | {ratio(rate, name, 'peer')} | "
+                             f"{100 * mfu:.1f}% | {cpu_rate[name]:.0f} | {ratio(cpu_rate, name, 'padded')} | "
+                             f"{ratio(cpu_rate, name, 'peer')} |")
                 rows.append({"groups": g, "dtype": dtype, "variant": name, "real_tokens": real,
                              "padded_tokens": padded_tokens, "model_flops": flops, "times_s": times[dtype, name],
                              "tokens_per_s": rate[name], "mfu": mfu, "median_s": statistics.median(times[dtype, name]),
+                             "cpu_s": cpu[dtype, name], "tokens_per_cpu_s": cpu_rate[name],
                              "peer_score_rel_diff": check.get(dtype)})
     load_end = os.getloadavg()
+    print("\n" + header + "\n" + "\n".join(table))
     if check:
         print("\npeer vs megarank scores (first micro-batch, eval): max relative difference "
               + ", ".join(f"{d} {c:.1e}" for d, c in check.items()))
