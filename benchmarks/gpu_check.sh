@@ -294,9 +294,19 @@ sec_train() {
   local rc=$?
   {
     echo '```'
-    grep -E "step [0-9]+/[0-9]+ \| loss|eval step|backend|Error|error:" "$SECLOG" | sed 's/^.*megarank\.train: //' | tail -n 20
+    grep -E "step [0-9]+/[0-9]+ \| loss|eval step|MFU =|backend|Error|error:" "$SECLOG" | sed 's/^.*megarank\.train: //' | tail -n 20
     echo '```'
   } >>"$FRAG"
+  if ((rc != 0)) && [[ $DRY != 1 ]]; then
+    # data.packing is on by default (the THD path through TE on a GPU): a short padded run tells whether the
+    # failure is packing's or the GPU path's as a whole.
+    echo "The run failed; the same run with data.packing=false (padded micro-batches, 10 steps):" >>"$FRAG"
+    t_run "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node=1 -m megarank train "$REPO/configs/tiny.yaml" \
+      "${shape[@]}" "model.transformer_impl=$impl" train.steps=10 train.log_interval=5 "data.train_path=$data" \
+      data.packing=false checkpoint.dir=null
+    local rc_padded=$?
+    echo "data.packing=false run: exit $rc_padded." >>"$FRAG"
+  fi
   return $rc
 }
 

@@ -56,8 +56,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# Scoring budget of `evaluate` / `rerank`: 32 pairs of 512 tokens (same peak activations as the old fixed
-# batch of 32 at max_length 512); shorter pairs go in larger batches (benchmarks/RESULTS.md, rerank section).
+# Scoring budget of `evaluate` / `rerank`: data.eval_batch_tokens' default, 32 pairs of 512 tokens (same peak
+# activations as the old fixed batch of 32 at max_length 512); shorter pairs go in larger batches.
 DEFAULT_BATCH_TOKENS = 16384
 
 

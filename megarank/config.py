@@ -156,10 +156,12 @@ class DataConfig:
     eval_run: Optional[str] = _f(None, "First-stage run to rerank; null = <eval_path>/candidates/<split>.*.tsv.")
     eval_top_k: int = _f(100, "Candidates reranked per query.")
     eval_max_queries: Optional[int] = _f(None, "Evaluate on the first N queries only (quick dev checks).")
-    eval_batch_size: int = _f(32, "Pairs per scoring batch; with data.eval_batch_tokens an upper bound (0 = none).")
-    eval_batch_tokens: int = _f(0, "Token budget per scoring batch: length-sorted pairs fill each batch while the tokens the "
-                                "model runs (rows x padded length, or the packed stream length) stay within it, so short "
-                                "pairs go in larger batches; 0 = fixed data.eval_batch_size pairs. Same scores.")
+    eval_batch_size: int = _f(0, "Pairs per scoring batch: an upper bound with data.eval_batch_tokens (0 = none), the batch size "
+                              "without it (then it must be positive).")
+    eval_batch_tokens: int = _f(16384, "Token budget per scoring batch (default: 32 pairs of 512 tokens): length-sorted pairs "
+                                "fill each batch while the tokens the model runs (rows x padded length, or the packed "
+                                "stream length) stay within it, so short pairs go in larger batches; 0 = fixed "
+                                "data.eval_batch_size pairs. Same scores either way.")
 
 
 @dataclass

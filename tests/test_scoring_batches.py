@@ -111,7 +111,7 @@ def test_config_rejects_a_negative_eval_batch_tokens():
     with pytest.raises(ConfigError, match=r"data\.eval_batch_tokens must be >= 0 \(got -1"):
         validate(load_config(TINY, ["data.eval_batch_tokens=-1"]), check_environment=False)
     with pytest.raises(ConfigError, match=r"data\.eval_batch_size must be positive without data\.eval_batch_tokens"):
-        validate(load_config(TINY, ["data.eval_batch_size=0"]), check_environment=False)
+        validate(load_config(TINY, ["data.eval_batch_tokens=0", "data.eval_batch_size=0"]), check_environment=False)
 
 
 # ------------------------------------------------------------------------------------------- scores, tiny model
