@@ -154,7 +154,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megarank.cli import DEFAULT_BATCH_TOKENS
+    from megarank.config import DEFAULT_EVAL_BATCH_TOKENS as DEFAULT_BATCH_TOKENS
     from megarank.data import candidate_pairs, find_run_file, read_beir, read_run
     from megarank.checkpoint import resolve_checkpoint
     from megarank.hardware import describe_cpu

@@ -45,34 +45,27 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--top-k 0`` would rerank nothing and report zeros)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum`` (``--top-k 0`` would rerank nothing and report zeros)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-# Scoring budget of `evaluate` / `rerank`: data.eval_batch_tokens' default, 32 pairs of 512 tokens (same peak
-# activations as the old fixed batch of 32 at max_length 512); shorter pairs go in larger batches.
-DEFAULT_BATCH_TOKENS = 16384
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _eval_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
+    from megarank.config import DEFAULT_EVAL_BATCH_TOKENS as DEFAULT_BATCH_TOKENS  # yaml only: no torch here
+
     p.add_argument("checkpoint", help="a megarank checkpoint folder (converted or step-N), or a run dir with `latest`")
     p.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     p.add_argument("--split", default="test", help="qrels split (default: test)")

@@ -130,6 +130,11 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "torch.distributed backend; auto = nccl with CUDA, gloo without.")
 
 
+# Scoring budget of `evaluate` / `rerank` and training-time evaluation: 32 pairs of 512 tokens (the peak
+# activations of the old fixed batch of 32 at max_length 512); shorter pairs go in larger batches.
+DEFAULT_EVAL_BATCH_TOKENS = 16384
+
+
 @dataclass
 class DataConfig:
     """Training and evaluation data."""
@@ -158,7 +163,7 @@ class DataConfig:
     eval_max_queries: Optional[int] = _f(None, "Evaluate on the first N queries only (quick dev checks).")
     eval_batch_size: int = _f(0, "Pairs per scoring batch: an upper bound with data.eval_batch_tokens (0 = none), the batch size "
                               "without it (then it must be positive).")
-    eval_batch_tokens: int = _f(16384, "Token budget per scoring batch (default: 32 pairs of 512 tokens): length-sorted pairs "
+    eval_batch_tokens: int = _f(DEFAULT_EVAL_BATCH_TOKENS, "Token budget per scoring batch (default: 32 pairs of 512 tokens): length-sorted pairs "
                                 "fill each batch while the tokens the model runs (rows x padded length, or the packed "
                                 "stream length) stay within it, so short pairs go in larger batches; 0 = fixed "
                                 "data.eval_batch_size pairs. Same scores either way.")

@@ -17,13 +17,6 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 PAD_ID = 258
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from megarank.parallel.init import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
 
 
 def _model(*overrides):

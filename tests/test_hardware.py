@@ -41,3 +41,18 @@ def test_cpu_peak_is_a_measured_gemm_rate():
     # A 1024^3 matmul is 2.1 GFLOP; any CPU torch runs on does between 1 GFLOP/s and 100 TFLOP/s.
     assert 1e9 < peak < 1e14
     assert hardware.peak_flops("fp32", "cpu")[0] == peak  # measured once per process and thread count
+
+
+def test_gpu_peak_comes_from_the_datasheet_table(monkeypatch):
+    """The CUDA branch, with the device name faked: no GPU is needed to pick the row."""
+    import math
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert hardware.peak_flops("bf16", "cuda") == (989.4e12, "H200 datasheet (bf16, dense)")
+    assert hardware.peak_flops("fp8", "cuda")[0] == 1978.9e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert hardware.peak_flops("bf16", "cuda")[0] == 312e12
+    assert math.isnan(hardware.peak_flops("fp8", "cuda")[0])  # A100 has no FP8
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    peak, source = hardware.peak_flops("bf16", "cuda")
+    assert math.isnan(peak) and "unknown GPU" in source

@@ -20,14 +20,7 @@ PAD_ID = 258
 SEQ = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def parallel_state():
-    """One in-process rank (gloo on CPU, nccl on GPU) with TP=PP=1 for the whole module."""
-    from megarank.parallel.init import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("one_rank")  # tests/conftest.py
 
 
 def build(*overrides: str, seed: int = 1234):

@@ -15,13 +15,7 @@ from tests.test_packing import PAD_ID, _build, assert_rel_close, padded_batch
 RTOL = 1e-6  # fp32; in practice the paths agree bit for bit
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    from megarank.parallel.init import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("one_rank")  # tests/conftest.py
 
 
 def _scores_and_grads(model, batch):

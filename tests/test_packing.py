@@ -44,13 +44,6 @@ def padded_batch(lengths, seed: int = 0, multiple: int = 8) -> dict:
 # --------------------------------------------------------------------------------------------- one process
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from megarank.parallel.init import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
 
 
 def _build(*overrides):

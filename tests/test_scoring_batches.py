@@ -138,13 +138,6 @@ def _evaluate(model, tok, **kw):
     return evaluate_beir(model, tok, str(sample_data_dir()), "test", top_k=100, **kw)
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from megarank.parallel.init import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
 
 
 @pytest.mark.parametrize("packing", [False, True])

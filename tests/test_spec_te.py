@@ -22,13 +22,7 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 PAD_ID = 258
 
 
-@pytest.fixture(scope="module", autouse=True)
-def parallel_state():
-    from megarank.parallel.init import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1)
-    yield
-    destroy_distributed()
+pytestmark = pytest.mark.usefixtures("one_rank")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------- a CPU "TE"
