@@ -45,11 +45,12 @@ def _rank_work(fmt: str, dims: dict, out: str) -> dict:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megarank.checkpoint_writer import keep_writer_in_process
+    from megarank.checkpoint.writer import keep_writer_in_process
     from megarank.config import load_config
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
-    from megarank.training.optimizer import build_optimizer, optimizer_sharded_state_dict, wrap_ddp
+    from megarank.training.optimizer import build_optimizer, wrap_ddp
+    from megarank.training.optimizer_state import optimizer_sharded_state_dict
 
     init_distributed(1, 1, seed=5)
     cfg = load_config(str(REPO / "configs" / "tiny.yaml"),

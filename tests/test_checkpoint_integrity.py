@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from megarank.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint, write_manifest
-from megarank.checkpoint_integrity import MANIFEST, verify_checkpoint_files
+from megarank.checkpoint.integrity import MANIFEST, verify_checkpoint_files
 from megarank.data import sample_data_dir
 from tests.training_harness import TINY, megarank_cmd, run, train_cmd
 
@@ -112,15 +112,15 @@ def test_garbage_in_latest_is_one_sentence_naming_the_file_and_the_intact_step(t
 
 
 def test_a_missing_train_state_file_is_named(tmp_path):
-    from megarank.checkpoint import _load_train_state
+    from megarank.checkpoint import load_train_state
 
     d = _fake_step(tmp_path, 5)
     with pytest.raises(CheckpointError, match=rf"^{d / 'train_state' / 'rank-0.pt'} is missing: {d} is incomplete$"):
-        _load_train_state(d)
+        load_train_state(d)
     (d / "train_state").mkdir()
     (d / "train_state" / "rank-0.pt").write_bytes(os.urandom(100))
     with pytest.raises(CheckpointError, match=r"rank-0.pt is damaged and cannot be read"):
-        _load_train_state(d)
+        load_train_state(d)
 
 
 # ----------------------------------------------------------------------------------------------- real commands

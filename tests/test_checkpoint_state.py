@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from megarank.training.optimizer import flat_range_boxes
+from megarank.training.optimizer_state import flat_range_boxes
 from tests.dist_utils import run_distributed
 from tests.training_harness import TINY, assert_bit_identical, read_plain_tensors
 
@@ -67,7 +67,8 @@ def _save_work(out: str, dtype: str = "fp32"):
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     from megarank import checkpoint as ckpt
-    from megarank.training.optimizer import inner_optimizers, optimizer_sharded_state_dict
+    from megarank.training.optimizer import inner_optimizers
+    from megarank.training.optimizer_state import optimizer_sharded_state_dict
 
     model, optimizer = _build(1, True, dtype=dtype)
     assert any(isinstance(o, DistributedOptimizer) for o in inner_optimizers(optimizer))
@@ -105,7 +106,8 @@ def _load_work(out: str, tp: int, distributed_optimizer: bool, src: str, dst: st
     from megatron.core import dist_checkpointing
 
     from megarank import checkpoint as ckpt
-    from megarank.training.optimizer import inner_optimizers, optimizer_sharded_state_dict, restore_optimizer_state
+    from megarank.training.optimizer import inner_optimizers
+    from megarank.training.optimizer_state import optimizer_sharded_state_dict, restore_optimizer_state
 
     model, optimizer = _build(tp, distributed_optimizer, seed=99, dtype=dtype)
     ckpt.load_model_weights(model, f"{out}/model")

@@ -356,7 +356,9 @@ def test_bf16_weights_loaded_after_the_optimizer_need_reload_model_params(one_ra
     model = build_model(cfg.model, cfg.parallel, init_weights=False, ddp_training=True)
     ddp = wrap_ddp(model, cfg)
     optimizer = build_optimizer(ddp, cfg)
-    ckpt.load_training_checkpoint(step_dir, model, optimizer)
+    from megarank.training.optimizer_state import MegatronOptimizerState
+
+    ckpt.load_training_checkpoint(step_dir, model, MegatronOptimizerState(optimizer, model))
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     ddp(torch.randint(0, 256, (2, 8)), torch.ones(2, 8, dtype=torch.bool)).float().sum().backward()
@@ -446,14 +448,15 @@ def test_wrap_ddp_overlaps_only_on_gpu_and_param_gather_only_for_callers_that_sy
 
 def test_launcher_gives_workers_cuda_device_max_connections_1(monkeypatch, capsys):
     from megarank import launch
+    from megarank.parallel.init import cuda_max_connections_problem
 
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
     assert launch.worker_env() == {}  # an explicit setting is kept
-    assert "CUDA_DEVICE_MAX_CONNECTIONS is '8'" in launch.cuda_max_connections_problem(2)
-    assert launch.cuda_max_connections_problem(1) is None  # no TP communication to overlap
+    assert "CUDA_DEVICE_MAX_CONNECTIONS is '8'" in cuda_max_connections_problem(2)
+    assert cuda_max_connections_problem(1) is None  # no TP communication to overlap
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     assert launch.worker_env() == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    assert launch.cuda_max_connections_problem(2) is not None
+    assert cuda_max_connections_problem(2) is not None
     assert launch.main(["--dry-run", "--nproc", "2", TINY]) == 0
     assert "# worker environment: CUDA_DEVICE_MAX_CONNECTIONS=1" in capsys.readouterr().out
 
@@ -467,4 +470,4 @@ def test_launcher_gives_workers_cuda_device_max_connections_1(monkeypatch, capsy
     with pytest.raises(SystemExit):
         launch.main(["--nproc", "2", TINY])
     assert seen["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # inherited by torchrun and every worker
-    assert launch.cuda_max_connections_problem(2) is None
+    assert cuda_max_connections_problem(2) is None

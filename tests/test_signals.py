@@ -177,7 +177,7 @@ def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_
 
 
 def test_run_lock_names_its_holder_and_is_freed_by_release_or_garbage_collection(tmp_path):
-    from megarank.run_lock import LOCK_FILE, try_lock
+    from megarank.checkpoint.lock import LOCK_FILE, try_lock
 
     lock, refusal = try_lock(tmp_path / "run")  # creates the folder
     assert lock is not None and refusal is None

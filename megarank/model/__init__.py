@@ -22,7 +22,7 @@ def build_model(model_cfg, parallel_cfg, *, init_weights: bool = True, ddp_train
     from megatron.core import parallel_state
 
     from megarank.config import padded_vocab_size
-    from megarank.launch import cuda_max_connections_problem
+    from megarank.parallel.init import cuda_max_connections_problem
     from megarank.model.spec import block_spec, resolve_impl
     from megarank.model.transformer_config import make_transformer_config
 

@@ -3,6 +3,8 @@ import datetime
 import logging
 import os
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -80,3 +82,16 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cuda_max_connections_problem(tensor_parallel_size: int, environ=None) -> Optional[str]:
+    """A warning when TP communication overlap cannot work because CUDA_DEVICE_MAX_CONNECTIONS is not 1."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+    if tensor_parallel_size > 1 and value != "1":
+        return (
+            f"CUDA_DEVICE_MAX_CONNECTIONS is {value!r}, not '1': with tensor parallelism ({tensor_parallel_size}) "
+            "megatron's communication overlap may run collectives after the GEMMs they should overlap "
+            "(start workers with `megarank launch`, which sets it, or export CUDA_DEVICE_MAX_CONNECTIONS=1)"
+        )
+    return None

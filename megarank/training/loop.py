@@ -1,22 +1,21 @@
 """The training loop: build everything from the config, resume, step, log, evaluate, checkpoint, stop."""
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megarank import checkpoint as ckpt
+from megarank.checkpoint import RunCheckpoints
 from megarank.config import Config, validate
 from megarank.hardware import peak_flops
 from megarank.model import build_model
 from megarank.parallel.init import device, init_distributed
-from megarank.run_lock import acquire_run_lock
 from megarank.training.data import make_group_source, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir
 from megarank.training.flops import mfu, micro_batches_flops, peak_dtype
 from megarank.training.logger import MetricsLogger
 from megarank.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
+from megarank.training.optimizer_state import MegatronOptimizerState
 from megarank.training.preemption import PreemptionWatcher
 from megarank.training.watchdog import start_agent_watchdog
 from megarank.training.step import train_step
@@ -75,28 +74,6 @@ def _mfu_peak(cfg: Config) -> float:
     return peak
 
 
-def _train_state(step, scheduler, sampler, nonfinite) -> dict:
-    return {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-            "nonfinite": nonfinite, "rng": ckpt.save_rng_state()}
-
-
-def _resume_or_init(cfg: Config, model, optimizer, scheduler, sampler) -> tuple[int, int]:
-    """Resume from ``<checkpoint.dir>/latest`` if present, else load ``checkpoint.load`` weights. -> (step, nonfinite)."""
-    latest = ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    if latest is not None:
-        state = ckpt.load_training_checkpoint(latest, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        ckpt.load_rng_state(state["rng"])
-        log.info("resumed from %s at step %d%s", latest, state["step"], ckpt.layout_change(latest))
-        return state["step"], state["nonfinite"]
-    if cfg.checkpoint.load:
-        ckpt.load_model_weights(model, cfg.checkpoint.load)
-        optimizer.reload_model_params()  # bf16/fp16: the fp32 master weights were copied from the model at build
-        log.info("initialised weights from %s", cfg.checkpoint.load)
-    return 0, 0
-
-
 def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
     """Evaluate on data.eval_*; NaN scores rank their candidates last (see evaluation.py) with a warning, so a
     diverging model shows up in the metrics instead of ending the run."""
@@ -122,33 +99,30 @@ def train(cfg: Config) -> dict:
     start_agent_watchdog()  # a torchrun worker ends (unsaved) if its agent is killed, from here on
     init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed)
     validate(cfg, world_size=dist.get_world_size())
-    run_lock = acquire_run_lock(cfg.checkpoint.dir) if cfg.checkpoint.dir else None  # before anything writes there
-    for source_ckpt in (ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None, cfg.checkpoint.load):
-        if source_ckpt:
-            ckpt.check_architecture(cfg.model, source_ckpt)  # fail before building a model that cannot load it
+    checkpoints = RunCheckpoints(cfg)  # the run lock, `latest` resolved once, architecture checked
     tokenizer_dir = resolve_tokenizer_dir(cfg)
     pair_tokenizer = make_pair_tokenizer(cfg, tokenizer_dir)
     source = make_group_source(cfg)
     sampler = make_sampler(cfg, len(source), parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size())
     # A resume or checkpoint.load overwrites every weight right after: skip megatron's random init.
-    loads = bool(cfg.checkpoint.load or (cfg.checkpoint.dir and ckpt.latest_checkpoint(cfg.checkpoint.dir)))
-    model = build_model(cfg.model, cfg.parallel, init_weights=not loads, ddp_training=True)
-    ddp = wrap_ddp(model, cfg, syncs_params_before_reads=True)  # save() below syncs before reading weights
+    model = build_model(cfg.model, cfg.parallel, init_weights=not checkpoints.loads_weights, ddp_training=True)
+    ddp = wrap_ddp(model, cfg, syncs_params_before_reads=True)  # saves sync before reading weights (below)
     optimizer = build_optimizer(ddp, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    step, nonfinite = _resume_or_init(cfg, model, optimizer, scheduler, sampler)
-    tb_dir = cfg.logging.tensorboard_dir or (str(Path(cfg.checkpoint.dir) / "tensorboard") if cfg.checkpoint.dir else None)
-    logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
-    watcher = PreemptionWatcher(cfg.checkpoint.dir)
-    peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
-    def save(s):
+
+    def sync_params():
         if ddp.use_forward_hook:  # overlap_param_gather: other DP ranks' shards are stale until the next forward
             ddp.start_param_sync(force_sync=True)
-        return ckpt.save_training_checkpoint(
-            cfg.checkpoint.dir, s, model, optimizer if cfg.checkpoint.save_optimizer else None,
-            _train_state(s, scheduler, sampler, nonfinite), cfg, tokenizer_dir)
 
+    progress = checkpoints.restore(model, MegatronOptimizerState(optimizer, model),
+                                   {"scheduler": scheduler, "sampler": sampler}, tokenizer_dir, before_save=sync_params)
+    step, nonfinite = progress["step"], progress["nonfinite"]
+    run_dir = checkpoints.dir
+    tb_dir = cfg.logging.tensorboard_dir or (str(run_dir / "tensorboard") if run_dir else None)
+    logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
+    watcher = PreemptionWatcher(str(run_dir) if run_dir else None)
+    peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
     metrics, start_step, saved_step = {}, step, None
     while step < t.steps:
         tic = time.time()
@@ -170,25 +144,21 @@ def train(cfg: Config) -> dict:
         if cfg.data.eval_path and t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
             _evaluate(cfg, ddp, pair_tokenizer, logger, step)
         if watcher.should_stop():
-            if cfg.checkpoint.dir:
-                save(step)
+            saved = checkpoints.save(step, {"nonfinite": nonfinite})
+            if saved is not None:
                 watcher.clear()
             if _is_logging_rank():
-                if cfg.checkpoint.dir:
+                if saved is not None:
                     log.info("preempted: saved step %d", step)
                 else:
                     log.warning("preempted at step %d; nothing saved (checkpoint.dir is not set)", step)
             break
-        if cfg.checkpoint.dir and (step == t.steps or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0)):
-            save(step)
+        if checkpoints.maybe_save(step, t.steps, {"nonfinite": nonfinite}) is not None:
             saved_step = step
-            if ckpt.is_rank0():
-                ckpt.prune_old(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     if step >= t.steps and cfg.data.eval_path:
         _evaluate(cfg, ddp, pair_tokenizer, logger, step)
     watcher.restore()
     logger.close()
-    if run_lock is not None:
-        run_lock.release()
+    checkpoints.close()
     metrics.update(step=step, saved_step=saved_step)
     return metrics

@@ -8,7 +8,7 @@ How SIGTERM gets here: torchrun's agent forwards it with ``os.killpg`` to each w
 TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30, torch/distributed/launcher/api.py:146-148) before
 SIGKILL; SLURM sends it to every process of the job's steps and waits KillWait (default 30 s). Every process
 in the group must survive it until the save is done: megatron's torch_dist writer therefore keeps no helper
-process (megarank/checkpoint_writer.py), and the per-save writer processes it forks inherit this handler.
+process (megarank/checkpoint/writer.py), and the per-save writer processes it forks inherit this handler.
 SIGUSR1 reaches the workers only when torchrun is told to forward it (``--signals-to-handle``); the SLURM
 script uses the stop file instead.
 

@@ -34,6 +34,6 @@ def keep_writer_in_process() -> None:
 
     if not hasattr(filesystem_async, "_results_queue"):  # the contract above moved: fail loudly, not later
         raise RuntimeError("megatron.core.dist_checkpointing.strategies.filesystem_async has no _results_queue; "
-                           "megarank.checkpoint_writer must follow the installed megatron-core")
+                           "megarank.checkpoint.writer must follow the installed megatron-core")
     if not isinstance(filesystem_async._results_queue, queue.Queue):
         filesystem_async._results_queue = queue.Queue()

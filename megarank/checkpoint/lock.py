@@ -26,9 +26,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from megarank.checkpoint import CheckpointError
+from megarank.checkpoint.layout import LOCK_FILE, CheckpointError
 
-LOCK_FILE = ".lock"
 log = logging.getLogger(__name__)
 
 

@@ -22,15 +22,13 @@ import os
 import zlib
 from pathlib import Path
 
-MANIFEST = "megarank_manifest.json"
+from megarank.checkpoint.layout import MANIFEST, CheckpointError
+
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
 
 log = logging.getLogger("megarank.checkpoint")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the path."""
 
 
 def file_crc32(path) -> str:
@@ -120,5 +118,3 @@ def check_finite(named_tensors, where) -> None:
             raise CheckpointError(f"{where}: tensor {name} holds {kind} values; the checkpoint is damaged "
                                   "or was saved from a diverged run")
 
-
-import megarank.checkpoint  # noqa: E402,F401 - the CLI shows CheckpointError as one line through that module

@@ -1,0 +1,232 @@
+"""Model weights in a checkpoint: save and load at any TP/PP (torch_dist global tensors), Transformer Engine's
+FP8 ``_extra_state`` beside them, the shape and architecture checks, and the saved config.
+
+FP8 ``_extra_state`` is saved beside the weights, not in ``model/``, so ``model/`` stays the same for the
+local and the TE spec (and for converted checkpoints, which have none). It is loaded when the checkpoint and
+the model both have it; otherwise the reason it is not is logged. Every load checks the manifest first and
+names the damaged file; loaded weights must be finite.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from megarank.checkpoint.collective import any_rank, first_error
+from megarank.checkpoint.integrity import check_finite, verify_checkpoint_files
+from megarank.checkpoint.layout import CONFIG_FILE, EXTRA_DIR, MODEL_DIR, MODEL_PARTS, CheckpointError
+from megarank.checkpoint.run_folder import model_folder
+from megarank.checkpoint.writer import keep_writer_in_process
+
+log = logging.getLogger("megarank.checkpoint")
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith("_extra_state")
+
+
+def model_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict of weights only: TE ``_extra_state`` objects go to ``extra_state/``
+    (see :func:`extra_state_sharded_state_dict`), so ``model/`` loads into the local and the TE spec alike."""
+    return {k: v for k, v in model.sharded_state_dict().items() if not _is_extra_state(k)}
+
+
+def extra_state_sharded_state_dict(model) -> dict:
+    """The model's ``_extra_state`` entries (Transformer Engine's FP8 scaling state; none in the local spec)."""
+    return {k: v for k, v in model.sharded_state_dict().items() if _is_extra_state(k)}
+
+
+def _has_extra_state(extra: dict) -> bool:
+    # megatron's local linear layers carry an ``_extra_state`` of None (tensor_parallel/layers.py:1075-1077,
+    # 1318-1320, "compatibility with TE state dict"); only Transformer Engine's modules put state in it.
+    return any(getattr(v, "data", None) is not None for v in extra.values())
+
+
+def save_model_weights(model, directory) -> None:
+    """Collective: every rank writes its shards of the model into ``directory`` (a torch_dist checkpoint)."""
+    from megatron.core import dist_checkpointing
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    keep_writer_in_process()  # no writer helper process for a signal to kill (megarank/checkpoint/writer.py)
+    dist_checkpointing.save(model_sharded_state_dict(model), str(directory))
+
+
+def save_extra_state(model, directory: Path) -> None:
+    """Collective: write ``extra_state/`` when any rank's model has ``_extra_state`` (the TE spec)."""
+    from megatron.core import dist_checkpointing
+
+    extra = extra_state_sharded_state_dict(model)
+    if any_rank(_has_extra_state(extra)):
+        directory.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(extra, str(directory))
+
+
+def load_extra_state(model, folder: Path) -> None:
+    """Collective: load ``extra_state/`` into a model that has ``_extra_state``; log why not otherwise."""
+    from megatron.core import dist_checkpointing
+
+    extra = extra_state_sharded_state_dict(model)
+    saved = (folder / EXTRA_DIR / "metadata.json").is_file()
+    has = _has_extra_state(extra)
+    if saved and any_rank(has):
+        loaded = dist_checkpointing.load(extra, str(folder / EXTRA_DIR))
+        model.load_state_dict(loaded, strict=False)
+        log.info("loaded FP8 scaling state (_extra_state) from %s", folder / EXTRA_DIR)
+    elif saved:
+        log.info("%s holds FP8 scaling state (_extra_state) that this model has no place for (local spec): not used",
+                 folder / EXTRA_DIR)
+    elif has:
+        log.info("%s has no FP8 scaling state (_extra_state; saved by the local spec or converted): "
+                 "Transformer Engine starts with fresh scales and amax history", folder)
+
+
+def _expected_shapes(sharded: dict) -> dict:
+    """{key: (global shape, allow_shape_mismatch)} of the plain ShardedTensors a model sharded state dict saves as.
+
+    megatron marks the word embedding ``allow_shape_mismatch`` (vocab padding may differ with TP:
+    megatron/core/tensor_parallel/layers.py:309-317, VocabParallelEmbedding.sharded_state_dict); its rows may differ, not its width."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    shapes = {}
+    for sh in nested_values(sharded):
+        subs = nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]
+        for sub in subs:
+            if isinstance(sub, ShardedTensor):
+                shapes[sub.key] = (tuple(sub.global_shape), bool(getattr(sub, "allow_shape_mismatch", False)))
+    return shapes
+
+
+def _check_tensor_shapes(sharded: dict, model_dir: Path, folder: Path) -> None:
+    """Every tensor the model needs is in ``model/`` with the global shape the config implies."""
+    from megatron.core import dist_checkpointing
+
+    stored = {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(str(model_dir)).items()}
+    for key, (shape, rows_may_differ) in _expected_shapes(sharded).items():
+        if key not in stored:
+            raise CheckpointError(f"{model_dir} has no tensor {key}, which this model needs; "
+                                  f"{folder / 'config.yaml'} does not describe these weights")
+        if stored[key] != shape and not (rows_may_differ and stored[key][1:] == shape[1:]):
+            raise CheckpointError(f"{model_dir}: tensor {key} has shape {list(stored[key])} but the model section of "
+                                  f"{folder / 'config.yaml'} implies {list(shape)}; the config does not match its tensors")
+
+
+def load_model_weights(model, checkpoint_dir, strict: bool = True) -> None:
+    """Collective: load the weights of a megarank checkpoint folder (or its ``model/``, or a run directory's
+    ``latest`` step) into ``model``, after checking the folder's checksums; the loaded weights must be finite.
+    FP8 ``_extra_state`` is loaded too where both sides have it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    folder = model_folder(checkpoint_dir)
+    model_dir = folder / MODEL_DIR
+    if not (model_dir / "metadata.json").is_file():
+        raise CheckpointError(f"{checkpoint_dir} is not a megarank checkpoint (no {MODEL_DIR}/metadata.json)")
+    verify_checkpoint_files(folder, parts=MODEL_PARTS)
+    sharded = model_sharded_state_dict(model)
+    if strict:
+        _check_tensor_shapes(sharded, model_dir, folder)
+    handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL
+    loaded = dist_checkpointing.load(sharded, str(model_dir), strict=handling)
+    model.load_state_dict(loaded, strict=False)
+    missing = [k for k in model.state_dict() if k not in loaded and not _is_extra_state(k)]
+    if strict and missing:
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+    try:
+        check_finite(((k, v) for k, v in model.state_dict().items() if not _is_extra_state(k)), model_dir)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    error = first_error(error)  # every rank stops, whichever rank holds the bad shard
+    if error:
+        raise CheckpointError(error)
+    load_extra_state(model, folder)
+
+
+def load_checkpoint_config(path):
+    """The Config saved with a checkpoint folder."""
+    from megarank.config import ConfigError, load_config
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} is not a megarank checkpoint: it does not exist")
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} is not a megarank checkpoint (no config.yaml)")
+    try:
+        return load_config(str(cfg_path))
+    except ConfigError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "kv_channels", "vocab_size", "rope_theta", "rope_scaling", "norm_eps", "num_labels")
+
+
+def _architecture(m) -> dict:
+    from megarank.config import padded_vocab_size
+
+    arch = {k: getattr(m, k) for k in ARCHITECTURE_KEYS}
+    arch["kv_channels"] = m.kv_channels or m.hidden_size // m.num_attention_heads
+    arch["padded_vocab_size"] = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
+    return arch
+
+
+def check_architecture(model_cfg, checkpoint_dir) -> None:
+    """The run's model section must describe the checkpoint's model; name the first key that differs."""
+    folder = model_folder(checkpoint_dir)
+    saved = _architecture(load_checkpoint_config(folder).model)
+    wanted = _architecture(model_cfg)
+    for key, value in saved.items():
+        if wanted[key] != value:
+            raise CheckpointError(
+                f"{folder}/config.yaml has model.{key} = {value} but this run's config has {wanted[key]}; "
+                "use the model section of the checkpoint's config.yaml"
+            )
+
+
+def load_global_tensors(model, tensors, where: str) -> None:
+    """Collective: copy global (TP=1/PP=1-shaped) tensors into ``model``, built at any TP/PP: what
+    ``load_model_weights`` does from a folder, from a mapping in memory (an HF model converted without writing,
+    ``checkpoint_tools.import_hf.hf_to_megatron_in_memory``).
+
+    ``tensors`` maps the keys a ``model/`` folder stores (``model_sharded_state_dict``: stacked layers under
+    ``decoder.layers.*``, layer index first) to global tensors. Each of this rank's shards (a factory such as
+    SwiGLU's fc1 expanded into its contiguous chunks) gets ``global[offset : offset + local_shape]``, cast to the
+    model's dtype. The word embedding's rows may differ (``allow_shape_mismatch``: vocabulary padding): the rows
+    that exist are copied and the rest zeroed, as megatron's loader does. Every tensor of the model must be in
+    ``tensors`` with the global shape the config implies, and the result must be finite; otherwise a
+    CheckpointError naming ``where`` and the key (the same on every rank). FP8 ``_extra_state`` is not loaded."""
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    def fill(sub) -> None:
+        if sub.key not in tensors:
+            raise CheckpointError(f"{where} has no tensor {sub.key}, which this model needs")
+        full = tensors[sub.key]
+        shape, stored = tuple(sub.global_shape), tuple(full.shape)
+        if stored != shape and not (sub.allow_shape_mismatch and stored[1:] == shape[1:]):
+            raise CheckpointError(f"{where}: tensor {sub.key} has shape {list(stored)} but the model needs "
+                                  f"{list(shape)}; the config does not match its tensors")
+        p = sub.prepend_axis_num
+        local = sub.data.view((1,) * p + tuple(sub.data.shape))
+        box = [slice(o, o + 1) for o in sub.global_offset[:p]]
+        box += [slice(o, o + n) for o, n in zip(sub.global_offset[p:], sub.data.shape)]
+        part = full[tuple(box)]  # may be cut short along dim 0 (an embedding with fewer stored rows)
+        local.zero_() if part.shape != local.shape else None
+        local[tuple(slice(0, n) for n in part.shape)].copy_(part)
+
+    error = None
+    try:
+        with torch.no_grad():
+            for sh in nested_values(model_sharded_state_dict(model)):
+                subs = nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]
+                for sub in subs:
+                    if isinstance(sub, ShardedTensor):
+                        fill(sub)
+        check_finite(((k, v) for k, v in model.state_dict().items() if not _is_extra_state(k)), where)
+    except CheckpointError as e:
+        error = str(e)
+    error = first_error(error)  # every rank stops, whichever rank found the problem
+    if error:
+        raise CheckpointError(error)
