@@ -108,6 +108,21 @@ class ModelConfig:
         True, "Transformer Engine's fused RoPE kernel for q and k. Used only with Transformer Engine on CUDA."
     )
 
+    # Derived values, defined once here (litgpt's Config.__post_init__ plays this part): properties, so a dotted
+    # override or a YAML change can never leave them stale, and they are never written to config.yaml.
+    @property
+    def head_dim(self) -> int:
+        """kv_channels, or hidden_size / num_attention_heads when it is null."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab(self, tensor_parallel_size: int = 1) -> int:
+        """Rows of the embedding at this TP (the same for every TP dividing make_vocab_size_divisible_by)."""
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_parallel_size)
+
+    @property
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
+
 
 @dataclass
 class ParallelConfig:
@@ -431,6 +446,17 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+# The config's dtype names -> torch's (megarank.config imports no torch; torch_dtype imports it when called).
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """torch.float32 / torch.bfloat16 / torch.float16 for "fp32" / "bf16" / "fp16" (the one dtype map)."""
+    import torch
+
+    return getattr(torch, TORCH_DTYPE_NAMES[name])
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Rows of the embedding: the vocabulary padded to a multiple of lcm(divisible_by, tp).
 
@@ -582,7 +608,7 @@ def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
                 "batch can be one sequence"
             )
         if m.num_attention_heads > 0 and m.num_query_groups > 0 and not m.num_attention_heads % tp and not m.num_query_groups % tp:
-            kv = m.kv_channels or (m.hidden_size // m.num_attention_heads)
+            kv = m.head_dim
             dims = {
                 "model.hidden_size (input of linear_qkv and linear_fc1)": (m.hidden_size, 16),
                 "(model.num_attention_heads + 2 x model.num_query_groups) x head dim / TP (linear_qkv output)":

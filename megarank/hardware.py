@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megarank.config import TORCH_DTYPE_NAMES, torch_dtype
+
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s. fp32 runs on TF32 tensor cores
 # under megatron's defaults (torch.backends.cuda.matmul.allow_tf32 is not forced off), so it uses the TF32 rate.
@@ -88,7 +89,7 @@ def resolve_inference_dtype(requested: str, model_dtype: str, device: str | torc
     checkpoint's own dtype. An explicit dtype is used as given.
     """
     if requested != "auto":
-        if requested not in DTYPES:
+        if requested not in TORCH_DTYPE_NAMES:
             raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {requested!r}")
         return requested, "requested"
     device = torch.device(device)
@@ -111,8 +112,8 @@ def measured_gemm_flops(dtype: str, threads: int, size: int = 1024, seconds: flo
     other jobs load the machine is still what the CPU can do (wall clock alone once read 75 instead of 95
     GFLOP/s under load, which put a training step's MFU over 100%).
     """
-    a = torch.randn(size, size, dtype=DTYPES[dtype])
-    b = torch.randn(size, size, dtype=DTYPES[dtype])
+    a = torch.randn(size, size, dtype=torch_dtype(dtype))
+    b = torch.randn(size, size, dtype=torch_dtype(dtype))
     a @ b
     flops = 2 * size**3
     try:  # threads beyond the CPUs this process may run on add CPU time, not speed

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import ir_measures
 
 from .data.errors import DataError
 from .data.readers import iter_run_rows
+from .files import atomic_write
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@10", "R@100")
 
@@ -81,18 +80,10 @@ def evaluate_run(qrels: Mapping[str, Mapping[str, int]], scores: Scores,
 
 def write_trec_run(path: str | os.PathLike, scores: Scores, tag: str = "megarank") -> None:
     """Write ``qid Q0 docid rank score tag`` lines (ranks 1..n in tie-broken order), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for qid, doc_scores in scores.items():
-                for rank, (docid, score) in enumerate(rank_documents(doc_scores), start=1):
-                    f.write(f"{qid} Q0 {docid} {rank} {score!r} {tag}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        for qid, doc_scores in scores.items():
+            for rank, (docid, score) in enumerate(rank_documents(doc_scores), start=1):
+                f.write(f"{qid} Q0 {docid} {rank} {score!r} {tag}\n")
 
 
 def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:

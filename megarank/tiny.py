@@ -3,12 +3,12 @@
 It stands in for Llama-3.2-1B in the quickstart and tests (no hub access): same architecture family
 (GQA, Llama-3 RoPE scaling, RMSNorm, SwiGLU), shape from a megarank config's ``model`` section.
 """
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 from megarank.config import ConfigError, ModelConfig, load_config
+from megarank.files import atomic_output_dir
 
 _DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -25,7 +25,7 @@ def hf_llama_config(m: ModelConfig, tokenizer):
     return LlamaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups, head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, head_dim=m.head_dim,
         max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta,
         rope_scaling=rope, tie_word_embeddings=m.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -43,20 +43,13 @@ def write_tiny_hf_model(out, config_path: Optional[str] = None, seed: int = 0, o
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists (pass --overwrite to replace it)")
     model_cfg = load_config(str(config_path or _DEFAULT_CONFIG)).model
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
-        tokenizer = build_tiny_tokenizer(tmp / "tokenizer-build")
-        if model_cfg.vocab_size != len(tokenizer):
-            raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) must equal the tiny tokenizer's {len(tokenizer)} tokens")
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(hf_llama_config(model_cfg, tokenizer))
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        (tmp / "model").chmod(0o755)
-        (tmp / "model").rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as build:
+        tokenizer = build_tiny_tokenizer(Path(build) / "tokenizer")
+    if model_cfg.vocab_size != len(tokenizer):
+        raise ConfigError(f"model.vocab_size ({model_cfg.vocab_size}) must equal the tiny tokenizer's {len(tokenizer)} tokens")
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_llama_config(model_cfg, tokenizer))
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out

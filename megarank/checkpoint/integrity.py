@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import zlib
 from pathlib import Path
 
 from megarank.checkpoint.layout import MANIFEST, CheckpointError
+from megarank.files import atomic_write_text
 
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
@@ -50,13 +50,7 @@ def write_manifest(path) -> Path:
     root = Path(path)
     files = {rel: {"size": (root / rel).stat().st_size, "crc32": file_crc32(root / rel)} for rel in _listed_files(root)}
     data = {"format_version": MANIFEST_VERSION, "algorithm": "crc32", "files": files}
-    tmp = root / f".{MANIFEST}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    return root / MANIFEST
+    return atomic_write_text(root / MANIFEST, json.dumps(data, indent=1), fsync=True)
 
 
 def _read_manifest(root: Path) -> dict | None:

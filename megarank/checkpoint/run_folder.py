@@ -8,12 +8,12 @@ the newest intact step, with a warning.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from megarank.checkpoint.integrity import verify_checkpoint_files
+from megarank.files import atomic_write_text
 from megarank.checkpoint.layout import (
     CONFIG_FILE, LATEST, MARKER, MODEL_DIR, MODEL_PARTS, STEP_NAME, CheckpointError, step_dir_name,
 )
@@ -112,13 +112,7 @@ def resolve_checkpoint(path) -> Path:
 
 def publish_latest(run_dir, step: int) -> None:
     """Point ``latest`` at ``step-N`` atomically (write a temp file, fsync, rename)."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f".latest.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(step_dir_name(step) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / LATEST)
+    atomic_write_text(Path(run_dir) / LATEST, step_dir_name(step) + "\n", fsync=True)
 
 
 def _latest_name(run_dir: Path) -> Optional[str]:

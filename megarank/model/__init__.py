@@ -21,7 +21,6 @@ def build_model(model_cfg, parallel_cfg, *, init_weights: bool = True, ddp_train
     import torch
     from megatron.core import parallel_state
 
-    from megarank.config import padded_vocab_size
     from megarank.parallel.init import cuda_max_connections_problem
     from megarank.model.spec import block_spec, resolve_impl
     from megarank.model.transformer_config import make_transformer_config
@@ -36,9 +35,7 @@ def build_model(model_cfg, parallel_cfg, *, init_weights: bool = True, ddp_train
     model = LlamaReranker(
         config,
         block_spec(config, impl, model_cfg.attention_backend, pp_rank=pp_rank),
-        padded_vocab_size=padded_vocab_size(
-            model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel_cfg.tensor_model_parallel_size
-        ),
+        padded_vocab_size=model_cfg.padded_vocab(parallel_cfg.tensor_model_parallel_size),
         rope_theta=model_cfg.rope_theta,
         rope_scaling=model_cfg.rope_scaling,
         pooling=model_cfg.pooling,

@@ -12,7 +12,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megarank.config import ModelConfig, ParallelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_transformer_config(
@@ -33,7 +32,7 @@ def make_transformer_config(
     ddp_training: the model will be wrapped in megatron's DistributedDataParallel for training, which gives
         every parameter the fp32 ``main_grad`` buffer that gradient-accumulation fusion writes into.
     """
-    dtype = DTYPES[model.dtype]
+    dtype = model.torch_dtype
     on_gpu = torch.cuda.is_available() if cuda is None else cuda
     te = impl == "transformer_engine"
     te_gpu = te and on_gpu
@@ -44,7 +43,7 @@ def make_transformer_config(
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
-        kv_channels=model.kv_channels or model.hidden_size // model.num_attention_heads,
+        kv_channels=model.head_dim,
         # Llama: RMSNorm, SwiGLU MLP ([gate; up] in linear_fc1), no biases anywhere. The TE spec reads
         # `normalization` too (TENorm / TELayerNormColumnParallelLinear build TE's RMSNorm from it).
         normalization="RMSNorm",

@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 
 def head_dim(m) -> int:
     """The attention head dimension: ``model.kv_channels``, else hidden / heads (as the model is built)."""
-    return m.kv_channels or m.hidden_size // m.num_attention_heads
+    return m.head_dim
 
 
 def forward_flops(m, lengths: Sequence[int]) -> int:

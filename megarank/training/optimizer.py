@@ -10,7 +10,6 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megarank.config import Config
-from megarank.model.transformer_config import DTYPES
 
 
 def wrap_ddp(model, cfg: Config, *, cuda: bool | None = None, syncs_params_before_reads: bool = False) -> DistributedDataParallel:
@@ -57,7 +56,7 @@ def build_optimizer(ddp_model, cfg: Config):
         clip_grad=t.clip_grad,
         bf16=cfg.model.dtype == "bf16",
         fp16=cfg.model.dtype == "fp16",
-        params_dtype=DTYPES[cfg.model.dtype],
+        params_dtype=cfg.model.torch_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     patch_torch_adamw_loading()
