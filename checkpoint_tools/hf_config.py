@@ -31,8 +31,10 @@ DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # that only reads weights) never divides by `temperature`; the folded value is recorded under this key so that
 # import can restore the training parameterization (head * T, temperature T) with the same scores.
 FOLDED_TEMPERATURE_KEY = "megarank_folded_temperature"
-# ModelConfig fields that describe the network itself (a checkpoint's config must agree on these)
-ARCHITECTURE_KEYS = (
+# ModelConfig fields that an HF config.json determines, compared between configs by the converters. Not
+# megarank.checkpoint.ARCHITECTURE_KEYS (what a run must share with a checkpoint it loads): config.json has
+# max_position_embeddings, and num_labels comes from score.weight's shape, not from config.json.
+HF_ARCHITECTURE_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
     "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "norm_eps",
 )
@@ -156,12 +158,11 @@ def hf_dtype(hf: dict):
 def normalized_architecture(m) -> dict:
     """ModelConfig architecture fields with kv_channels made explicit, for comparisons."""
     fields = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(m)
-    out = {k: fields[k] for k in ARCHITECTURE_KEYS}
+    out = {k: fields[k] for k in HF_ARCHITECTURE_KEYS}
     out["kv_channels"] = out["kv_channels"] or out["hidden_size"] // out["num_attention_heads"]
     if out["rope_scaling"] is not None and dataclasses.is_dataclass(out["rope_scaling"]):
         out["rope_scaling"] = dataclasses.asdict(out["rope_scaling"])
     return out
-
 
 
 def folded_temperature(hf: dict, where: str) -> float:
@@ -170,20 +171,6 @@ def folded_temperature(hf: dict, where: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ConversionError(f"{where}: {FOLDED_TEMPERATURE_KEY} must be a positive number, got {value!r}")
     return float(value)
-
-
-def fold_temperature(score_weight, temperature: float):
-    """score.weight / temperature, computed in fp32 and returned in the weight's dtype (exactly the weight when 1)."""
-    if temperature == 1.0:
-        return score_weight
-    return (score_weight.float() / temperature).to(score_weight.dtype)
-
-
-def unfold_temperature(score_weight, temperature: float):
-    """Inverse of fold_temperature (the same scores; bit-exact only when temperature is 1 or a power of two)."""
-    if temperature == 1.0:
-        return score_weight
-    return (score_weight.float() * temperature).to(score_weight.dtype)
 
 
 def export_config(m, dtype: str, extra: dict | None = None) -> dict:

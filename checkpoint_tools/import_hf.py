@@ -1,5 +1,10 @@
 """hf-to-megatron: a Hugging Face Llama folder -> a megarank checkpoint folder (config.yaml, tokenizer/, model/).
 
+One plan serves both outputs: ``plan_import`` derives the Config and the list of stored chunks (each computed
+from HF tensors through the ``keymap`` registry when asked), ``hf_to_megatron`` streams the chunks to the
+``torch_dist`` writer, and ``hf_to_megatron_in_memory`` assembles the same chunks into global tensors, so the two
+are identical by construction.
+
 Vocabulary padding: the embedding is stored with ``padded_vocab_size(vocab_size, make_vocab_size_divisible_by,
 --tp)`` rows (megarank's rule: a multiple of lcm(divisible_by, tp), so the same size for every TP that divides
 divisible_by), zero rows appended; config.yaml keeps the HF ``vocab_size``. A model at any TP loads it even when
@@ -10,84 +15,91 @@ divisible_by 1: 301 stored rows loaded by a TP=2 model of 302). Export cuts back
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
-import yaml
 
 from checkpoint_tools import keymap
 from checkpoint_tools.atomic import atomic_output_dir, check_destination
+from checkpoint_tools.configs import DTYPES, check_agreement, load_requested_config, model_keys_in_overrides
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import (
-    ARCHITECTURE_KEYS,
     check_bidirectional,
     defaulted_keys,
     detect_format,
     folded_temperature,
     hf_architecture,
     hf_dtype,
-    normalized_architecture,
     read_hf_config,
-    unfold_temperature,
 )
 from checkpoint_tools.hf_reader import HFWeights
-from checkpoint_tools.layout import fuse_qkv, pad_vocab
-from checkpoint_tools.megatron_writer import (
-    stacked_chunks,
-    whole_chunk,
-    write_torch_dist,
-)
+from checkpoint_tools.megatron_writer import materialize, stacked_chunks, whole_chunk, write_torch_dist
 from checkpoint_tools.progress import Progress
-from checkpoint_tools.tokenizer_files import copy_tokenizer
+from checkpoint_tools.tokenizer_files import copy_tokenizer, tokenizer_files
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import megarank.config
 
+log = logging.getLogger("checkpoint_tools.import_hf")
 
-def _load_base_config(path):
-    """The megarank Config to start from, and the model keys its YAML sets explicitly."""
-    from megarank.config import Config, ConfigError, load_config
-
-    if path is None:
-        return Config(), set()
-    try:
-        cfg = load_config(str(path))
-    except ConfigError as e:
-        raise ConversionError(str(e)) from None
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return cfg, set((raw.get("model") or {}).keys())
+# model keys a flag of the same name (or a dotted override) sets over the source's value
+HEAD_FLAGS = ("pooling", "temperature", "make_vocab_size_divisible_by")
 
 
-def check_agreement(want, have, keys, want_name: str, have_name: str) -> None:
-    """The architecture keys in ``keys`` must agree between two configs (ModelConfig or HF-derived dict); the
-    error names the first that differs, with both values."""
-    want, have = normalized_architecture(want), normalized_architecture(have)
-    for key in ARCHITECTURE_KEYS:
-        if key in keys and want[key] != have[key]:
-            raise ConversionError(
-                f"{want_name} has model.{key} = {want[key]} but {have_name} has {have[key]}; "
-                "the requested config contradicts the checkpoint"
-            )
+# ------------------------------------------------------------------------------------------------ config
 
 
-def build_config(hf: dict, fmt: str, weights: HFWeights, src: Path, opts: dict):
-    """The megarank Config of the converted checkpoint: architecture from HF, the rest from --config and flags."""
-    from megarank.config import ConfigError, validate
+def _source_config_json(src: Path) -> str:
+    return str(src / "config.json")
 
-    cfg, explicit = _load_base_config(opts.get("config"))
-    arch = hf_architecture(hf, where=str(src / "config.json"))
-    model_arch = dataclasses.replace(cfg.model, **arch)
-    check_agreement(cfg.model, arch, explicit, str(opts.get("config")), str(src / "config.json"))
-    m = model_arch
+
+def _requested_name(config, overrides) -> str:
+    """How errors name the requested config: the --config path and/or the overrides."""
+    parts = [str(config)] if config is not None else []
+    if overrides:
+        parts.append("overrides " + " ".join(overrides))
+    return " + ".join(parts) or "the requested config"
+
+
+def _source_head(m, hf: dict, fmt: str, weights: HFWeights, where: str):
+    """``m`` with the source's head settings: a llama_bidirec's pooling and temperature (a megarank export folded
+    its temperature T into score.weight: T comes back here, the head is unfolded by keymap.SCORE) and num_labels."""
     if fmt == "llama_bidirec":
-        # a megarank export folded its temperature T into score.weight: the head is unfolded again (plan_chunks)
-        temperature = float(hf.get("temperature", 1.0)) * folded_temperature(hf, str(src / "config.json"))
+        temperature = float(hf.get("temperature", 1.0)) * folded_temperature(hf, where)
         m = dataclasses.replace(m, pooling=hf.get("pooling", m.pooling), temperature=temperature)
     if fmt != "causal_lm" and "score.weight" in weights:
         m = dataclasses.replace(m, num_labels=weights.shape("score.weight")[0])
-    for key in ("pooling", "temperature", "make_vocab_size_divisible_by"):
-        if opts.get(key) is not None:
-            m = dataclasses.replace(m, **{key: opts[key]})
+    return m
+
+
+def _flag_values(opts: dict, requested_model, overrides) -> dict:
+    """HEAD_FLAGS set by a flag, else by a dotted ``model.<key>`` override: these win over the source's values."""
+    overridden = model_keys_in_overrides(overrides)
+    out = {}
+    for key in HEAD_FLAGS:
+        value = opts.get(key)
+        if value is None and key in overridden:
+            value = getattr(requested_model, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def build_config(hf: dict, fmt: str, weights: HFWeights, src: Path, opts: dict):
+    """The megarank Config of the converted checkpoint: architecture from HF, the rest from --config / overrides
+    and flags."""
+    from megarank.config import ConfigError, validate
+
+    overrides = tuple(opts.get("overrides") or ())
+    cfg, explicit = load_requested_config(opts.get("config"), overrides)
+    where = _source_config_json(src)
+    arch = hf_architecture(hf, where=where)
+    check_agreement(cfg.model, arch, explicit, _requested_name(opts.get("config"), overrides), where)
+    m = _source_head(dataclasses.replace(cfg.model, **arch), hf, fmt, weights, where)
+    m = dataclasses.replace(m, **_flag_values(opts, cfg.model, overrides))
     if "dtype" not in explicit and hf_dtype(hf):
         m = dataclasses.replace(m, dtype=hf_dtype(hf))
     cfg = dataclasses.replace(cfg, model=m)
@@ -98,9 +110,24 @@ def build_config(hf: dict, fmt: str, weights: HFWeights, src: Path, opts: dict):
     return cfg
 
 
-def check_tensors(weights: HFWeights, m, fmt: str, src: Path) -> list:
+def import_warnings(hf: dict, fmt: str, m, where: str) -> list:
+    """Things the user must know about the converted model (printed on stderr, one line each)."""
+    out = [f"{where} has no {key}; using transformers' default {key} = {value}" for key, value in defaulted_keys(hf)]
+    if fmt == "seq_cls" and m.pooling != "last":
+        out.append(
+            f"{where}: a LlamaForSequenceClassification head was trained on the last token's state of a causal model "
+            f"(last-token pooling); it is reused here with {m.pooling} pooling and bidirectional attention, so its "
+            "scores start from scratch: fine-tune, or pass --pooling last to keep its pooling"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tensors
+
+
+def check_tensors(weights: HFWeights, dims: keymap.Dims, fmt: str, src: Path) -> list:
     """Missing, unexpected and wrongly shaped tensors are errors (named); returns the ignored names."""
-    expected = keymap.hf_shapes(m, with_score=fmt != "causal_lm")
+    expected = {name: shape for name, shape, _, _ in keymap.hf_entries(dims, with_score=fmt != "causal_lm")}
     names = weights.names()
     missing = [n for n in expected if n not in weights]
     if missing:
@@ -116,105 +143,188 @@ def check_tensors(weights: HFWeights, m, fmt: str, src: Path) -> list:
     return ignored
 
 
-def _storage_dtype(weights: HFWeights, names, cast):
-    if cast is not None:
-        return cast
-    dtypes = {weights.dtype(n) for n in names}
-    if len(dtypes) != 1:
-        raise ConversionError(f"tensors {', '.join(names[:3])}... mix dtypes {sorted(map(str, dtypes))}; pass --dtype to store one")
-    return dtypes.pop()
+class _Source:
+    """HF tensors by name for the mappings (``source[name]``), read from disk on each access, optionally cast."""
+
+    def __init__(self, weights: HFWeights, cast):
+        self.weights, self.cast = weights, cast
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.weights.get(name)
+        return t.to(self.cast) if self.cast is not None else t
+
+    def storage_dtype(self, names: list):
+        """The one dtype the megatron tensor made of ``names`` is stored in."""
+        if self.cast is not None:
+            return self.cast
+        dtypes = {self.weights.dtype(n) for n in names}
+        if len(dtypes) != 1:
+            raise ConversionError(f"tensors {', '.join(names[:3])}... mix dtypes {sorted(map(str, dtypes))}; pass --dtype to store one")
+        return dtypes.pop()
 
 
-def plan_chunks(weights: HFWeights, m, padded_vocab: int, cast, seed: int, unfold: float = 1.0) -> list:
-    """Every stored chunk of the megatron checkpoint, layer by layer, each computed from HF tensors on demand."""
-    shapes = keymap.megatron_shapes(m, padded_vocab)
-    d = keymap.head_dim(m)
-    get = (lambda n: weights.get(n).to(cast)) if cast is not None else weights.get
+def _layer_chunks(source: _Source, dims: keymap.Dims) -> list:
+    """The stacked tensors' chunks, layer-major (HF shards are layer-ordered: they are then read in order)."""
     per_key = []
-    for e in keymap.LAYER_ENTRIES:
-        names = [n for i in range(m.num_layers) for n in keymap.hf_layer_names(e, i)]
-        dtype = _storage_dtype(weights, names, cast)
-        if e.combine == "qkv":
-            produce = lambda i, part, e=e: fuse_qkv(*(get(n) for n in keymap.hf_layer_names(e, i)),
-                                                    m.num_attention_heads, m.num_query_groups, d)
-        else:  # copy, or gate_up stored as two row blocks (gate, then up) like megatron's SwiGLU factory saves it
-            produce = lambda i, part, e=e: get(keymap.hf_layer_names(e, i)[part])
-        per_key.append(stacked_chunks(e.megatron, shapes[e.megatron], dtype, produce, split_rows=len(e.hf) if e.combine == "gate_up" else 1))
-    layer_major = []
-    for i in range(m.num_layers):  # HF shards are layer-ordered: read them in order
+    for mp in keymap.LAYER_MAPPINGS:
+        dtype = source.storage_dtype([n for i in range(dims.layers) for n in mp.names(i)])
+        produce = lambda i, block, mp=mp: mp.to_megatron_block(source, dims, block, i)
+        per_key.append(stacked_chunks(mp.megatron, mp.megatron_shape(dims), dtype, produce, split_rows=mp.blocks))
+    out = []
+    for i in range(dims.layers):
         for chunks in per_key:
-            step = len(chunks) // m.num_layers
-            layer_major.extend(chunks[i * step:(i + 1) * step])
-
-    emb = keymap.EMBEDDING
-    emb_dtype = _storage_dtype(weights, list(emb.hf), cast)
-    head = [whole_chunk(emb.megatron, shapes[emb.megatron], emb_dtype, lambda: pad_vocab(get(emb.hf[0]), padded_vocab))]
-    norm = keymap.FINAL_NORM
-    tail = [whole_chunk(norm.megatron, shapes[norm.megatron], _storage_dtype(weights, list(norm.hf), cast), lambda: get(norm.hf[0]))]
-    score_shape = shapes[keymap.SCORE.megatron]
-    if "score.weight" in weights:  # (check_tensors made sure it has score_shape)
-        tail.append(whole_chunk("score.weight", score_shape, _storage_dtype(weights, ["score.weight"], cast),
-                                lambda: unfold_temperature(get("score.weight"), unfold)))
-    else:  # a base LM: a new head, normal(0, init_method_std), seeded so conversions are reproducible
-        def new_head():
-            g = torch.Generator().manual_seed(seed)
-            return (torch.randn(score_shape, generator=g, dtype=torch.float32) * m.init_method_std).to(emb_dtype)
-
-        tail.append(whole_chunk("score.weight", score_shape, emb_dtype, new_head))
-    return head + layer_major + tail
-
-
-def import_warnings(hf: dict, fmt: str, m, where: str) -> list:
-    """Things the user must know about the converted model (printed on stderr, one line each)."""
-    out = [f"{where} has no {key}; using transformers' default {key} = {value}" for key, value in defaulted_keys(hf)]
-    if fmt == "seq_cls" and m.pooling != "last":
-        out.append(
-            f"{where}: a LlamaForSequenceClassification head was trained on the last token's state of a causal model "
-            f"(last-token pooling); it is reused here with {m.pooling} pooling and bidirectional attention, so its "
-            "scores start from scratch: fine-tune, or pass --pooling last to keep its pooling"
-        )
+            step = len(chunks) // dims.layers
+            out.extend(chunks[i * step:(i + 1) * step])
     return out
 
 
-def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperature=None, config=None,
-                   make_vocab_size_divisible_by=None, dtype=None, seed: int = 1234, allow_pickle: bool = False,
-                   allow_causal: bool = False, overwrite: bool = False, quiet: bool = False) -> str:
-    """Convert; returns the summary line. ``pp`` does not change anything (see the CLI help)."""
-    from megarank.checkpoint import write_manifest, write_marker
-    from megarank.config import padded_vocab_size, save_config
+def _global_chunk(source: _Source, dims: keymap.Dims, mp: keymap.Mapping):
+    return whole_chunk(mp.megatron, mp.megatron_shape(dims), source.storage_dtype(mp.names()),
+                       lambda: mp.to_megatron(source, dims))
 
+
+def _new_score_chunk(dims: keymap.Dims, dtype, seed: int, std: float):
+    """A base LM's head: normal(0, init_method_std), seeded so conversions are reproducible."""
+    shape = keymap.SCORE.megatron_shape(dims)
+
+    def new_head():
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
+
+    return whole_chunk(keymap.SCORE.megatron, shape, dtype, new_head)
+
+
+def plan_chunks(weights: HFWeights, dims: keymap.Dims, cast, seed: int, init_std: float) -> list:
+    """Every stored chunk of the megatron checkpoint in write order, each computed from HF tensors on demand."""
+    source = _Source(weights, cast)
+    layers = _layer_chunks(source, dims)
+    before = [_global_chunk(source, dims, mp) for mp in keymap.BEFORE_LAYERS]
+    after = []
+    for mp in keymap.AFTER_LAYERS:
+        if mp is keymap.SCORE and not all(n in weights for n in mp.names()):  # a base LM (check_tensors allowed it)
+            dtype = source.storage_dtype(keymap.EMBEDDING.names())
+            after.append(_new_score_chunk(dims, dtype, seed, init_std))
+        else:
+            after.append(_global_chunk(source, dims, mp))
+    return before + layers + after
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclasses.dataclass
+class ImportPlan:
+    """Everything a conversion produces, before anything is written."""
+
+    src: Path
+    fmt: str
+    cfg: object  # megarank.config.Config
+    dims: keymap.Dims
+    chunks: list
+    ignored: list
+    new_head: bool
+    warnings: list
+
+    @property
+    def tokenizer_dir(self) -> Optional[Path]:
+        return self.src if tokenizer_files(self.src) else None
+
+
+def read_source(src, allow_causal: bool = False):
+    """(folder, config.json dict, format) of an HF folder import accepts."""
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src} does not exist or is not a folder")
     hf = read_hf_config(src)
-    fmt = detect_format(hf, where=str(src / "config.json"))
-    check_bidirectional(hf, fmt, allow_causal, str(src / "config.json"))
-    dst = check_destination(src, dst, overwrite)
+    fmt = detect_format(hf, where=_source_config_json(src))
+    check_bidirectional(hf, fmt, allow_causal, _source_config_json(src))
+    return src, hf, fmt
+
+
+def plan_import(src: Path, hf: dict, fmt: str, *, tp: int = 1, config=None, overrides=(), pooling=None,
+                temperature=None, make_vocab_size_divisible_by=None, dtype=None, seed: int = 1234,
+                allow_pickle: bool = False) -> ImportPlan:
+    """Read the weights' headers, derive the Config and plan every chunk (reads no tensor data)."""
+    from megarank.config import padded_vocab_size
+
     weights = HFWeights(src, allow_pickle=allow_pickle)
-    opts = {"config": config, "pooling": pooling, "temperature": temperature, "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
+    opts = {"config": config, "overrides": overrides, "pooling": pooling, "temperature": temperature,
+            "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     cfg = build_config(hf, fmt, weights, src, opts)
     m = cfg.model
-    ignored = check_tensors(weights, m, fmt, src)
-    padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
-    unfold = folded_temperature(hf, str(src / "config.json")) if fmt == "llama_bidirec" else 1.0
-    chunks = plan_chunks(weights, m, padded, DTYPES[dtype] if dtype else None, seed, unfold)
-    for line in import_warnings(hf, fmt, m, str(src / "config.json")):
-        print(f"megarank-convert hf-to-megatron: warning: {line}", file=sys.stderr)
+    unfold = folded_temperature(hf, _source_config_json(src)) if fmt == "llama_bidirec" else 1.0
+    dims = keymap.Dims.of(m, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp), unfold)
+    ignored = check_tensors(weights, dims, fmt, src)
+    chunks = plan_chunks(weights, dims, DTYPES[dtype] if dtype else None, seed, m.init_method_std)
+    new_head = fmt == "causal_lm" or "score.weight" not in weights
+    return ImportPlan(src, fmt, cfg, dims, chunks, ignored, new_head, import_warnings(hf, fmt, m, _source_config_json(src)))
 
-    progress = Progress("hf-to-megatron", len(chunks), sum(c.nbytes for c in chunks), quiet=quiet)
-    with atomic_output_dir(dst) as tmp:
-        write_torch_dist(tmp / "model", chunks, on_written=lambda c: progress.update(c.key, c.nbytes))
-        save_config(cfg, tmp / "config.yaml")
-        tokenizer = copy_tokenizer(src, tmp / "tokenizer")
-        write_marker(tmp, kind="converted", source=str(src.absolute()), source_format=fmt, padded_vocab_size=padded)
-        write_manifest(tmp)  # last: checksums of every file, checked by every load
-    notes = [f"format {fmt}", f"vocab {m.vocab_size} padded to {padded}"]
-    if ignored:
-        notes.append(f"ignored {', '.join(ignored[:2])}{' ...' if len(ignored) > 2 else ''}")
-    if fmt == "causal_lm" or "score.weight" not in weights:
+
+def hf_to_megatron_in_memory(
+    src, overrides=()
+) -> tuple["megarank.config.Config", dict[str, torch.Tensor], Optional[Path]]:
+    """``hf-to-megatron SRC`` without writing anything: (the Config it saves as config.yaml, {megatron key: global
+    tensor} of exactly what it writes into ``model/``, the folder holding SRC's tokenizer files or None).
+
+    Accepts what the CLI accepts with its default flags (``llama_bidirec`` exports, their folded temperature
+    multiplied back, ``LlamaForSequenceClassification``, ``LlamaForCausalLM`` with a new seeded head). ``overrides``
+    are dotted ``section.key=value`` strings applied like a ``--config`` YAML that sets them (architecture keys
+    must agree with config.json), except that ``model.pooling`` / ``model.temperature`` /
+    ``model.make_vocab_size_divisible_by`` win over the source's values, as the flags of those names do. Tensors
+    keep the source dtypes, layers stacked on dim 0; the whole model is in memory at once.
+    """
+    src, hf, fmt = read_source(src)
+    plan = plan_import(src, hf, fmt, overrides=tuple(overrides))
+    for line in plan.warnings:
+        log.warning("%s", line)
+    return plan.cfg, materialize(plan.chunks), plan.tokenizer_dir
+
+
+# ------------------------------------------------------------------------------------------------ on disk
+
+
+def _write_checkpoint(plan: ImportPlan, tmp: Path, progress: Progress) -> list:
+    """config.yaml, tokenizer/, model/, the marker and the manifest (last); returns the tokenizer files copied."""
+    from megarank.checkpoint import write_manifest
+    from megarank.checkpoint.layout import CONFIG_FILE, MODEL_DIR, TOKENIZER_DIR, write_marker
+    from megarank.config import save_config
+
+    write_torch_dist(tmp / MODEL_DIR, plan.chunks, on_written=lambda c: progress.update(c.key, c.nbytes))
+    save_config(plan.cfg, tmp / CONFIG_FILE)
+    tokenizer = copy_tokenizer(plan.src, tmp / TOKENIZER_DIR)
+    write_marker(tmp, kind="converted", source=str(plan.src.absolute()), source_format=plan.fmt,
+                 padded_vocab_size=plan.dims.padded_vocab)
+    write_manifest(tmp)  # last: checksums of every file, checked by every load
+    return tokenizer
+
+
+def _summary_notes(plan: ImportPlan, tokenizer: list, seed: int) -> list:
+    m = plan.cfg.model
+    notes = [f"format {plan.fmt}", f"vocab {m.vocab_size} padded to {plan.dims.padded_vocab}"]
+    if plan.ignored:
+        notes.append(f"ignored {', '.join(plan.ignored[:2])}{' ...' if len(plan.ignored) > 2 else ''}")
+    if plan.new_head:
         notes.append(f"new score head normal(0, {m.init_method_std}) seed {seed}")
-    if unfold != 1.0:
-        notes.append(f"score head unfolded from the export's folded temperature {unfold:g}")
+    if plan.dims.folded_temperature != 1.0:
+        notes.append(f"score head unfolded from the export's folded temperature {plan.dims.folded_temperature:g}")
     if not tokenizer:
         notes.append("no tokenizer files found in SRC")
-    return f"{progress.summary()} -> {dst} ({'; '.join(notes)})"
+    return notes
+
+
+def hf_to_megatron(src, dst, *, tp: int = 1, pp: int = 1, pooling=None, temperature=None, config=None,
+                   make_vocab_size_divisible_by=None, dtype=None, seed: int = 1234, allow_pickle: bool = False,
+                   allow_causal: bool = False, overwrite: bool = False, quiet: bool = False, overrides=()) -> str:
+    """Convert; returns the summary line. ``pp`` does not change anything (see the CLI help)."""
+    src, hf, fmt = read_source(src, allow_causal)
+    dst = check_destination(src, dst, overwrite)
+    plan = plan_import(src, hf, fmt, tp=tp, config=config, overrides=overrides, pooling=pooling,
+                       temperature=temperature, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                       dtype=dtype, seed=seed, allow_pickle=allow_pickle)
+    for line in plan.warnings:
+        print(f"megarank-convert hf-to-megatron: warning: {line}", file=sys.stderr)
+
+    progress = Progress("hf-to-megatron", len(plan.chunks), sum(c.nbytes for c in plan.chunks), quiet=quiet)
+    with atomic_output_dir(dst) as tmp:
+        tokenizer = _write_checkpoint(plan, tmp, progress)
+    return f"{progress.summary()} -> {dst} ({'; '.join(_summary_notes(plan, tokenizer, seed))})"

@@ -1,4 +1,5 @@
-"""Tensor layout changes between HF Llama and megatron-core: fused QKV (grouped GQA order), [gate; up], vocab padding."""
+"""Tensor transforms between HF Llama and megatron-core: fused QKV (grouped GQA order), [gate; up], vocab padding,
+the folded temperature of an exported score head. The converters apply them only through ``keymap``'s mappings."""
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,7 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
 
 
 def split_gate_up(fc1: torch.Tensor):
-    """linear_fc1 [2*ffn, h] = [gate; up] -> gate [ffn, h], up [ffn, h]."""
+    """linear_fc1 [2*ffn, h] = [gate; up] -> gate [ffn, h], up [ffn, h] (contiguous copies)."""
     gate, up = fc1.chunk(2, dim=0)
     return gate.contiguous(), up.contiguous()
 
@@ -43,3 +44,22 @@ def pad_vocab(embedding: torch.Tensor, rows: int) -> torch.Tensor:
     out = torch.zeros(rows, hidden, dtype=embedding.dtype)
     out[:vocab] = embedding
     return out
+
+
+def cut_vocab(embedding: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Inverse of pad_vocab: the first ``vocab`` rows."""
+    return embedding[:vocab]
+
+
+def fold_temperature(score_weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """score.weight / temperature, computed in fp32 and returned in the weight's dtype (exactly the weight when 1)."""
+    if temperature == 1.0:
+        return score_weight
+    return (score_weight.float() / temperature).to(score_weight.dtype)
+
+
+def unfold_temperature(score_weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Inverse of fold_temperature (the same scores; bit-exact only when temperature is 1 or a power of two)."""
+    if temperature == 1.0:
+        return score_weight
+    return (score_weight.float() * temperature).to(score_weight.dtype)

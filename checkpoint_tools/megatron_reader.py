@@ -14,12 +14,8 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_tools.errors import ConversionError
-from checkpoint_tools.keymap import (
-    EMBEDDING,
-    LAYER_ENTRIES,
-    megatron_keys,
-    megatron_shapes,
-)
+from checkpoint_tools.keymap import EMBEDDING, LAYER_MAPPINGS, megatron_keys, megatron_shapes
+from megarank.checkpoint.layout import CONFIG_FILE, MODEL_DIR
 
 
 def resolve_checkpoint(src) -> Path:
@@ -45,7 +41,7 @@ class MegatronWeights:
     def __init__(self, ckpt: Path):
         from megatron.core import dist_checkpointing
 
-        self.dir = Path(ckpt) / "model"
+        self.dir = Path(ckpt) / MODEL_DIR
         try:
             meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
         except Exception as e:  # noqa: BLE001 - unreadable metadata is a bad checkpoint
@@ -66,7 +62,7 @@ class MegatronWeights:
         for key, shape in expected.items():
             if self.shapes[key] != tuple(shape):
                 raise ConversionError(
-                    f"{self.dir}: tensor {key} has shape {list(self.shapes[key])} but config.yaml's model section "
+                    f"{self.dir}: tensor {key} has shape {list(self.shapes[key])} but {CONFIG_FILE}'s model section "
                     f"implies {list(shape)}; the checkpoint's saved config contradicts its weights"
                 )
 
@@ -96,12 +92,12 @@ class MegatronWeights:
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         sharded = {}
-        for e in LAYER_ENTRIES:
-            shape = self.shapes[e.megatron]
+        for mp in LAYER_MAPPINGS:
+            shape = self.shapes[mp.megatron]
             # a [1, ...] slice at offset i of the [L, ...] global tensor (no prepend axis: DCP then reads just
             # the overlapping stored chunks, whatever TP/PP split they were saved with)
-            target = torch.empty((1,) + shape[1:], dtype=self.dtypes[e.megatron])
-            sharded[e.megatron] = ShardedTensor.from_rank_offsets(e.megatron, target, (0, i, shape[0]), replica_id=0)
+            target = torch.empty((1,) + shape[1:], dtype=self.dtypes[mp.megatron])
+            sharded[mp.megatron] = ShardedTensor.from_rank_offsets(mp.megatron, target, (0, i, shape[0]), replica_id=0)
         return {k: v[0] for k, v in self._load(sharded).items()}
 
     def num_bytes(self, keys=None) -> int:

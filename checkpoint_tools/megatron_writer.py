@@ -50,6 +50,13 @@ class Chunk:
             n *= s
         return n
 
+    def compute(self) -> torch.Tensor:
+        """The chunk's data, checked against the plan."""
+        tensor = self.produce()
+        if tuple(tensor.shape) != tuple(self.shape) or tensor.dtype != self.dtype:
+            raise AssertionError(f"{self.key} chunk at {self.offset}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {self.shape} {self.dtype}")
+        return tensor
+
     def write_item(self) -> WriteItem:
         offsets = torch.Size(self.offset)
         return WriteItem(
@@ -78,9 +85,7 @@ class _LazyPlanner(DefaultSavePlanner):
 
     def resolve_data(self, write_item: WriteItem):
         chunk = self._chunks[(write_item.index.fqn, write_item.index.offset)]
-        tensor = chunk.produce()
-        if tuple(tensor.shape) != tuple(chunk.shape) or tensor.dtype != chunk.dtype:
-            raise AssertionError(f"{chunk.key} chunk at {chunk.offset}: produced {tuple(tensor.shape)} {tensor.dtype}, planned {chunk.shape} {chunk.dtype}")
+        tensor = chunk.compute()
         if self._on_written is not None:
             self._on_written(chunk)
         return tensor.contiguous()
@@ -117,3 +122,14 @@ def stacked_chunks(key: str, global_shape: tuple, dtype, produce_layer, split_ro
 
 def whole_chunk(key: str, shape: tuple, dtype, produce) -> Chunk:
     return Chunk(key, tuple(shape), (0,) * len(shape), tuple(shape), dtype, produce)
+
+
+def materialize(chunks) -> dict:
+    """The global tensors ``chunks`` describe, assembled in memory: {key: tensor of its global shape and dtype},
+    what ``write_torch_dist(dir, chunks)`` stores (read back by ``dist_checkpointing.load_plain_tensors``)."""
+    out = {}
+    for c in chunks:
+        if c.key not in out:
+            out[c.key] = torch.empty(c.global_shape, dtype=c.dtype)
+        out[c.key][tuple(slice(o, o + n) for o, n in zip(c.offset, c.shape))].copy_(c.compute())
+    return out
