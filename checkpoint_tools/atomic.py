@@ -1,22 +1,16 @@
-"""Write an output folder atomically: everything goes into a temp folder beside DST, renamed into place at the end.
+"""Write an output folder atomically (megarank.files.atomic_output_dir): everything goes into a temp folder beside
+DST, renamed into place at the end.
 
 A failure (bad input found halfway, Ctrl-C) removes the temp folder, so DST either does not exist or is complete.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from checkpoint_tools.errors import ConversionError
+from megarank.files import atomic_output_dir
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+__all__ = ["atomic_output_dir", "check_destination"]
 
 
 def check_destination(src, dst, overwrite: bool) -> Path:
@@ -29,24 +23,3 @@ def check_destination(src, dst, overwrite: bool) -> Path:
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"destination {dst} exists and is not a folder")
     return dst
-
-
-@contextmanager
-def atomic_output_dir(dst):
-    """Yield a fresh temp folder beside ``dst``; on success it replaces ``dst`` by renames, on error it is removed."""
-    dst = Path(dst).absolute()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get the usual permissions
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():  # --overwrite: move the old folder aside first so DST is never half old, half new
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rename(dst, old / "x")
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
