@@ -8,14 +8,14 @@ tensor at a time). Disk need: about 3x the checkpoint (source, megatron, export)
 when the work dir lacks the space.
 
     python benchmarks/convert_bench.py                 # 1b, then 8b if the disk allows
-    python benchmarks/convert_bench.py --sizes 1b --workdir /tmp/bench --report results.md
+    python benchmarks/convert_bench.py --sizes 1b --workdir /tmp/bench --report results.md --json results.json
+    python benchmarks/convert_bench.py --sizes tiny    # a 2-layer toy: checks the benchmark itself in seconds
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import environment, header, write_json
 
 SIZES = {
     # meta-llama/Llama-3.2-1B and meta-llama/Llama-3.1-8B config.json dims
@@ -38,6 +37,10 @@ SIZES = {
                "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False,
                "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 8192}},
+    # not a real model: the smallest Llama the converters take, to check the benchmark itself
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": False, "vocab_size": 512,
+             "bos_token_id": 1, "eos_token_id": 2},
 }
 COMMON = {"vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
               "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
@@ -136,13 +139,12 @@ def bench(size: str, workdir: Path, check: bool) -> dict:
     return result
 
 
-def markdown(results: list, command: str) -> str:
+def markdown(results: list, command: str, env: dict) -> str:
     lines = [
         "### Checkpoint conversion (benchmarks/convert_bench.py)",
         "",
-        (f"Machine: {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
-         f"{platform.machine()}, torch {torch.__version__}. Synthetic random bf16 HF LlamaForCausalLM checkpoints with the "
-         "real dims (5 GB safetensors shards). Each direction runs as its own process; peak RSS = that process's ru_maxrss."),
+        (f"Machine: {header(env)}. Synthetic random bf16 HF LlamaForCausalLM checkpoints with the real dims (5 GB "
+         "safetensors shards). Each direction runs as its own process; peak RSS = that process's ru_maxrss."),
         "",
         f"Command: `{command}`",
         "",
@@ -161,12 +163,17 @@ def markdown(results: list, command: str) -> str:
 
 
 def main(argv=None) -> int:
+    from megarank.files import atomic_write_text
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["1b", "8b"])
     p.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir in /tmp)")
     p.add_argument("--no-check", action="store_true", help="skip the bit-exact round-trip check")
     p.add_argument("--report", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--json", type=Path, default=None, help="also write the results and the environment here")
     args = p.parse_args(argv)
+    env = environment()
+    print(header(env), flush=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="megarank-convert-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -180,11 +187,13 @@ def main(argv=None) -> int:
             continue
         results.append(bench(size, workdir, not args.no_check))
     command = "python benchmarks/convert_bench.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:] if argv is None else argv))
-    table = markdown(results, command)
+    table = markdown(results, command, env)
     print(table)
     print(json.dumps(results, indent=1))
     if args.report:
-        args.report.write_text(table)
+        atomic_write_text(args.report, table)
+    if args.json:
+        write_json(args.json, {"command": command, "results": results}, env)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

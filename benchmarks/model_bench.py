@@ -16,13 +16,11 @@ shows the median. ratio = transformers_time / variant_time (>= 1.0: as fast as t
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
+
+from common import (build_megarank, environment, header, keep_freed_memory, load_average, stopwatch, summary,
+                    write_json)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -49,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--keep-freed-memory", action="store_true",
         help="glibc keeps freed memory in the process (steadier timings on a machine short of free memory; "
-        "see keep_freed_memory)",
+        "see benchmarks/common.py keep_freed_memory)",
     )
     return p.parse_args(argv)
 
@@ -64,35 +62,6 @@ def make_batch(args, device):
 
 
 # ----------------------------------------------------------------------------------------------- the models
-
-
-def build_megarank(args, attention_backend: str):
-    from megarank.config import load_config
-    from megarank.model import build_model
-
-    cfg = load_config(
-        None,
-        [
-            f"model.num_layers={args.layers}",
-            f"model.hidden_size={args.hidden}",
-            f"model.num_attention_heads={args.heads}",
-            f"model.num_query_groups={args.kv_heads}",
-            f"model.ffn_hidden_size={args.ffn}",
-            f"model.vocab_size={args.vocab}",
-            "model.make_vocab_size_divisible_by=128",
-            "model.rope_scaling.factor=32",
-            "model.transformer_impl=local",
-            f"model.attention_backend={attention_backend}",
-            f"model.dtype={args.dtype}",
-        ],
-    )
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.parallel).train()
-
-    def step(ids, valid):
-        return model(ids, valid)
-
-    return model, step
 
 
 class HFReranker(torch.nn.Module):
@@ -139,10 +108,9 @@ def build_transformers(args, device):
 
 
 def build(name, args, device):
-    if name == "megarank-sdpa":
-        return build_megarank(args, "sdpa")
-    if name == "megarank-megatron":
-        return build_megarank(args, "megatron")
+    if name in ("megarank-sdpa", "megarank-megatron"):
+        model = build_megarank(args, name.split("-")[1])
+        return model, model
     if name == "transformers":
         return build_transformers(args, device)
     raise SystemExit(f"unknown variant {name!r}")
@@ -151,40 +119,13 @@ def build(name, args, device):
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc serve every allocation from the heap and keep freed memory in the process.
-
-    By default glibc mmaps large blocks (activations here are 2-32 MB) and unmaps them on free, so every
-    step page-faults its activations in again; on a machine short of free memory (page cache full) each
-    fault waits for reclaim, and elementwise ops then vary 20x between identical steps. With this, steps
-    after warm-up touch no new pages: the timings measure the two implementations, not the kernel's
-    reclaim. Applies to all variants alike (the same effect as running under jemalloc/tcmalloc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def one_step(model, forward, ids, valid, device) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one forward+backward."""
-    sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    scores = forward(ids, valid)
-    scores.float().sum().backward()
-    sync(device)
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with stopwatch(torch.cuda.synchronize if device == "cuda" else None) as t:
+        forward(ids, valid).float().sum().backward()
     for p in model.parameters():
         p.grad = None
-    return elapsed, cpu
+    return t.wall, t.cpu
 
 
 def profile(model, forward, ids, valid, device, name):
@@ -213,6 +154,8 @@ def main(argv=None):
     from megarank.parallel.init import init_distributed
 
     init_distributed(tp=1, pp=1)  # megarank's layers need megatron's parallel state (one in-process rank)
+    env = environment()
+    print(header(env), flush=True)
     ids, valid = make_batch(args, args.device)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     models = {name: build(name, args, args.device) for name in names}
@@ -242,35 +185,36 @@ def main(argv=None):
             if args.device == "cuda":
                 peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
 
-    report(args, names, params, times, cpu_times, peak)
+    report(args, env, names, params, times, cpu_times, peak)
 
 
-def report(args, names, params, times, cpu_times, peak):
-    median = {n: statistics.median(t) for n, t in times.items()}
-    cpu_median = {n: statistics.median(t) for n, t in cpu_times.items()}
-    ref = median.get("transformers")
+def report(args, env, names, params, times, cpu_times, peak):
+    wall = {n: summary(t) for n, t in times.items()}
+    cpu = {n: summary(t) for n, t in cpu_times.items()}
+    ref = wall.get("transformers")
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"\nforward+backward, {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv heads, "
         f"ffn {args.ffn} ({args.non_embedding_params / 1e6:.1f}M params without the embedding), vocab {args.vocab}, "
         f"seq {args.seq}, batch {args.batch} ({args.pad_fraction:.0%} of rows padded to 3/4), {args.dtype}, {device}, "
-        f"torch {torch.__version__}, allocator: {args.malloc}; median of {args.iters} after {args.warmup} warm-up\n"
+        f"allocator: {args.malloc}; median of {args.iters} after {args.warmup} warm-up; load average at the end "
+        f"{load_average()}\n"
     )
     mem_col = " peak mem (GiB) |" if peak else ""
-    print(f"| variant | params (M) | step (s), median | min (s) | CPU time (s), median | ratio transformers/variant (median) | ratio (min) |{mem_col}")
-    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
+    print(f"| variant | params (M) | step (s), median | min (s) | max (s) | CPU time (s), median | ratio transformers/variant (median) | ratio (min) |{mem_col}")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
     rows = []
     for n in names:
-        ratio = ref / median[n] if ref else float("nan")
-        ratio_min = min(times["transformers"]) / min(times[n]) if ref else float("nan")
+        ratio = ref["median"] / wall[n]["median"] if ref else float("nan")
+        ratio_min = ref["min"] / wall[n]["min"] if ref else float("nan")
         mem = f" {peak[n] / 2**30:.2f} |" if peak else ""
-        print(f"| {n} | {params[n] / 1e6:.1f} | {median[n]:.3f} | {min(times[n]):.3f} | {cpu_median[n]:.3f} | {ratio:.2f} | {ratio_min:.2f} |{mem}")
-        rows.append({"variant": n, "params": params[n], "median_s": median[n], "times_s": times[n],
-                     "cpu_times_s": cpu_times[n], "ratio": ratio, "ratio_min": ratio_min, "peak_bytes": peak.get(n)})
+        print(f"| {n} | {params[n] / 1e6:.1f} | {wall[n]['median']:.3f} | {wall[n]['min']:.3f} | {wall[n]['max']:.3f} | "
+              f"{cpu[n]['median']:.3f} | {ratio:.2f} | {ratio_min:.2f} |{mem}")
+        rows.append({"variant": n, "params": params[n], "median_s": wall[n]["median"], "wall_s": wall[n],
+                     "cpu_s": cpu[n], "times_s": times[n], "cpu_times_s": cpu_times[n], "ratio": ratio,
+                     "ratio_min": ratio_min, "peak_bytes": peak.get(n)})
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
-
+        write_json(args.json, {"args": vars(args), "device": device, "rows": rows}, env)
 
 if __name__ == "__main__":  # the guard matters: megatron's dist-checkpoint code spawns helper processes
     main()

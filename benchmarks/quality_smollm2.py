@@ -7,28 +7,27 @@ test, and compare nDCG@10 / MRR@10 / Recall@10 with BM25 at the same depth.
 
 Every stage is a real megarank command (printed). Data paths, base checkpoint and device are arguments.
 """
+from __future__ import annotations
+
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+from common import DATA_ROOTS, environment, header, smollm2_cache, stopwatch, torchrun_cmd, write_json
+
+DEFAULT_DATA = next((root for root in DATA_ROOTS if (root / "cranfield").is_dir()), DATA_ROOTS[0])
 
 
-def run(cmd, nproc=1):
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", *cmd]
-    else:
-        cmd = [sys.executable, "-m", *cmd]
-    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
-    t = time.time()
-    subprocess.run([str(c) for c in cmd], check=True)
-    return time.time() - t
+def run(cmd, nproc=1) -> float:
+    """Run ``python -m CMD`` (under torchrun with ``nproc`` > 1); its wall seconds."""
+    cmd = torchrun_cmd(nproc, "-m", *cmd) if nproc > 1 else [sys.executable, "-m", *map(str, cmd)]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    with stopwatch() as t:
+        subprocess.run(cmd, check=True)
+    return t.wall
 
 
 def write_groups(collections, out: Path, negatives_from_top: int) -> int:
@@ -74,14 +73,9 @@ def main() -> int:
         return 0
     w = Path(args.workdir).resolve()
     w.mkdir(parents=True, exist_ok=True)
-    base_hf = Path(args.base_hf) if args.base_hf else None
-    if base_hf is None:
-        sys.path.insert(0, str(REPO / "scripts"))
-        from build_smollm2_cache import build, default_cache_dir, is_complete  # noqa: E402
-
-        base_hf = default_cache_dir()
-        if not is_complete(base_hf):
-            build(base_hf)
+    env = environment()
+    print(header(env), flush=True)
+    base_hf = Path(args.base_hf) if args.base_hf else smollm2_cache()
     timings = {}
     base = w / "base-megatron"
     if not base.exists():
@@ -109,7 +103,7 @@ def main() -> int:
     for name, m in (("BM25 (same depth)", report["first_stage"]), ("megarank SmolLM2-135M", report["megarank"])):
         print(f"| {name} | {m['nDCG@10']:.4f} | {m['MRR@10']:.4f} | {m['R@10']:.4f} |")
     print("timings:", json.dumps({k: round(v, 1) for k, v in timings.items()}))
-    (w / "summary.json").write_text(json.dumps({"args": vars(args), "report": report, "timings": timings, "sequences": seqs}, indent=1))
+    write_json(w / "summary.json", {"args": vars(args), "report": report, "timings": timings, "sequences": seqs}, env)
     return 0
 
 

@@ -4,7 +4,7 @@
     python benchmarks/scoring_profile.py --layers 6 --pairs 16 --repeats 5 --hypotheses --profile
 
 Model: SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, ffn 1536, vocab 49152), random weights,
-megarank's local spec (SDPA), TP=1, one in-process gloo rank (benchmarks/model_bench.py's builder). Batches:
+megarank's local spec (SDPA), TP=1, one in-process gloo rank (benchmarks/common.py's ``build_megarank``). Batches:
 ``megarank rerank``'s own (``batches_for_pairs``: length-sorted, padded to a multiple of 8) of SciFact-train BM25
 top-100 pairs through SmolLM2's tokenizer when the data and the converted cache exist, else random ids with
 lengths spread like SciFact's (350-600 tokens, sorted). ``--batches`` batches are taken from the middle of the
@@ -14,7 +14,8 @@ Variants, interleaved (every repeat runs each variant once, on every batch) so l
   score-baseline   no_grad forward, model code as before issue 11 (megatron's RoPE, composite RMSNorm, SwiGLU
                    without the in-place product): the reference
   score            no_grad forward, today's model code (what ``megarank rerank`` runs)
-  score-schedule   the same through megatron's forward_backward_func in forward-only mode (megarank.inference._score)
+  score-schedule   the same through megatron's forward_backward_func in forward-only mode, as ``megarank rerank``
+                   scores (megarank.inference.score_batches, one rank)
   score-inference  the same forward under torch.inference_mode
   score-packed     the batch packed (megarank.data.packing, per-sequence attention)
   score-small / train-baseline / train
@@ -28,7 +29,7 @@ FLOP/s over the 1024³ fp32 GEMM rate measured with the same clock and threads (
 Clock: on a shared 2-core machine wall time measures the other jobs as much as this one. ``--clock cpu``
 (default) times process CPU time with ``--threads 1``: one thread cannot wait on a descheduled sibling, so its
 CPU time is the work done, whatever the load. ``--clock wall`` for a quiet machine. glibc keeps freed memory
-(model_bench.keep_freed_memory) so steps do not page-fault their activations in again; ``--malloc
+(common.keep_freed_memory) so steps do not page-fault their activations in again; ``--malloc
 default`` leaves glibc as `megarank rerank` has it (page faults are system CPU time, which ``--clock cpu`` counts).
 ``--hypotheses`` adds per-op micro-benchmarks (SDPA mask variants, GEMM shapes forward vs backward, RoPE,
 RMSNorm, SwiGLU); ``--profile`` prints torch.profiler's top ops (self CPU) of one no-grad forward, baseline
@@ -38,19 +39,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_bench import build_megarank, keep_freed_memory  # noqa: E402
-from packing_bench import CACHE, find_data  # noqa: E402
+from common import (SMOLLM2_CACHE, build_megarank, environment, find_beir, header, keep_freed_memory, load_average,
+                    stopwatch, summary, write_json)
 
 SMOLLM2 = dict(layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536, vocab=49152)
 
@@ -81,14 +77,11 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------ clock
 
 
-def clock(kind: str):
-    return time.process_time if kind == "cpu" else time.perf_counter
-
-
-def timed(fn, clk) -> float:
-    t0 = clk()
-    fn()
-    return clk() - t0
+def timed(fn, clk: str) -> float:
+    """Seconds of ``fn()`` by ``clk``: "cpu" (this process's CPU time) or "wall"."""
+    with stopwatch() as t:
+        fn()
+    return getattr(t, clk)
 
 
 def best_rate(fn, flops: float, clk, seconds: float = 1.0) -> float:
@@ -99,10 +92,6 @@ def best_rate(fn, flops: float, clk, seconds: float = 1.0) -> float:
     return best
 
 
-def load() -> str:
-    return "%.1f/%.1f/%.1f" % os.getloadavg()
-
-
 # ------------------------------------------------------------------------------------------------ batches
 
 
@@ -110,15 +99,15 @@ def scoring_batches(args) -> tuple[list, str]:
     """Padded scoring batches from the middle of megarank's length-sorted stream, and where they come from."""
     from megarank.data import batches_for_pairs, candidate_pairs, find_run_file, read_beir, read_run
 
-    if args.data != "synthetic" and (CACHE / "tokenizer.json").exists():
+    if args.data != "synthetic" and (SMOLLM2_CACHE / "tokenizer.json").exists():
         try:
-            data = find_data(args.data)
+            data = find_beir(args.data)
         except SystemExit:
             data = None
         if data is not None:
             from megarank.data.tokenizer import PairTokenizer, load_tokenizer
 
-            tok = PairTokenizer(load_tokenizer(str(CACHE)), max_length=512, pad_to_multiple_of=8)
+            tok = PairTokenizer(load_tokenizer(str(SMOLLM2_CACHE)), max_length=512, pad_to_multiple_of=8)
             beir = read_beir(data, "train")
             run = read_run(find_run_file(data, "train"))
             qids = [q for q in run if q in beir.queries][:20]
@@ -193,8 +182,8 @@ def attention_flops(batch, cfg, backward: bool) -> float:
 
 
 def make_variants(model, baseline: BaselineCode):
-    from megarank.data.packing import model_inputs
-    from megarank.inference import _score
+    from megarank.inference import score_batches
+    from megarank.model.inputs import model_inputs
 
     def score(batch, mode=torch.no_grad):
         model.eval()
@@ -210,10 +199,8 @@ def make_variants(model, baseline: BaselineCode):
             p.grad = None
         model.eval()
 
-    def schedule(batch):
-        model.eval()
-        with torch.no_grad():
-            _score(model, batch)
+    def schedule(batch):  # score_batches: no_grad, eval mode, one rank here; the pairs only name the scores
+        score_batches(model, [([("q", str(i)) for i in range(len(batch["input_ids"]))], batch)])
 
     def with_code(fn, base: bool):
         def run(batch):
@@ -250,9 +237,9 @@ def count_mm_flops(fn, batch) -> float:
 
 def hypotheses(args, clk, batch, cfg) -> list:
     """Per-op micro-benchmarks at the shapes of one scoring batch: (what, ms or GFLOP/s, note)."""
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-    from megarank.model.attention import _rotate
+    from megarank.model.attention import rope_rotate
     from megarank.model.norm import reference_rms_norm
 
     b, s = batch["input_ids"].shape
@@ -291,8 +278,8 @@ def hypotheses(args, clk, batch, cfg) -> list:
         rows.append(("RMSNorm F.rms_norm (now)", f"{ms(lambda: F.rms_norm(x, (h,), w, 1e-5)):.2f} ms", "bit-identical"))
         freqs = torch.randn(s, 1, 1, d // 2)
         emb, cos, sin = torch.cat((freqs, freqs), -1), torch.cos(freqs), torch.sin(freqs)
-        rows.append(("RoPE megatron _apply_rotary_pos_emb_bshd, q (before)", f"{ms(lambda: _apply_rotary_pos_emb_bshd(q, emb)):.2f} ms", ""))
-        rows.append(("RoPE RotateHalf in core attention, q (now)", f"{ms(lambda: _rotate(q, cos, sin, False)):.2f} ms", "bit-identical"))
+        rows.append(("RoPE megatron apply_rotary_pos_emb (unfused), q (before)", f"{ms(lambda: apply_rotary_pos_emb(q, emb, cfg)):.2f} ms", ""))
+        rows.append(("RoPE RotateHalf in core attention, q (now)", f"{ms(lambda: rope_rotate(q, cos, sin)):.2f} ms", "bit-identical"))
         up = torch.randn(s, b, 2 * ffn)
         rows.append(("SwiGLU silu(gate) * up (before)", f"{ms(lambda: F.silu(up[..., :ffn]) * up[..., ffn:]):.2f} ms", ""))
         rows.append(("SwiGLU silu(gate).mul_(up) (now, no grad)", f"{ms(lambda: F.silu(up[..., :ffn]).mul_(up[..., ffn:])):.2f} ms", ""))
@@ -318,7 +305,7 @@ def compile_study(args, model, batches, cfg, clk) -> list:
     steady-state ratio to eager, and the break-even for a rerank of ``--compile-pairs`` pairs."""
     import torch._dynamo as dynamo
 
-    from megarank.data.packing import model_inputs
+    from megarank.model.inputs import model_inputs
 
     rows = []
     dynamo.reset()
@@ -336,7 +323,7 @@ def compile_study(args, model, batches, cfg, clk) -> list:
     fwd(compiled, shapes[0])
     compile_s = time.perf_counter() - wall0
     counters = dynamo.utils.counters
-    t_new_shapes = [timed(lambda: fwd(compiled, b), time.perf_counter) for b in shapes[1:]]
+    t_new_shapes = [timed(lambda: fwd(compiled, b), "wall") for b in shapes[1:]]
     frames = sum(counters["stats"].values()) if "stats" in counters else 0
     eager, comp = [], []
     for _ in range(args.repeats):
@@ -345,7 +332,7 @@ def compile_study(args, model, batches, cfg, clk) -> list:
             comp.append(timed(lambda: fwd(compiled, batch), clk))
     scores_e, scores_c = fwd(model, batches[0]), fwd(compiled, batches[0])
     diff = (scores_e - scores_c).abs().max().item()
-    e, c = statistics.median(eager), statistics.median(comp)
+    e, c = summary(eager)["median"], summary(comp)["median"]
     per_pair_saving = (e - c) / args.pairs
     rerank = args.compile_pairs * e / args.pairs
     rows.append({"what": "score forward", "first_call_wall_s": compile_s, "new_shape_calls_wall_s": t_new_shapes,
@@ -372,7 +359,7 @@ def compile_study(args, model, batches, cfg, clk) -> list:
     for _ in range(args.repeats):
         eager.append(timed(lambda: step(model), clk))
         comp.append(timed(lambda: step(compiled), clk))
-    e, c = statistics.median(eager), statistics.median(comp)
+    e, c = summary(eager)["median"], summary(comp)["median"]
     rows.append({"what": "training step", "first_call_wall_s": compile_train, "eager_s": e, "compiled_s": c,
                  "speedup": e / c})
     dynamo.reset()
@@ -386,23 +373,23 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     malloc = keep_freed_memory() if args.malloc == "keep" else False
-    clk = clock(args.clock)
+    clk = args.clock
     from megarank.data.packing import pack_padded
-    from megarank.hardware import describe_cpu, measured_gemm_flops, peak_flops
+    from megarank.hardware import peak_flops
     from megarank.parallel.init import init_distributed
 
     init_distributed(tp=1, pp=1)
     shape = SimpleNamespace(**{**SMOLLM2, "layers": args.layers}, dtype="fp32")
-    model, _ = build_megarank(shape, "sdpa")
+    model = build_megarank(shape, "sdpa")
     model.eval()
     cfg = model.config
     baseline = BaselineCode(model)
     batches, source = scoring_batches(args)
-    load_start = load()
+    env = environment()
     a = torch.randn(1024, 1024)
     peak = best_rate(lambda: a @ a, 2 * 1024**3, clk, 1.5)
     lib_peak, lib_where = peak_flops("fp32")
-    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; load average {load_start} at start; clock {args.clock}; "
+    print(f"{header(env)}; clock {args.clock}; "
           f"allocator {'glibc, freed memory kept' if malloc else 'glibc default'}")
     print(f"model: SmolLM2-135M shape, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads}/"
           f"{cfg.num_query_groups} heads, ffn {cfg.ffn_hidden_size}, fp32, local spec (SDPA), random weights")
@@ -429,31 +416,33 @@ def main(argv=None):
         for name in names:
             fn, kind, _ = variants[name]
             times[name].append(sum(timed(lambda: fn(b), clk) for b in inputs[kind]))
-    load_end = load()
+    load_end = load_average()
 
-    print("| variant | tokens (padded) | GEMM GFLOP (linears) | + attention GFLOP | time (s), median | min | "
+    print("| variant | tokens (padded) | GEMM GFLOP (linears) | + attention GFLOP | time (s), median | min | max | "
           "linear-GEMM % of peak | all-matmul % of peak | ratio to score-baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    base = statistics.median(times["score-baseline"]) if "score-baseline" in times else None
-    train_base = statistics.median(times["train-baseline"]) if "train-baseline" in times else None
+    stats = {name: summary(t) for name, t in times.items()}
+    base = stats["score-baseline"]["median"] if "score-baseline" in stats else None
+    train_base = stats["train-baseline"]["median"] if "train-baseline" in stats else None
     for name in names:
         fn, kind, backward = variants[name]
-        t = statistics.median(times[name])
+        t = stats[name]["median"]
         mm, attn = flops[name]
         tokens = sum(b["input_ids"].numel() for b in inputs[kind])
         ref = train_base if name.startswith("train") else (base if kind == "full" or kind == "packed" else None)
         ratio = f"{ref / t:.2f}" if ref else ""
-        print(f"| {name} | {tokens} | {mm / 1e9:.1f} | {attn / 1e9:.1f} | {t:.3f} | {min(times[name]):.3f} | "
-              f"{100 * mm / t / peak:.1f}% | {100 * (mm + attn) / t / peak:.1f}% | {ratio} |")
+        print(f"| {name} | {tokens} | {mm / 1e9:.1f} | {attn / 1e9:.1f} | {t:.3f} | {stats[name]['min']:.3f} | "
+              f"{stats[name]['max']:.3f} | {100 * mm / t / peak:.1f}% | {100 * (mm + attn) / t / peak:.1f}% | {ratio} |")
         rows.append({"variant": name, "tokens": tokens, "mm_flops": mm, "attn_flops": attn, "times_s": times[name],
-                     "median_s": t, "gemm_pct": 100 * mm / t / peak, "matmul_pct": 100 * (mm + attn) / t / peak})
+                     "median_s": t, "stats_s": stats[name], "gemm_pct": 100 * mm / t / peak,
+                     "matmul_pct": 100 * (mm + attn) / t / peak})
     res = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
     print(f"\npage faults so far: {res.ru_minflt} minor, {res.ru_majflt} major; system CPU {res.ru_stime:.1f} s, user {res.ru_utime:.1f} s")
     print(f"load average {load_end} at the end; median of {args.repeats} interleaved repeats, each the sum over "
           f"{len(batches)} batches; train-* ratios are to train-baseline, score-* to score-baseline")
 
-    result = {"cpu": describe_cpu(), "threads": args.threads, "clock": args.clock, "load": [load_start, load_end],
+    result = {"threads": args.threads, "clock": args.clock, "load": [env["load_average"], load_end],
               "peak_flops": peak, "lib_peak_flops": lib_peak, "source": source, "rows": rows}
     if args.hypotheses:
         print("\n### per-op micro-benchmarks (one layer's shapes of the first batch; best of 5)\n")
@@ -481,7 +470,7 @@ def main(argv=None):
             print(json.dumps(r))
         result["compile"] = rows_c
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+        write_json(args.json, result, env)
 
 
 if __name__ == "__main__":

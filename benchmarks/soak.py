@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -31,13 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import psutil
+import torch
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
-
-from tests.training_harness import TINY, max_abs_diff, read_plain_tensors, run_env  # noqa: E402
+from common import TINY_CONFIG, child_env, header, plain_tensors, torchrun_cmd
 
 SIGNALS = {"SIGUSR1": signal.SIGUSR1, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 GRACE_S = 30  # torchrun's shutdown timeout (its default), set explicitly
@@ -45,12 +41,12 @@ GRACE_S = 30  # torchrun's shutdown timeout (its default), set explicitly
 
 def torchrun(nproc: int, overrides: list[str]) -> list[str]:
     # SIGUSR1 is forwarded only when named (torch/distributed/run.py --signals-to-handle); keep the defaults too.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "megarank", "train", TINY, *overrides]
+    return torchrun_cmd(nproc, "-m", "megarank", "train", TINY_CONFIG, *overrides,
+                        launcher_args=["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"])
 
 
 def start(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    env = run_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE_S))
+    env = child_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE_S))
     with open(log_path, "w") as log:
         return subprocess.Popen(cmd, cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -85,10 +81,13 @@ def alive(procs: list[psutil.Process]) -> list[int]:
     return out
 
 
-def cpu_description() -> str:
-    from megarank.hardware import describe_cpu
-
-    return f"{describe_cpu()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}"
+def compare(a: dict, b: dict) -> tuple[bool, float, str]:
+    """(bit-identical, largest element difference, the tensor it is in) of two {key: tensor} sets."""
+    if sorted(a) != sorted(b):
+        return False, float("inf"), f"key mismatch: {sorted(set(a) ^ set(b))[:3]}"
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    diff, key = max(((a[k].double() - b[k].double()).abs().max().item(), k) for k in a)
+    return same, diff, key
 
 
 def main() -> int:
@@ -112,8 +111,8 @@ def main() -> int:
               "train.log_interval=50"]
     if args.nproc > 1:
         common.append("parallel.use_distributed_optimizer=true")
-    print(f"cpu: {cpu_description()}", flush=True)
-    print(f"config: {TINY} nproc={args.nproc} {' '.join(common)}; faults every "
+    print(header(), flush=True)
+    print(f"config: {TINY_CONFIG} nproc={args.nproc} {' '.join(common)}; faults every "
           f"{args.interval_min:g}-{args.interval_max:g} s for {args.minutes:g} min, seed {args.seed}", flush=True)
 
     t0 = time.monotonic()
@@ -179,14 +178,13 @@ def main() -> int:
         return 1
     identical, worst = True, (0.0, "")
     for part in ("model", "optimizer"):
-        a = read_plain_tensors(ref_dir / f"step-{args.steps}" / part)
-        b = read_plain_tensors(soak_dir / f"step-{args.steps}" / part)
-        same = sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-        diff = max_abs_diff(a, b) if sorted(a) == sorted(b) else (float("inf"), "key mismatch")
+        a = plain_tensors(ref_dir / f"step-{args.steps}" / part)
+        b = plain_tensors(soak_dir / f"step-{args.steps}" / part)
+        same, *diff = compare(a, b)
         print(f"{part}: {len(a)} tensors, {sum(t.numel() for t in a.values())} elements, bit-identical "
               f"{'yes' if same else 'no'}, max abs diff {diff[0]:g} ({diff[1]})", flush=True)
         identical &= same
-        worst = max(worst, diff)
+        worst = max(worst, tuple(diff))
     for p in problems:
         print(f"problem: {p}")
     print(f"SUMMARY: soak {soak_min:.1f} min (fault window {args.minutes:g} min), faults "
