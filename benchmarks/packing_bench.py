@@ -6,9 +6,9 @@
 
 The micro-batches are the trainer's own: megarank's BEIR group source (BM25 hard negatives, ``n_passages`` 5) and
 pair tokenizer (SmolLM2's tokenizer from the converted cache, megarank's template, ``max_length`` 512) on
-``--data`` (SciFact-train if present, else Cranfield), collated by ``collate_groups`` exactly as
-``megarank.training.loop._micro_batches`` does, ``--groups`` query groups per micro-batch. The model has
-SmolLM2-135M's shape (read from the cache's config.json; random weights: speed does not depend on them).
+``--data`` (SciFact-train if present, else Cranfield), batched by ``megarank.data.batcher.Batcher`` as the
+training loop does (padded, and packed from the same token ids), ``--groups`` query groups per micro-batch. The
+model has SmolLM2-135M's shape (read from the cache's config.json; random weights: speed does not depend on them).
 
 Variants, same process, same threads, same micro-batches, one model per (variant family, dtype):
   padded          megarank, each micro-batch right-padded to its longest pair (multiple of 8): data.packing=false
@@ -94,16 +94,18 @@ def make_config(args, data: Path, hf: dict, dtype: str):
     ])
 
 
-def micro_batches(cfg, groups_per_micro: int, count: int, seed: int) -> tuple[list, object]:
-    """(``count`` training micro-batches of ``groups_per_micro`` groups, the pair tokenizer)."""
-    from megarank.data import collate_groups
+def micro_batches(cfg, groups_per_micro: int, count: int, seed: int) -> list[tuple[dict, dict]]:
+    """``count`` training micro-batches of ``groups_per_micro`` groups, each as (padded, packed) (TP=1)."""
+    from megarank.data.batcher import Batcher
     from megarank.training.data import make_group_source, make_pair_tokenizer
 
     tok = make_pair_tokenizer(cfg, cfg.data.tokenizer)
     source = make_group_source(cfg)
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed + groups_per_micro)).tolist()
-    n = groups_per_micro
-    return [collate_groups([source.get(i, 0) for i in order[k * n:(k + 1) * n]], tok) for k in range(count)], tok
+    groups = [source.get(i, 0) for i in order[: count * groups_per_micro]]
+    padded, packed = (Batcher(tok, packed=p).micro_batches(groups, micro_batch_size=groups_per_micro)
+                      for p in (False, True))
+    return list(zip(padded, packed))
 
 
 # ----------------------------------------------------------------------------------------------- the peer
@@ -174,7 +176,7 @@ def step(forward, model, batch) -> tuple[float, float]:
 
 def variant_step(name: str, models: dict, padded: dict, packed: dict) -> tuple[float, float]:
     import megarank.model.attention as attention
-    from megarank.data.packing import model_inputs
+    from megarank.model.inputs import model_inputs
 
     if name == "peer":
         peer = models["peer"]
@@ -202,8 +204,8 @@ def main(argv=None):
 
         if not keep_freed_memory():
             raise SystemExit("--keep-freed-memory: mallopt failed (not glibc?)")
-    from megarank.data.packing import pack_padded
-    from megarank.hardware import DTYPES, describe_cpu, peak_flops
+    from megarank.config import torch_dtype
+    from megarank.hardware import describe_cpu, peak_flops
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
     from megarank.training.flops import real_lengths, training_flops
@@ -226,7 +228,7 @@ def main(argv=None):
         mg = build_model(cfg.model, cfg.parallel).train()
         models[dtype] = {"cfg": cfg, "megarank": mg}
         if "peer" in variants:
-            models[dtype]["peer"] = build_peer(cfg.model, hf, mg, DTYPES[dtype])
+            models[dtype]["peer"] = build_peer(cfg.model, hf, mg, torch_dtype(dtype))
         peaks[dtype] = peak_flops(dtype, "cpu")
     m = models[dtypes[0]]["cfg"].model
     print(f"data {data}, model shape {args.model} ({m.num_layers} layers, hidden {m.hidden_size}), "
@@ -238,13 +240,12 @@ def main(argv=None):
     table = []
     rows = []
     for g in [int(x) for x in args.groups.split(",")]:
-        batches, tok = micro_batches(models[dtypes[0]]["cfg"], g, args.micro_batches + 1, args.seed)
-        pairs = [(b, pack_padded(b, tok.pad_id, 8)) for b in batches]
+        pairs = micro_batches(models[dtypes[0]]["cfg"], g, args.micro_batches + 1, args.seed)
         warm, timed = pairs[0], pairs[1:]
         check = {}
         for dtype in dtypes:
             if "peer" in variants:
-                check[dtype] = check_same_scores(models[dtype]["megarank"], models[dtype]["peer"], warm[0], DTYPES[dtype])
+                check[dtype] = check_same_scores(models[dtype]["megarank"], models[dtype]["peer"], warm[0], torch_dtype(dtype))
             for name in variants:
                 variant_step(name, models[dtype], *warm)
             print(f"  warm-up {dtype} done", flush=True)

@@ -1,10 +1,11 @@
 """Batched, no-grad scoring and reranking of query-candidate pairs on any TP/PP/DP layout.
 
-Batches come length-sorted from ``megarank.data.rerank_batches``, each padded to its own longest pair (pipeline
-stages exchange every activation's shape: ``variable_seq_lengths`` in model/transformer_config.py), either
-``batch_size`` pairs each or, with a token budget (``--batch-tokens``, ``data.eval_batch_tokens``), as many pairs
-as fit the budget: short pairs then go in larger batches. Every rank builds the same list of batches (the split
-depends only on the pairs' lengths), so the rounds below are the same on every rank either way. They are
+Batches come length-sorted from ``scoring_batcher(...).scoring_batches`` (megarank/data/batcher.py): padded to
+their own longest pair (pipeline stages exchange every activation's shape: ``variable_seq_lengths`` in
+model/transformer_config.py) or, with ``data.packing``, packed into one stream whose length is a multiple of the TP
+size too; either ``batch_size`` pairs each or, with a token budget (``--batch-tokens``, ``data.eval_batch_tokens``),
+as many pairs as fit the budget: short pairs then go in larger batches. Every rank builds the same list of batches
+(the split depends only on the pairs' lengths), so the rounds below are the same on every rank either way. They are
 dealt to data-parallel ranks in rounds of dp: in each round rank r scores the round's r-th batch. Every rank
 makes the same number of forward calls: in a last, short round the ranks without a batch of their own score
 the round's last batch again and drop the result, because collectives inside the forward must match across
@@ -19,7 +20,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megarank.data.packing import model_inputs, pack_padded, packing_multiple
+from megarank.data.batcher import Batcher
+from megarank.model.inputs import model_inputs
 from megarank.parallel.init import device
 
 
@@ -29,7 +31,7 @@ def _collect(scores):
 
 def _forward(data_iterator, model):
     batch = next(data_iterator)
-    args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.data.packing)
+    args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.model.inputs)
     return model(*args, **kwargs), _collect
 
 
@@ -54,22 +56,12 @@ def dp_rounds(batches, dp_size: int):
         yield chunk
 
 
-def scoring_multiple(pad_to_multiple_of: int, packed: bool) -> int:
-    """What each scoring batch's length is rounded up to: the pad multiple padded; packed, the stream's multiple,
-    which includes the TP size so that sequence parallelism can split it. Token budgets cost batches with it."""
-    if packed:
-        return packing_multiple(pad_to_multiple_of, parallel_state.get_tensor_model_parallel_world_size())
-    return pad_to_multiple_of or 1
-
-
-def packed_batches(batches, pad_id: int, pad_to_multiple_of: int):
-    """``(pairs, padded batch)`` items -> the same with each batch packed into one stream (``data.packing``).
-
-    The stream length is a multiple of the TP size too, so sequence parallelism can split it.
-    """
-    multiple = scoring_multiple(pad_to_multiple_of, packed=True)
-    for pairs, batch in batches:
-        yield pairs, pack_padded(batch, pad_id, multiple)
+def scoring_batcher(pair_tokenizer, packed: bool) -> Batcher:
+    """The scoring ``Batcher`` of this process's layout: packed streams (``data.packing``) are a multiple of the
+    tensor-parallel size too, so that sequence parallelism can split them; token budgets cost batches the same way.
+    Use ``.scoring_batches(pairs, queries, corpus, batch_size, batch_tokens)`` for ``score_batches``."""
+    return Batcher(pair_tokenizer, packed=packed,
+                   tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Readers and their errors, training groups, the DP sampler, collation and reranking batches."""
+"""Readers and their errors, training groups, the DP sampler, batching (training micro-batches, reranking batches)."""
 
 import json
 import logging
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarank.data import (BeirData, BeirGroupSource, DataError, GroupSampler, JsonlGroupSource, PairTokenizer, Run,
-                           build_tiny_tokenizer, collate_groups, doc_to_text, find_run_file, format_pair, read_beir,
-                           read_corpus, read_jsonl_groups, read_qrels, read_queries, read_run, rerank_batches,
-                           sample_data_dir)
+from megarank.data import (Batcher, BeirData, BeirGroupSource, DataError, GroupSampler, JsonlGroupSource,
+                           PairTokenizer, Run, build_tiny_tokenizer, candidate_pairs, collate_groups, doc_to_text,
+                           find_run_file, format_pair, read_beir, read_corpus, read_jsonl_groups, read_qrels,
+                           read_queries, read_run, sample_data_dir)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GOOD_LINE = json.dumps({"query": "q", "pos_doc": ["p"], "neg_doc": ["n1", "n2"]})
@@ -20,6 +20,12 @@ GOOD_LINE = json.dumps({"query": "q", "pos_doc": ["p"], "neg_doc": ["n1", "n2"]}
 @pytest.fixture(scope="module")
 def pair_tokenizer(tmp_path_factory):
     return PairTokenizer(build_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tiny"), max_length=64)
+
+
+def rerank_batches(queries, corpus, run, top_k, batch_size, pair_tokenizer):
+    """Length-sorted padded batches of a run's top_k pairs, as evaluation builds them (ids checked first)."""
+    pairs = candidate_pairs(queries, corpus, run, top_k)
+    return Batcher(pair_tokenizer).scoring_batches(pairs, queries, corpus, batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -341,13 +347,15 @@ def test_sampler_validation():
         GroupSampler(10, 4, 0, 1).load_state_dict({"epoch": 0, "step_in_epoch": 0, "seed": 1})
 
 
-# ---------------------------------------------------------------- collation and rerank batches
+# ---------------------------------------------------------------- batching: micro-batches and rerank batches
 
 
-def test_collate_is_group_major_positive_first(pair_tokenizer):
+def test_micro_batch_is_group_major_positive_first(pair_tokenizer):
     groups = [("q one", ["pos one", "neg a", "neg b"]), ("q two", ["pos two", "neg c", "neg d"])]
-    batch = collate_groups(groups, pair_tokenizer)
+    (batch,) = Batcher(pair_tokenizer).micro_batches(groups, micro_batch_size=2)
+    assert set(batch) == {"input_ids", "attention_mask", "group_size", "labels"}
     assert batch["input_ids"].shape[0] == 6 and batch["attention_mask"].dtype == torch.bool
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[1] % 8 == 0
     assert batch["group_size"] == 3 and batch["labels"].tolist() == [0, 0] and batch["labels"].dtype == torch.long
     tok = pair_tokenizer.tokenizer
     for g, (query, passages) in enumerate(groups):
@@ -355,9 +363,19 @@ def test_collate_is_group_major_positive_first(pair_tokenizer):
             row = g * 3 + j
             ids = batch["input_ids"][row][batch["attention_mask"][row]]
             assert tok.decode(ids[1:]) == format_pair(query, passage)
+    collated = collate_groups(groups, pair_tokenizer)  # the one-micro-batch shortcut: the same batch
+    assert collated.keys() == batch.keys() and all(torch.equal(collated[k], batch[k]) for k in ("input_ids", "labels"))
+    packed = Batcher(pair_tokenizer, packed=True).micro_batches(groups, micro_batch_size=1)
+    assert [b["input_ids"].shape[0] for b in packed] == [1, 1]
+    assert [b["packed_seq_params"].num_sequences for b in packed] == [3, 3]
+    assert torch.equal(packed[1]["input_ids"][0, : int(packed[1]["attention_mask"].sum())],
+                       batch["input_ids"][3:][batch["attention_mask"][3:]])  # group 2's rows, end to end
 
 
-def test_collate_rejects_unequal_groups(pair_tokenizer):
+def test_micro_batches_reject_unequal_groups(pair_tokenizer):
+    for packed in (False, True):
+        with pytest.raises(ValueError, match=r"same non-zero number of passages, got sizes \[2, 3\]"):
+            Batcher(pair_tokenizer, packed=packed).micro_batches([("q", ["a", "b"]), ("q", ["a", "b", "c"])], 1)
     with pytest.raises(ValueError, match=r"same non-zero number of passages, got sizes \[2, 3\]"):
         collate_groups([("q", ["a", "b"]), ("q", ["a", "b", "c"])], pair_tokenizer)
 

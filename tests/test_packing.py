@@ -1,4 +1,9 @@
-"""Packed micro-batches (megarank/data/packing.py) give the padded batches' scores and gradients.
+"""Packed micro-batches (megarank/data/packing.py, built by megarank/data/batcher.py) give the padded batches'
+scores and gradients.
+
+The batcher, pure Python: packed batches built straight from token ids equal the old pad-then-pack route on random
+rows (training micro-batches, fixed and token budget, and scoring batches), the length-multiple rule, the token
+budget's split of whole groups.
 
 In one process (TP=PP=1, the tiny config, fp32): the packed layout itself (cu_seqlens, the end-padding segment),
 scores and every parameter gradient of packed vs padded for each pooling and both local packed-attention
@@ -55,7 +60,7 @@ def _build(*overrides):
 
 
 def _scores_and_grads(model, batch):
-    from megarank.data.packing import model_inputs
+    from megarank.model.inputs import model_inputs
 
     model.zero_grad()
     args, kwargs = model_inputs(batch, "cpu")
@@ -67,14 +72,18 @@ def _scores_and_grads(model, batch):
 
 def test_pack_layout_and_end_padding_segment():
     from megarank.data.packing import pack_padded, pack_rows, packing_multiple
+    from megarank.model.inputs import PackedSequences, model_inputs
 
     batch = padded_batch([5, 3, 7, 11])
     packed = pack_padded(batch, PAD_ID, multiple=16)
-    p = packed["packed_seq_params"]
+    layout = packed["packed_seq_params"]
+    assert layout.cu_seqlens.tolist() == [0, 5, 8, 15, 26, 32] and layout.cu_seqlens.dtype == torch.int32
+    p = model_inputs(packed, "cpu")[1]["packed_seq_params"]  # what the model gets: megatron's PackedSeqParams
+    assert isinstance(p, PackedSequences)
     assert packed["input_ids"].shape == (1, 32) and packed["group_size"] == GROUP
-    assert p.qkv_format == "thd" and p.seqlens == (5, 3, 7, 11, 6) and p.num_sequences == 4
+    assert p.qkv_format == "thd" and p.seqlens == layout.seqlens == (5, 3, 7, 11, 6) and p.num_sequences == 4
     assert p.cu_seqlens_q.tolist() == [0, 5, 8, 15, 26, 32] and p.cu_seqlens_q.dtype == torch.int32
-    assert p.max_seqlen_q == p.max_seqlen_kv == 11
+    assert p.cu_seqlens_kv is p.cu_seqlens_q and p.max_seqlen_q == p.max_seqlen_kv == layout.max_seqlen == 11
     assert packed["attention_mask"].sum() == 26 and not packed["attention_mask"][0, 26:].any()
     assert torch.equal(packed["input_ids"][0, 5:8], batch["input_ids"][1, :3])
     assert (packed["input_ids"][0, 26:] == PAD_ID).all()
@@ -82,6 +91,154 @@ def test_pack_layout_and_end_padding_segment():
     assert packing_multiple(8, 2) == 8 and packing_multiple(None, 3) == 3 and packing_multiple(6, 4) == 12
     with pytest.raises(ValueError, match="empty"):
         pack_rows([[1], []], PAD_ID)
+
+
+# --------------------------------------------------------------------------------------------- the batcher
+
+
+class _RowTokenizer:
+    """A pair tokenizer stand-in: the pair (q, p) is the id row ``rows[p]``; pads as PairTokenizer does."""
+
+    pad_id = PAD_ID
+
+    def __init__(self, rows: dict, pad_to_multiple_of):
+        self.rows, self.pad_to_multiple_of = rows, pad_to_multiple_of
+
+    def encode(self, queries, passages):
+        return [list(self.rows[p]) for p in passages]
+
+    def lengths(self, queries, passages):
+        return [len(self.rows[p]) for p in passages]
+
+    def pad(self, rows):
+        from megarank.data.tokenizer import PairTokenizer
+
+        return PairTokenizer.pad(self, rows)
+
+    def __call__(self, queries, passages):
+        return self.pad(self.encode(queries, passages))
+
+
+def _random_rows(n: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 41, (n,), generator=g).tolist()
+    return {f"p{i}": torch.randint(0, 256, (k,), generator=g).tolist() for i, k in enumerate(lengths)}
+
+
+def _old_pad_then_pack(padded: dict, pad_id: int, multiple: int) -> dict:
+    """The route megarank took before the batcher: a padded batch un-padded with .tolist() and packed, inline."""
+    ids, valid = padded["input_ids"], padded["attention_mask"]
+    rows = [ids[i, :n].tolist() for i, n in enumerate(valid.sum(1).tolist())]
+    lengths = [len(r) for r in rows]
+    real = sum(lengths)
+    total = -(-real // multiple) * multiple
+    segments = lengths + ([total - real] if total > real else [])
+    stream = torch.full((1, total), pad_id, dtype=torch.long)
+    stream[0, :real] = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    mask = torch.zeros((1, total), dtype=torch.bool)
+    mask[0, :real] = True
+    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(segments, dtype=torch.int32).cumsum(0)
+    return {"input_ids": stream, "attention_mask": mask, "seqlens": tuple(segments), "num_sequences": len(rows),
+            "cu_seqlens": cu, "max_seqlen": max(segments),
+            **{k: v for k, v in padded.items() if k not in ("input_ids", "attention_mask")}}
+
+
+def _assert_same_packed(got: dict, ref: dict):
+    from megarank.model.inputs import model_inputs
+
+    for key in ("input_ids", "attention_mask"):
+        assert got[key].dtype == ref[key].dtype and torch.equal(got[key], ref[key]), key
+    layout = got["packed_seq_params"]
+    assert layout.seqlens == ref["seqlens"] and layout.num_sequences == ref["num_sequences"]
+    params = model_inputs(got, "cpu")[1]["packed_seq_params"]
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.dtype == params.cu_seqlens_kv.dtype == torch.int32
+    assert torch.equal(params.cu_seqlens_q, ref["cu_seqlens"]) and torch.equal(params.cu_seqlens_kv, ref["cu_seqlens"])
+    assert params.max_seqlen_q == params.max_seqlen_kv == ref["max_seqlen"]
+    assert params.seqlens == ref["seqlens"] and params.num_sequences == ref["num_sequences"]
+    extra = {k for k in ref if k not in ("input_ids", "attention_mask", "seqlens", "num_sequences", "cu_seqlens",
+                                          "max_seqlen")}
+    assert set(got) == extra | {"input_ids", "attention_mask", "packed_seq_params"}
+    for key in extra:
+        assert (torch.equal(got[key], ref[key]) and got[key].dtype == ref[key].dtype) if torch.is_tensor(ref[key]) \
+            else got[key] == ref[key], key
+
+
+@pytest.mark.parametrize("pad,tp", [(8, 1), (6, 4), (None, 3), (1, 1)])
+def test_packed_from_ids_equals_the_old_pad_then_pack_route(pad, tp):
+    """Training micro-batches (fixed and token budget) and scoring batches, on random rows: what the batcher packs
+    straight from the ids is what padding, un-padding and packing gave, key for key and dtype for dtype."""
+    from megarank.data.batcher import Batcher
+    from megarank.data.packing import packing_multiple
+
+    rows = _random_rows(60, seed=tp * 10 + (pad or 0))
+    tok = _RowTokenizer(rows, pad)
+    packed, padded = Batcher(tok, packed=True, tensor_parallel_size=tp), Batcher(tok, tensor_parallel_size=tp)
+    assert packed.multiple == packing_multiple(pad, tp) and padded.multiple == (pad or 1)
+    groups = [(f"q{g}", [f"p{g * 5 + j}" for j in range(5)]) for g in range(12)]
+    for kw in ({"micro_batch_size": 5}, {"micro_batch_tokens": 300}):
+        got = packed.micro_batches(groups, **kw)
+        assert sum(len(b["labels"]) for b in got) == len(groups) and (len(got) > 2)
+        done = 0
+        for b in got:  # the old route: the chunk's groups collated (padded), then packed
+            chunk = groups[done : done + len(b["labels"])]
+            done += len(chunk)
+            old = tok([q for q, ps in chunk for _ in ps], [p for _, ps in chunk for p in ps])
+            old.update(group_size=5, labels=torch.zeros(len(chunk), dtype=torch.long))
+            if "micro_batch_tokens" in kw:
+                old["loss_weight"] = len(chunk) * len(got) / len(groups)
+            _assert_same_packed(b, _old_pad_then_pack(old, PAD_ID, packing_multiple(pad, tp)))
+    # Padded, the batcher gives exactly what collating the groups gave (the tokenizer's padding).
+    for k, b in enumerate(padded.micro_batches(groups, micro_batch_size=5)):
+        chunk = groups[5 * k : 5 * k + 5]
+        old = tok([q for q, ps in chunk for _ in ps], [p for _, ps in chunk for p in ps])
+        assert set(b) == {"input_ids", "attention_mask", "group_size", "labels"} and b["group_size"] == 5
+        for key in ("input_ids", "attention_mask"):
+            assert b[key].dtype == old[key].dtype and torch.equal(b[key], old[key]), key
+    pairs = [("q", f"p{i}") for i in range(60)]
+    for batch_size, budget in ((7, 0), (None, 250), (4, 400)):
+        n = 0
+        for chunk, b in packed.scoring_batches(pairs, {"q": "q"}, {p: p for _, p in pairs}, batch_size, budget):
+            n += len(chunk)
+            old = _old_pad_then_pack(tok(["q"] * len(chunk), [d for _, d in chunk]), PAD_ID, packing_multiple(pad, tp))
+            _assert_same_packed(b, old)
+        assert n == len(pairs)
+
+
+def test_the_multiple_rule_and_what_every_batch_is_rounded_to():
+    from megarank.data.batcher import Batcher
+
+    rows = _random_rows(30, seed=5)
+    for pad, tp, packed, multiple in ((8, 1, False, 8), (8, 4, False, 8), (None, 2, False, 1), (0, 1, False, 1),
+                                      (8, 2, True, 8), (6, 4, True, 12), (None, 3, True, 3), (0, 1, True, 1)):
+        batcher = Batcher(_RowTokenizer(rows, pad), packed=packed, tensor_parallel_size=tp)
+        assert batcher.multiple == multiple, (pad, tp, packed)
+        groups = [(f"q{g}", [f"p{g * 3 + j}" for j in range(3)]) for g in range(10)]
+        pairs = [("q", p) for p in rows]
+        batches = batcher.micro_batches(groups, micro_batch_size=3)
+        batches += batcher.micro_batches(groups, micro_batch_tokens=200)
+        batches += [b for _, b in batcher.scoring_batches(pairs, {"q": "q"}, {p: p for p in rows}, None, 300)]
+        for b in batches:
+            assert b["input_ids"].shape[1] % multiple == 0 and ("packed_seq_params" in b) == packed
+            real = (b["packed_seq_params"].seqlens[: b["packed_seq_params"].num_sequences] if packed
+                    else b["attention_mask"].sum(1).tolist())
+            assert b["input_ids"].numel() == batcher.cost(real)  # what a budget counts is what the model runs
+
+
+def test_batcher_refuses_unequal_empty_or_missing_sizes():
+    from megarank.data.batcher import Batcher
+
+    batcher = Batcher(_RowTokenizer(_random_rows(6, seed=1), 8), packed=True)
+    for kw in ({"micro_batch_size": 2}, {"micro_batch_tokens": 100}):
+        with pytest.raises(ValueError, match=r"same non-zero number of passages, got sizes \[2, 3\]"):
+            batcher.micro_batches([("q", ["p0", "p1"]), ("q", ["p2", "p3", "p4"])], **kw)
+        with pytest.raises(ValueError, match=r"same non-zero number of passages, got sizes \[0\]"):
+            batcher.micro_batches([("q", [])], **kw)
+        with pytest.raises(ValueError, match="empty list of query groups"):
+            batcher.micro_batches([], **kw)
+    for kw in ({}, {"micro_batch_size": 0}, {"micro_batch_tokens": -1, "micro_batch_size": 2}):
+        with pytest.raises(ValueError, match="micro_batch_size >= 1 or train.micro_batch_tokens > 0"):
+            batcher.micro_batches([("q", ["p0"])], **kw)
 
 
 @pytest.mark.parametrize("strategy", ["bucket", "loop"])
@@ -109,15 +266,16 @@ def test_packed_matches_padded_scores_and_gradients(one_rank, monkeypatch, strat
 
 def test_attention_stays_inside_each_sequence_and_positions_restart(one_rank):
     from megarank.data.packing import pack_rows
+    from megarank.model.inputs import model_inputs
 
     model = _build().eval()
     g = torch.Generator().manual_seed(3)
     a, b, c = (torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 14, 6))
 
     def scores(rows, multiple=8):
-        batch = pack_rows(rows, PAD_ID, multiple)
+        args, kwargs = model_inputs(pack_rows(rows, PAD_ID, multiple), "cpu")
         with torch.no_grad():
-            return model(batch["input_ids"], batch["attention_mask"], packed_seq_params=batch["packed_seq_params"])[:, 0]
+            return model(*args, **kwargs)[:, 0]
 
     base = scores([a, b, c])
     changed = scores([a, [(t + 1) % 256 for t in b], c])  # another middle sequence: its neighbours keep their scores
@@ -191,23 +349,25 @@ class _FixedLengthTokenizer:
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_token_budget_split_keeps_whole_groups_in_order(packed):
-    from megarank.data.packing import micro_batch_cost, token_budget_micro_batches
+    from megarank.data.batcher import Batcher
 
     lengths = {"a": 10, "b": 30, "c": 7, "d": 100, "e": 5}
     groups = [(q, ["p1", "p2"]) for q in "abcde"]
     tok = _FixedLengthTokenizer(lengths)
-    micro = token_budget_micro_batches(groups, tok, budget=64, packed=packed, multiple=4)
+    batcher = Batcher(tok, packed=packed)
+    assert batcher.multiple == 4
+    micro = batcher.micro_batches(groups, micro_batch_tokens=64)
     sizes = [len(b["labels"]) for b in micro]
     assert sum(sizes) == 5
     # The greedy rule, recomputed: a group joins while the micro-batch's cost stays within the budget.
     expected, current = [], []
     for q in "abcde":
-        rows = [[1] * lengths[q]] * 2
-        if current and micro_batch_cost(current + [rows], packed, 4) > 64:
-            expected.append(len(current))
+        rows = [lengths[q]] * 2
+        if current and batcher.cost(current + rows) > 64:
+            expected.append(len(current) // 2)
             current = []
-        current.append(rows)
-    expected.append(len(current))
+        current += rows
+    expected.append(len(current) // 2)
     assert sizes == expected and len(sizes) > 1
     d_batch = next(b for b in micro if (b["attention_mask"].sum() == 200))  # "d" is over the budget: alone
     assert len(d_batch["labels"]) == 1
@@ -217,16 +377,18 @@ def test_token_budget_split_keeps_whole_groups_in_order(packed):
         if len(b["labels"]) > 1:
             assert b["input_ids"].numel() <= 64
     assert sum(b["loss_weight"] for b in micro) == pytest.approx(len(micro))
-    even = token_budget_micro_batches(groups[:2], _FixedLengthTokenizer({"a": 10, "b": 10}), 39, packed, 4)
+    even = Batcher(_FixedLengthTokenizer({"a": 10, "b": 10}), packed=packed).micro_batches(groups[:2],
+                                                                                           micro_batch_tokens=39)
     assert [b["loss_weight"] for b in even] == [1.0, 1.0]  # equal groups per micro-batch: exactly 1.0
+    fixed = batcher.micro_batches(groups, micro_batch_size=2)  # a fixed split: no loss weights
+    assert [len(b["labels"]) for b in fixed] == [2, 2, 1] and not any("loss_weight" in b for b in fixed)
 
 
 def test_token_budget_step_has_the_fixed_split_loss_and_gradients(one_rank):
     """3 groups in token-budget micro-batches of 2 + 1 groups: the loss and gradients of one 3-group
     micro-batch (the mean over groups); without the loss weights they would differ."""
     from megarank.config import load_config
-    from megarank.data import collate_groups
-    from megarank.data.packing import micro_batch_cost, token_budget_micro_batches
+    from megarank.data.batcher import Batcher
     from megarank.model import build_model
     from megarank.training.data import make_group_source, make_pair_tokenizer, resolve_tokenizer_dir
     from megarank.training.optimizer import wrap_ddp
@@ -236,12 +398,16 @@ def test_token_budget_step_has_the_fixed_split_loss_and_gradients(one_rank):
     groups = [make_group_source(cfg).get(i, 0) for i in range(3)]
     torch.manual_seed(0)
     ddp = wrap_ddp(build_model(cfg.model, cfg.parallel), cfg)
-    ref = _step(ddp, [collate_groups(groups, tok)])
-    rows = [tok.encode([q] * len(ps), list(ps)) for q, ps in groups]
+    ref_micro = Batcher(tok).micro_batches(groups, micro_batch_size=3)  # one padded micro-batch of the 3 groups
+    assert len(ref_micro) == 1 and "loss_weight" not in ref_micro[0]
+    ref = _step(ddp, ref_micro)
+    lengths = [[len(r) for r in tok.encode([q] * len(ps), list(ps))] for q, ps in groups]
     for packed in (True, False):
-        budget = micro_batch_cost(rows[:2], packed, 8)  # the first two groups fit, all three do not
-        assert micro_batch_cost(rows, packed, 8) > budget
-        micro = token_budget_micro_batches(groups, tok, budget, packed, 8)
+        batcher = Batcher(tok, packed=packed)
+        assert batcher.multiple == 8
+        budget = batcher.cost(lengths[0] + lengths[1])  # the first two groups fit, all three do not
+        assert batcher.cost(lengths[0] + lengths[1] + lengths[2]) > budget
+        micro = batcher.micro_batches(groups, micro_batch_tokens=budget)
         assert [len(b["labels"]) for b in micro] == [2, 1]
         got = _step(ddp, micro)
         assert_rel_close(got["loss"], ref["loss"], f"packed={packed} loss")  # logged: the mean over micro-batches
@@ -289,8 +455,10 @@ def test_packed_streams_meet_the_sp_and_fp8_divisibility_that_validate_checks(tp
     packing_multiple) splits evenly over TP under sequence parallelism and gives every FP8 GEMM on a rank a
     token count Transformer Engine accepts (a multiple of 8: transformer_engine/pytorch/utils.py
     assert_dim_for_fp8_exec, on the local SP shard). Real lengths 1..600."""
+    from types import SimpleNamespace
+
     from megarank.config import ConfigError, load_config, validate
-    from megarank.data.packing import pack_rows, packing_multiple
+    from megarank.data.batcher import Batcher
 
     accepted = 0
     for pad in (1, 4, 8, 16, 32):
@@ -304,9 +472,10 @@ def test_packed_streams_meet_the_sp_and_fp8_divisibility_that_validate_checks(tp
             except ConfigError:
                 continue
             accepted += 1
-            multiple = packing_multiple(cfg.data.pad_to_multiple_of, tp)
+            tok = SimpleNamespace(pad_id=PAD_ID, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+            batcher = Batcher(tok, packed=True, tensor_parallel_size=tp)  # as the training loop builds it
             for n in range(1, 601):
-                stream = pack_rows([[1] * n], PAD_ID, multiple)["input_ids"].shape[1]
+                stream = batcher.batch([[1] * n])["input_ids"].shape[1]
                 local = stream // tp if sp else stream
                 assert not sp or stream % tp == 0, (pad, fp8, stream)
                 assert not fp8 or local % 8 == 0, (pad, fp8, stream)

@@ -1,4 +1,4 @@
-"""Token-budget scoring batches (megarank/data/candidates.py) for `evaluate` / `rerank` and training-time evaluation.
+"""Token-budget scoring batches (megarank/data/batcher.py) for `evaluate` / `rerank` and training-time evaluation.
 
 The split itself (pure Python: order, the budget, the pair bound, a single long pair, packed costs), then scores on
 the tiny model (fp32): budget batches give the fixed batches' scores at TP=1, packed, and at DP=2 (2 spawned gloo
@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megarank.data.candidates import split_by_budget
-from megarank.data.packing import batch_cost, micro_batch_cost
+from megarank.data.batcher import Batcher, batch_cost, split_by_budget
 from tests.dist_utils import run_distributed
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+
+def _split(order, lengths, batch_size, budget, packed=False, multiple=1) -> list:
+    """The scoring split of the pairs ``order`` (indices into ``lengths``), as lists of indices."""
+    spans = split_by_budget(((1, lengths[i], lengths[i]) for i in order), budget, batch_size or 0, packed, multiple)
+    return [[order[k] for k in span] for span in spans]
 
 
 def _check_split(batches, order, lengths, batch_size, budget, packed, multiple):
@@ -44,7 +50,7 @@ def test_budget_split_keeps_order_budget_and_bound(packed, batch_size):
     lengths = [rng.randint(3, 300) for _ in range(400)]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for budget in (256, 1000, 4096):
-        batches = list(split_by_budget(order, lengths, batch_size, budget, packed, 8))
+        batches = _split(order, lengths, batch_size, budget, packed, 8)
         _check_split(batches, order, lengths, batch_size, budget, packed, 8)
         if not batch_size:  # short pairs go in larger batches
             assert len(batches[-1]) > len(batches[0])
@@ -53,7 +59,7 @@ def test_budget_split_keeps_order_budget_and_bound(packed, batch_size):
 def test_a_pair_longer_than_the_budget_is_a_batch_alone():
     lengths = [500, 40, 30, 20, 900]
     order = [4, 0, 1, 2, 3]
-    batches = list(split_by_budget(order, lengths, None, 256, False, 8))
+    batches = _split(order, lengths, None, 256, False, 8)
     assert batches[:2] == [[4], [0]], batches  # 904 and 504 padded tokens, each over 256, each alone
     assert batches[2:] == [[1, 2, 3]], batches  # 3 x 40 = 120 <= 256
 
@@ -64,13 +70,15 @@ def test_padded_cost_rounds_the_longest_and_packed_the_stream():
     assert batch_cost(3, 17, 41, packed=True, multiple=16) == 48
     assert batch_cost(2, 5, 9, packed=False, multiple=0) == 10  # no multiple = 1
     # the training split's cost is the same function of the groups' rows
-    rows = [[[1] * 17, [1] * 3], [[1] * 20]]
-    assert micro_batch_cost(rows, False, 8) == batch_cost(3, 20, 40, False, 8)
-    assert micro_batch_cost(rows, True, 8) == batch_cost(3, 20, 40, True, 8)
+    rows = [[17, 3], [20]]
+    tok = SimpleNamespace(pad_id=0, pad_to_multiple_of=8)
+    assert Batcher(tok).cost([n for g in rows for n in g]) == batch_cost(3, 20, 40, False, 8)
+    assert Batcher(tok, packed=True).cost([n for g in rows for n in g]) == batch_cost(3, 20, 40, True, 8)
 
 
 def test_without_a_budget_batches_are_fixed_size_chunks():
-    assert list(split_by_budget(list(range(7)), [1] * 7, 3, 0)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert _split(list(range(7)), [1] * 7, 3, 0) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [list(r) for r in split_by_budget([(5, 9, 30)] * 7, 0, 3)] == [[0, 1, 2], [3, 4, 5], [6]]  # groups too
 
 
 def _tokenizer():
@@ -81,15 +89,16 @@ def _tokenizer():
     return make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
 
 
-def test_batches_for_pairs_with_a_budget_sorts_longest_first_and_pads_each_batch():
-    from megarank.data import batches_for_pairs, candidate_pairs, read_beir, read_run, sample_data_dir
+def test_scoring_batches_with_a_budget_sort_longest_first_and_pad_each_batch():
+    from megarank.data import candidate_pairs, read_beir, read_run, sample_data_dir
 
     tok = _tokenizer()
     folder = sample_data_dir()
     beir = read_beir(str(folder), "test")
     run = read_run(str(folder / "candidates" / "test.run.tsv"))
     pairs = candidate_pairs(beir.queries, beir.corpus, run, 100)
-    batches = list(batches_for_pairs(pairs, beir.queries, beir.corpus, None, tok, batch_tokens=1024))
+    batcher = Batcher(tok)
+    batches = list(batcher.scoring_batches(pairs, beir.queries, beir.corpus, None, batch_tokens=1024))
     seen = [p for chunk, _ in batches for p in chunk]
     assert sorted(seen) == sorted(pairs) and len(seen) == len(pairs)
     lengths = [n for chunk, b in batches for n in b["attention_mask"].sum(1).tolist()]
@@ -99,9 +108,9 @@ def test_batches_for_pairs_with_a_budget_sorts_longest_first_and_pads_each_batch
         assert b["input_ids"].numel() <= 1024 or len(chunk) == 1
     assert len({len(c) for c, _ in batches}) > 1, "the budget should give batches of different sizes here"
     with pytest.raises(ValueError, match="batch_tokens must be >= 0"):
-        next(batches_for_pairs(pairs, beir.queries, beir.corpus, 4, tok, batch_tokens=-1))
+        next(batcher.scoring_batches(pairs, beir.queries, beir.corpus, 4, batch_tokens=-1))
     with pytest.raises(ValueError, match="batch_size must be >= 1 without a token budget"):
-        next(batches_for_pairs(pairs, beir.queries, beir.corpus, None, tok))
+        next(batcher.scoring_batches(pairs, beir.queries, beir.corpus, None))
 
 
 def test_config_rejects_a_negative_eval_batch_tokens():
@@ -170,7 +179,7 @@ def _dp2_scores(budget: int):
 
 
 def test_dp2_budget_scores_and_equal_forward_counts():
-    from megarank.data import batches_for_pairs, candidate_pairs, read_beir, read_run, sample_data_dir
+    from megarank.data import candidate_pairs, read_beir, read_run, sample_data_dir
 
     # A budget that gives an odd number of batches, so that one rank makes the padding forward in the last round.
     tok = _tokenizer()
@@ -178,15 +187,16 @@ def test_dp2_budget_scores_and_equal_forward_counts():
     beir = read_beir(str(folder), "test")
     run = read_run(str(folder / "candidates" / "test.run.tsv"))
     pairs = candidate_pairs(beir.queries, beir.corpus, {q: d for q, d in run.items() if q in beir.qrels}, 100)
+    batcher = Batcher(tok)  # padded: the "budget" run below
     budget = next(b for b in range(600, 4000, 50)
-                  if len(list(batches_for_pairs(pairs, beir.queries, beir.corpus, None, tok, batch_tokens=b))) % 2)
+                  if len(list(batcher.scoring_batches(pairs, beir.queries, beir.corpus, None, batch_tokens=b))) % 2)
     ranks = run_distributed(_dp2_scores, 2, budget, timeout=240)
     for name in ("fixed", "budget", "packed"):
         assert ranks[0][name + "_forwards"] == ranks[1][name + "_forwards"], name
         assert _max_diff(ranks[0][name], ranks[1][name]) == 0.0, "every rank gets all the scores"
     assert _max_diff(ranks[0]["budget"], ranks[0]["fixed"]) <= 1e-6
     assert _max_diff(ranks[0]["packed"], ranks[0]["fixed"]) <= 1e-6
-    n_batches = len(list(batches_for_pairs(pairs, beir.queries, beir.corpus, None, tok, batch_tokens=budget)))
+    n_batches = len(list(batcher.scoring_batches(pairs, beir.queries, beir.corpus, None, batch_tokens=budget)))
     assert ranks[0]["budget_forwards"] == (n_batches + 1) // 2
 
 

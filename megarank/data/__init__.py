@@ -1,4 +1,4 @@
-"""Data for megarank: readers, prompt template, tokenization, training groups, DP sampling, collation.
+"""Data for megarank: readers, prompt template, tokenization, training groups, DP sampling, batching (``Batcher``).
 
 The shipped sample collection (a tiny BEIR folder plus train_groups.jsonl) is at `sample_data_dir()`.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .candidates import batches_for_pairs, candidate_pairs, rerank_batches
+from .batcher import Batcher
+from .candidates import batches_for_pairs, candidate_pairs
 from .collate import collate_groups
 from .errors import DataError
 from .groups import BeirGroupSource, JsonlGroupSource
@@ -24,8 +25,8 @@ def sample_data_dir() -> Path:
 
 
 __all__ = [
-    "BeirData", "BeirGroupSource", "DEFAULT_TEMPLATE", "DataError", "GroupSampler", "JsonlGroupSource",
+    "Batcher", "BeirData", "BeirGroupSource", "DEFAULT_TEMPLATE", "DataError", "GroupSampler", "JsonlGroupSource",
     "PairTokenizer", "Run", "batches_for_pairs", "build_tiny_tokenizer", "candidate_pairs", "collate_groups",
     "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus",
-    "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "rerank_batches", "sample_data_dir",
+    "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "sample_data_dir",
 ]

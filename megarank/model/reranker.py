@@ -128,7 +128,7 @@ class LlamaReranker(MegatronModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed_seq_params=None) -> torch.Tensor:
         """input_ids [b, s], attention_mask [b, s] bool (True = real token).
 
-        Packed (``packed_seq_params``, a megarank.data.packing.PackedSequences): input_ids [1, t] is one stream
+        Packed (``packed_seq_params``, a megarank.model.inputs.PackedSequences): input_ids [1, t] is one stream
         of whole sequences; attention_mask is not used by the layers (attention stays inside each segment).
 
         Returns scores [b (or num_sequences), num_labels] on the last pipeline stage, else hidden states

@@ -36,19 +36,14 @@ def _is_logging_rank() -> bool:
 
 
 def _micro_batches(groups: list, cfg: Config, pair_tokenizer) -> list:
-    from megarank.data import collate_groups
-    from megarank.data.packing import pack_padded, packing_multiple, token_budget_micro_batches
+    """Whole query groups, ``train.micro_batch_size`` per micro-batch or up to ``train.micro_batch_tokens``,
+    padded or packed (``data.packing``): megarank/data/batcher.py."""
+    from megarank.data.batcher import Batcher
 
-    d = cfg.data
-    multiple = (packing_multiple(d.pad_to_multiple_of, cfg.parallel.tensor_model_parallel_size) if d.packing
-                else d.pad_to_multiple_of or 1)
-    if cfg.train.micro_batch_tokens > 0:  # whole groups up to a token budget (megarank/data/packing.py)
-        return token_budget_micro_batches(groups, pair_tokenizer, cfg.train.micro_batch_tokens, d.packing, multiple)
-    m = cfg.train.micro_batch_size
-    batches = [collate_groups(groups[i : i + m], pair_tokenizer) for i in range(0, len(groups), m)]
-    if d.packing:  # one stream of whole sequences per micro-batch
-        batches = [pack_padded(b, pair_tokenizer.pad_id, multiple) for b in batches]
-    return batches
+    batcher = Batcher(pair_tokenizer, packed=cfg.data.packing,
+                      tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    return batcher.micro_batches(groups, micro_batch_size=cfg.train.micro_batch_size,
+                                 micro_batch_tokens=cfg.train.micro_batch_tokens)
 
 
 def _step_work(micro: list, model_cfg) -> tuple[float, float]:

@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megarank.data.packing import model_inputs
+from megarank.model.inputs import model_inputs
 from megarank.parallel.init import any_rank, device
 from megarank.training.loss import LOSSES, group_metrics
 from megarank.training.optimizer import inner_optimizers
