@@ -41,7 +41,7 @@ def _counted(model, batch) -> dict:
     """torch's FLOP counts of one forward + backward, by kind: mm (linears), attention forward / backward."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    from megarank.data.packing import model_inputs
+    from megarank.model.inputs import model_inputs
 
     aten = torch.ops.aten
     fwd_op = aten._scaled_dot_product_flash_attention_for_cpu

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_rank")  # tests/conftest.py
 
 def _scores_and_grads(model, batch):
     """tests/test_packing.py's helper on the model's own device (CUDA where the model was built there)."""
-    from megarank.data.packing import model_inputs
+    from megarank.model.inputs import model_inputs
 
     device = next(model.parameters()).device
     model.zero_grad()

@@ -76,13 +76,3 @@ def pack_padded(batch: dict, pad_id: int, multiple: int = 1) -> dict:
     rows = [ids[i, :n].tolist() for i, n in enumerate(lengths)]
     packed = pack_rows(rows, pad_id, multiple)
     return {**{k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}, **packed}
-
-
-def __getattr__(name: str):
-    # The model-input types moved to megarank.model.inputs; these names still resolve (importing megatron-core
-    # only when asked for) for tests/test_flops.py, tests/test_model_speedpaths.py and benchmarks/scoring_profile.py.
-    if name in ("PackedSequences", "model_inputs"):
-        from megarank.model import inputs
-
-        return getattr(inputs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

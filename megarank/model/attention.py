@@ -4,7 +4,7 @@ Drop-in for megatron-core's ``DotProductAttention`` (same constructor and forwar
 SDPA call instead of baddbmm + masked softmax + bmm, and GQA without materialising repeated keys/values.
 The mask follows megatron's convention: boolean, True = masked out (padding), broadcastable to [b, np, sq, sk].
 
-Packed sequences (``packed_seq_params`` with ``qkv_format="thd"``, see megarank/data/packing.py): megatron's
+Packed sequences (``packed_seq_params`` with ``qkv_format="thd"``, see megarank/model/inputs.py and megarank/data/batcher.py): megatron's
 attention squeezes q/k/v to [t, n, d] and reshapes our [t, n * d] output back to [t, 1, h]
 (megatron/core/transformer/attention.py:1066-1069, 1189-1194). Attention must stay inside each sequence. One
 block-diagonal mask over the stream would cost O(T^2) for O(sum L_i^2) of useful work, so each sequence gets

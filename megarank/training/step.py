@@ -29,7 +29,7 @@ _LOGGED = ("loss", "acc", "mrr")
 def _loss_func(loss_name: str, group_size: int, weight: float, scores: torch.Tensor):
     """The micro-batch's mean loss over its groups, times ``weight`` (its share of the step's groups x the
     number of micro-batches; 1.0 when every micro-batch holds as many groups, see
-    megarank.data.packing.token_budget_micro_batches), so the mean over micro-batches is the mean over groups."""
+    megarank.data.batcher.Batcher.micro_batches), so the mean over micro-batches is the mean over groups."""
     loss = LOSSES[loss_name](scores, group_size)
     stats = group_metrics(scores, group_size)
     if weight != 1.0:
@@ -41,7 +41,7 @@ def _loss_func(loss_name: str, group_size: int, weight: float, scores: torch.Ten
 def forward_step(data_iterator, model, loss_name: str):
     """megatron-core forward_step contract: return (output, loss_func) for one micro-batch."""
     batch = next(data_iterator)
-    args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.data.packing)
+    args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.model.inputs)
     scores = model(*args, **kwargs)
     return scores, partial(_loss_func, loss_name, batch["group_size"], batch.get("loss_weight", 1.0))
 
