@@ -100,18 +100,15 @@ def _batch(dry_run: bool, vocab: int):
     return ids, valid
 
 
-def _build(dry_run: bool, dtype: str):
-    from megarank.config import load_config
-    from megarank.model import build_model
+def _load(work: Path, dry_run: bool, dtype: str):
+    """The numerics checkpoint in ``dtype`` (the fp32 weights cast on load), through megarank's Python API."""
+    from megarank import Reranker
 
-    cfg = load_config(None, _overrides(dry_run, dtype))
-    return build_model(cfg.model, cfg.parallel), cfg
+    return Reranker.from_checkpoint(work / "ckpt", dtype=dtype, overrides=_overrides(dry_run, dtype)).model
 
 
 def _forward_backward(model, ids, valid) -> dict:
     """Scores, listwise loss and every parameter's gradient (as fp32 CPU tensors)."""
-    import torch
-
     from megarank.parallel.init import device
     from megarank.training.loss import listwise_loss
 
@@ -144,14 +141,9 @@ def cmd_numerics_cpu(args) -> int:
     """Child process: CUDA hidden, the same checkpoint and batch in fp32 on the CPU."""
     import torch
 
-    from megarank.checkpoint import load_model_weights
-    from megarank.parallel.init import init_distributed
-
     assert not torch.cuda.is_available(), "the reference side must run without CUDA"
     work = Path(args.work)
-    init_distributed(1, 1)
-    model, _ = _build(args.dry_run, "fp32")
-    load_model_weights(model, work / "ckpt")
+    model = _load(work, args.dry_run, "fp32")
     batch = torch.load(work / "batch.pt")
     torch.save(_forward_backward(model, batch["ids"], batch["valid"]), work / "cpu.pt")
     return 0
@@ -159,9 +151,11 @@ def cmd_numerics_cpu(args) -> int:
 
 def cmd_numerics(args) -> int:
     import torch
+    import torch.distributed as dist
 
-    from megarank.checkpoint import load_model_weights, save_model_weights
-    from megarank.parallel.init import init_distributed
+    from megarank import Reranker
+    from megarank.checkpoint import save_model_weights, write_manifest
+    from megarank.config import save_config
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -169,19 +163,17 @@ def cmd_numerics(args) -> int:
     if on_gpu:  # fp32 must mean fp32 on both sides (TF32 would change the GPU side's rounding)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    init_distributed(1, 1)
-    import torch.distributed as dist
-
+    fresh = Reranker.from_config(None, _overrides(args.dry_run, "fp32") + ["train.seed=0"])  # random weights
+    model, cfg = fresh.model, fresh.cfg
     backend = dist.get_backend()
-    torch.manual_seed(0)
-    model, cfg = _build(args.dry_run, "fp32")
     save_model_weights(model, work / "ckpt" / "model")
+    save_config(cfg, work / "ckpt" / "config.yaml")  # a checkpoint folder that Reranker.from_checkpoint loads
+    write_manifest(work / "ckpt")
     ids, valid = _batch(args.dry_run, cfg.model.vocab_size)
     torch.save({"ids": ids, "valid": valid}, work / "batch.pt")
     runs = {"fp32": _forward_backward(model, ids, valid)}
-    del model
-    model16, _ = _build(args.dry_run, "bf16")
-    load_model_weights(model16, work / "ckpt")
+    del model, fresh
+    model16 = _load(work, args.dry_run, "bf16")
     runs["bf16"] = _forward_backward(model16, ids, valid)
     del model16
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

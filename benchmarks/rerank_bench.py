@@ -12,8 +12,8 @@ Candidates: the first ``--max-queries`` judged queries of the split's first-stag
 SciFact-train), ``--top-k`` each; ``max_length`` is the checkpoint's (512 for the converted SmolLM2).
 
 Variants, same process, same threads, same pairs:
-  megarank-<dtype>   megarank.data.batches_for_pairs + megarank.inference.score_batches with `megarank rerank`'s
-                     defaults (length-sorted, --batch-tokens budget, the checkpoint's data.packing unless --packing)
+  megarank-<dtype>   megarank.Reranker.from_checkpoint(...).score(pairs) with `megarank rerank`'s defaults
+                     (length-sorted, --batch-tokens budget, the checkpoint's data.packing unless --packing)
   megarank-<dtype>-fixed  (--compare-fixed) the same with the old default: fixed batches of 32 pairs
   ce-<dtype>         CrossEncoder(export, trust_remote_code=True, max_length, dtype).predict(pairs, batch_size=32,
                      activation_fn=Identity) — ≥ 5.7 renders the pairs through the export's chat template, which is
@@ -85,43 +85,15 @@ def prepare_models(args) -> tuple[Path, Path]:
     return ckpt, hf
 
 
-class Megarank:
-    """One megarank model in ``dtype`` and the batching `megarank rerank` uses."""
+def load_megarank(step_dir, dtype, device, batch_tokens, batch_size, packing):
+    """megarank's scorer in ``dtype`` with the batching `megarank rerank` uses: ``megarank.Reranker``."""
+    from megarank import Reranker
 
-    def __init__(self, step_dir, dtype, device, batch_tokens, batch_size, packing):
-        from megarank import checkpoint as ckpt
-        from megarank.config import apply_overrides, config_from_dict, config_to_dict
-        from megarank.model import build_model
-        from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
-
-        impl = "local" if device == "cpu" else "auto"
-        cfg = ckpt.load_checkpoint_config(step_dir)
-        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), [f"model.dtype={dtype}", f"model.transformer_impl={impl}"]))
-        self.packed = cfg.data.packing if packing == "checkpoint" else packing == "true"
-        self.model = build_model(cfg.model, cfg.parallel)
-        ckpt.load_model_weights(self.model, step_dir)
-        self.tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg, str(step_dir)))
-        self.batch_tokens, self.batch_size = batch_tokens, batch_size
-        self.max_length = cfg.data.max_length
-        self.model_tokens = 0  # tokens the model ran (padding included), over the timed calls
-
-    def score(self, pairs, queries, corpus) -> list:
-        from megarank.data import batches_for_pairs
-        from megarank.inference import packed_batches, score_batches, scoring_multiple
-
-        multiple = scoring_multiple(self.tok.pad_to_multiple_of, self.packed)
-        batches = batches_for_pairs(pairs, queries, corpus, self.batch_size, self.tok, batch_tokens=self.batch_tokens,
-                                    packed=self.packed, multiple=multiple)
-        if self.packed:
-            batches = packed_batches(batches, self.tok.pad_id, self.tok.pad_to_multiple_of)
-        batches = list(self._counted(batches))
-        scores = score_batches(self.model, batches)
-        return [scores[p] for p in pairs]
-
-    def _counted(self, batches):
-        for pairs, batch in batches:
-            self.model_tokens += batch["input_ids"].numel()
-            yield pairs, batch
+    overrides = [f"model.transformer_impl={'local' if device == 'cpu' else 'auto'}"]
+    if packing != "checkpoint":
+        overrides.append(f"data.packing={packing}")
+    return Reranker.from_checkpoint(step_dir, dtype=dtype, batch_tokens=batch_tokens, batch_size=batch_size,
+                                    overrides=overrides)
 
 
 class CE:
@@ -133,10 +105,9 @@ class CE:
                                   model_kwargs={"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]})
         self.batch_size = batch_size
 
-    def score(self, pairs, queries, corpus) -> list:
+    def score(self, texts) -> list:
         import torch
 
-        texts = [(queries[q], corpus[d]) for q, d in pairs]
         out = self.model.predict(texts, batch_size=self.batch_size, show_progress_bar=False,
                                  activation_fn=torch.nn.Identity(), convert_to_numpy=True)
         return [float(s) for s in out]
@@ -154,11 +125,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from megarank import Reranker
     from megarank.config import DEFAULT_EVAL_BATCH_TOKENS as DEFAULT_BATCH_TOKENS
     from megarank.data import candidate_pairs, find_run_file, read_beir, read_run
     from megarank.checkpoint import resolve_checkpoint
     from megarank.hardware import describe_cpu
-    from megarank.parallel.init import init_distributed
 
     load_before = os.getloadavg()
     step_dir, hf_dir = prepare_models(args)
@@ -168,22 +139,25 @@ def main(argv=None) -> int:
     qids = [q for q in run if q in beir.qrels][: args.max_queries]
     batch_tokens = DEFAULT_BATCH_TOKENS if args.batch_tokens is None else args.batch_tokens
     batch_size = args.batch_size or (None if batch_tokens else 32)  # as megarank/evaluate_cli.py
-    init_distributed(1, 1)
     dtypes = args.dtypes.split(",")
     variants = {}
     for dtype in dtypes:
-        variants[f"megarank-{dtype}"] = Megarank(step_dir, dtype, args.device, batch_tokens, batch_size, args.packing)
-        max_length = variants[f"megarank-{dtype}"].max_length
+        variants[f"megarank-{dtype}"] = load_megarank(step_dir, dtype, args.device, batch_tokens, batch_size, args.packing)
+        max_length = variants[f"megarank-{dtype}"].cfg.data.max_length
         if args.compare_fixed:
-            variants[f"megarank-{dtype}-fixed"] = Megarank(step_dir, dtype, args.device, 0, 32, args.packing)
+            variants[f"megarank-{dtype}-fixed"] = load_megarank(step_dir, dtype, args.device, 0, 32, args.packing)
         if not args.no_ce:
             variants[f"ce-{dtype}"] = CE(hf_dir, dtype, args.device, max_length, args.ce_batch_size)
     chunks = [candidate_pairs(beir.queries, beir.corpus, {q: run[q] for q in qids[i : i + args.chunk]}, args.top_k)
               for i in range(0, len(qids), args.chunk)]
+
+    def texts(pairs):
+        return [(beir.queries[q], beir.corpus[d]) for q, d in pairs]
+
     for v in variants.values():  # warm-up: a few pairs of the longest and a short one
-        v.score(chunks[0][:8], beir.queries, beir.corpus)
+        v.score(texts(chunks[0][:8]))
     for v in variants.values():
-        if isinstance(v, Megarank):
+        if isinstance(v, Reranker):
             v.model_tokens = 0
     names = list(variants)
     seconds = dict.fromkeys(names, 0.0)
@@ -193,7 +167,7 @@ def main(argv=None) -> int:
         for j in range(len(names)):
             name = names[(k + j) % len(names)]
             tic = time.perf_counter()
-            got = variants[name].score(pairs, beir.queries, beir.corpus)
+            got = [float(s) for s in variants[name].score(texts(pairs))]  # Reranker: a tensor, CE: a list
             per_chunk[name].append(time.perf_counter() - tic)
             seconds[name] += per_chunk[name][-1]
             scores[name].extend(got)
@@ -201,7 +175,7 @@ def main(argv=None) -> int:
               + " pairs/s so far", flush=True)
     n_pairs = sum(len(c) for c in chunks)
     real_tokens = 0
-    tok = variants[f"megarank-{dtypes[0]}"].tok
+    tok = variants[f"megarank-{dtypes[0]}"].pair_tokenizer
     for pairs in chunks:
         real_tokens += sum(tok.lengths([beir.queries[q] for q, _ in pairs], [beir.corpus[d] for _, d in pairs]))
     report = {
@@ -209,13 +183,13 @@ def main(argv=None) -> int:
         "data": str(data), "split": args.split, "queries": len(qids), "top_k": args.top_k, "pairs": n_pairs,
         "max_length": max_length, "real_tokens": real_tokens, "chunk_queries": args.chunk,
         "megarank": {"batch_tokens": batch_tokens, "batch_size": batch_size,
-                     "packing": variants[f"megarank-{dtypes[0]}"].packed},
+                     "packing": variants[f"megarank-{dtypes[0]}"].packing},
         "ce_batch_size": args.ce_batch_size,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "pairs_per_s": {n: n_pairs / seconds[n] for n in names},
         "seconds": seconds,
         "megarank_padding_share": {n: 1 - real_tokens / v.model_tokens for n, v in variants.items()
-                                   if isinstance(v, Megarank)},
+                                   if isinstance(v, Reranker)},
     }
     for dtype in dtypes:
         ours, theirs, fixed = f"megarank-{dtype}", f"ce-{dtype}", f"megarank-{dtype}-fixed"

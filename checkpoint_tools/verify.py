@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools import keymap
-from checkpoint_tools.export_hf import load_saved_config
+from checkpoint_tools.configs import check_agreement, load_saved_config
 from checkpoint_tools.hf_config import (
-    ARCHITECTURE_KEYS,
+    HF_ARCHITECTURE_KEYS,
     detect_format,
     export_config,
     folded_temperature,
@@ -22,7 +22,6 @@ from checkpoint_tools.hf_config import (
     read_hf_config,
 )
 from checkpoint_tools.hf_reader import HFWeights
-from checkpoint_tools.import_hf import check_agreement
 from checkpoint_tools.megatron_reader import MegatronWeights, resolve_checkpoint
 from checkpoint_tools.tokenizer_files import copy_tokenizer, tokenizer_files
 
@@ -89,19 +88,17 @@ def hf_reranker(src: Path, m, score_from=None, folded: float = 1.0):
 
 
 def megarank_scores(ckpt: Path, cfg, ids, mask) -> torch.Tensor:
-    import dataclasses
+    """megarank's scores [b, num_labels] of the encoded pairs: the checkpoint (whose saved config is ``cfg``)
+    loaded by ``megarank.Reranker`` on one rank, TP=PP=1, the local spec, fp32, run on ``ids`` / ``mask``."""
+    from megarank import Reranker
+    from megarank.parallel.init import device
 
-    from megarank.checkpoint import load_model_weights
-    from megarank.model import build_model
-    from megarank.parallel.init import init_distributed
-
-    m = dataclasses.replace(cfg.model, dtype="fp32", transformer_impl="local", attention_dropout=0.0, hidden_dropout=0.0)
-    p = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1, sequence_parallel=False)
-    init_distributed(1, 1)
-    model = build_model(m, p).eval()
-    load_model_weights(model, ckpt)
+    layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+              "parallel.sequence_parallel=false", "model.transformer_impl=local", "model.attention_dropout=0.0",
+              "model.hidden_dropout=0.0"]
+    reranker = Reranker.from_checkpoint(ckpt, dtype="fp32", overrides=layout)
     with torch.no_grad():
-        return model(ids, mask).float()
+        return reranker.model(ids.to(device()), mask.to(device())).float().cpu()
 
 
 def verify(src_hf, dst_megatron, tol: float = 1e-4, quiet: bool = False) -> float:
@@ -112,7 +109,7 @@ def verify(src_hf, dst_megatron, tol: float = 1e-4, quiet: bool = False) -> floa
     ckpt = resolve_checkpoint(dst_megatron)
     cfg = load_saved_config(ckpt)
     arch = hf_architecture(hf, str(src / "config.json"))
-    check_agreement(cfg.model, arch, ARCHITECTURE_KEYS, f"{ckpt}/config.yaml", str(src / "config.json"))
+    check_agreement(cfg.model, arch, HF_ARCHITECTURE_KEYS, f"{ckpt}/config.yaml", str(src / "config.json"))
     score_from, folded = None, 1.0
     if fmt == "llama_bidirec":
         folded = folded_temperature(hf, str(src / "config.json"))

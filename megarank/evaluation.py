@@ -3,8 +3,8 @@ import logging
 import math
 from typing import Optional
 
-from megarank.data import Run, find_run_file, read_beir, read_run, rerank_batches
-from megarank.inference import packed_batches, score_batches, scores_by_query, scoring_multiple
+from megarank.data import Run, candidate_pairs, find_run_file, read_beir, read_run
+from megarank.inference import score_batches, scores_by_query, scoring_batcher
 from megarank.metrics import evaluate_run
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,9 @@ def evaluate_beir(
         qids = qids[:max_queries]
     run = Run({q: run[q] for q in qids}, path=run_path)
     qrels = {q: beir.qrels[q] for q in qids}
-    batches = rerank_batches(beir.queries, beir.corpus, run, top_k, batch_size, pair_tokenizer, batch_tokens=batch_tokens,
-                             packed=packing, multiple=scoring_multiple(pair_tokenizer.pad_to_multiple_of, packing))
-    if packing:  # data.packing: each length-sorted batch as one stream of whole pairs
-        batches = packed_batches(batches, pair_tokenizer.pad_id, pair_tokenizer.pad_to_multiple_of)
+    pairs = candidate_pairs(beir.queries, beir.corpus, run, top_k)  # ids checked here, before any scoring
+    batches = scoring_batcher(pair_tokenizer, packing).scoring_batches(  # packing: one stream of whole pairs
+        pairs, beir.queries, beir.corpus, batch_size=batch_size, batch_tokens=batch_tokens)
     scores = scores_by_query(score_batches(model, batches))
     ours = evaluate_run(qrels, nan_ranked_last(scores) if nan_last else scores)
     return ours, evaluate_run(qrels, first_stage_scores(run, top_k)), scores

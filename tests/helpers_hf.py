@@ -131,14 +131,13 @@ def random_batch(vocab: int = 256, lengths=(23, 9, 16, 1), seed: int = 0):
 
 
 def megarank_scores_tp1(checkpoint, ids, mask):
-    """megarank's scores [b] from a checkpoint folder, in this process at TP=1/PP=1."""
-    from megarank.checkpoint import load_checkpoint_config, load_model_weights
-    from megarank.model import build_model
-    from megarank.parallel.init import init_distributed
+    """megarank's scores [b] from a checkpoint folder, in this process at TP=1/PP=1, in the checkpoint's dtype."""
+    from megarank import Reranker
+    from megarank.checkpoint import load_checkpoint_config, resolve_checkpoint
 
-    cfg = load_checkpoint_config(checkpoint)
-    init_distributed(1, 1)
-    model = build_model(cfg.model, cfg.parallel).eval()
-    load_model_weights(model, checkpoint)
+    dtype = load_checkpoint_config(resolve_checkpoint(checkpoint)).model.dtype
+    layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+              "parallel.sequence_parallel=false"]
+    reranker = Reranker.from_checkpoint(checkpoint, dtype=dtype, overrides=layout)
     with torch.no_grad():
-        return model(ids, mask)[:, 0]
+        return reranker.model(ids, mask)[:, 0]

@@ -166,19 +166,16 @@ INIT_SCRIPT = '''
 import sys
 
 if __name__ == "__main__":  # the torch_dist writer starts a spawn Manager: guard the main module
+    from megarank import Reranker
     from megarank import checkpoint as ckpt
-    from megarank.config import load_config, save_config
-    from megarank.model import build_model
-    from megarank.parallel.init import destroy_distributed, init_distributed
+    from megarank.config import save_config
 
     out = sys.argv[2]
-    cfg = load_config(sys.argv[1], sys.argv[3:])
-    init_distributed(1, 1, seed=cfg.train.seed)
-    model = build_model(cfg.model, cfg.parallel)
-    ckpt.save_model_weights(model, out + "/model")
+    reranker = Reranker.from_config(sys.argv[1], overrides=sys.argv[3:])  # random init, seeded by train.seed
+    ckpt.save_model_weights(reranker.model, out + "/model")
     ckpt.write_marker(out, kind="converted")
-    save_config(cfg, out + "/config.yaml")
-    destroy_distributed()
+    save_config(reranker.cfg, out + "/config.yaml")
+    reranker.close()
 '''
 
 

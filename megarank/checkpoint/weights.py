@@ -163,11 +163,9 @@ ARCHITECTURE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attent
 
 
 def _architecture(m) -> dict:
-    from megarank.config import padded_vocab_size
-
     arch = {k: getattr(m, k) for k in ARCHITECTURE_KEYS}
-    arch["kv_channels"] = m.kv_channels or m.hidden_size // m.num_attention_heads
-    arch["padded_vocab_size"] = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
+    arch["kv_channels"] = m.head_dim
+    arch["padded_vocab_size"] = m.padded_vocab(1)
     return arch
 
 
@@ -213,13 +211,18 @@ def load_global_tensors(model, tensors, where: str) -> None:
         box = [slice(o, o + 1) for o in sub.global_offset[:p]]
         box += [slice(o, o + n) for o, n in zip(sub.global_offset[p:], sub.data.shape)]
         part = full[tuple(box)]  # may be cut short along dim 0 (an embedding with fewer stored rows)
-        local.zero_() if part.shape != local.shape else None
+        if part.shape != local.shape:
+            local.zero_()
         local[tuple(slice(0, n) for n in part.shape)].copy_(part)
 
     error = None
     try:
+        sharded = model_sharded_state_dict(model)
+        unsharded = [k for k in model.state_dict() if k not in sharded and not _is_extra_state(k)]
+        if unsharded:
+            raise CheckpointError(f"{where}: the model's tensor {unsharded[0]} has no checkpoint key")
         with torch.no_grad():
-            for sh in nested_values(model_sharded_state_dict(model)):
+            for sh in nested_values(sharded):
                 subs = nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]
                 for sub in subs:
                     if isinstance(sub, ShardedTensor):
