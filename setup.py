@@ -27,7 +27,7 @@ setup(
         "pyyaml",
         "psutil",  # undeclared dependency of megatron-core's torch_dist checkpoint writer
         "numpy",
-        "ir-measures==0.4.3",  # exact: RR@k cut-off semantics differ between backends (see megarank/metrics.py)
+        "ir-measures==0.4.3",  # exact: RR@k cut-off semantics differ between backends (see megarank/scoring/metrics.py)
         "pytrec-eval-terrier>=0.5.11",
         "tensorboard",
     ],

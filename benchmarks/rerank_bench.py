@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     run = read_run(find_run_file(str(data), args.split))
     qids = [q for q in run if q in beir.qrels][: args.max_queries]
     batch_tokens = DEFAULT_BATCH_TOKENS if args.batch_tokens is None else args.batch_tokens
-    batch_size = args.batch_size or (None if batch_tokens else 32)  # as megarank/evaluate_cli.py
+    batch_size = args.batch_size or (None if batch_tokens else 32)  # as megarank/cli/evaluate.py
     dtypes = args.dtypes.split(",")
     variants = {}
     for dtype in dtypes:

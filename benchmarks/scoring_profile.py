@@ -15,7 +15,7 @@ Variants, interleaved (every repeat runs each variant once, on every batch) so l
                    without the in-place product): the reference
   score            no_grad forward, today's model code (what ``megarank rerank`` runs)
   score-schedule   the same through megatron's forward_backward_func in forward-only mode, as ``megarank rerank``
-                   scores (megarank.inference.score_batches, one rank)
+                   scores (megarank.scoring.batched.score_batches, one rank)
   score-inference  the same forward under torch.inference_mode
   score-packed     the batch packed (megarank.data.packing, per-sequence attention)
   score-small / train-baseline / train
@@ -182,7 +182,7 @@ def attention_flops(batch, cfg, backward: bool) -> float:
 
 
 def make_variants(model, baseline: BaselineCode):
-    from megarank.inference import score_batches
+    from megarank.scoring.batched import score_batches
     from megarank.model.inputs import model_inputs
 
     def score(batch, mode=torch.no_grad):

@@ -10,7 +10,7 @@
 #   python -m torch.distributed.run --nnodes=.. --nproc-per-node=.. (--standalone | --rdzv-backend=c10d
 #     --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT --rdzv-id=$RDZV_ID) --role=rank --tee=3 --local-ranks-filter=..
 #     -m megarank.cli train CONFIG OVERRIDES
-# (built by megarank/launch.py, the same code `megarank launch` and launch/slurm/train.sbatch use).
+# (built by megarank/cli/launch.py, the same code `megarank launch` and launch/slurm/train.sbatch use).
 #
 # Several nodes by hand: run this on every node with the same NNODES, MASTER_ADDR (the first node) and
 # MASTER_PORT; on SLURM use launch/slurm/train.sbatch instead.
@@ -27,4 +27,4 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python}
 if [[ ${DRY_RUN:-0} == 1 ]]; then set -- --dry-run "$@"; fi
-exec "$PYTHON" -m megarank.launch "$@"
+exec "$PYTHON" -m megarank.cli.launch "$@"

@@ -3,7 +3,7 @@
 * HF side: ``AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True)`` (eager and
   sdpa attention) and ``sentence_transformers.CrossEncoder(export, trust_remote_code=True)``, offline.
 * megarank side: the converted Megatron checkpoint loaded with ``load_model_weights`` into a model built at TP=1
-  (in this process) and at TP=2 and PP=2 (one 2-rank gloo spawn), scored with ``megarank.inference.score_batches``.
+  (in this process) and at TP=2 and PP=2 (one 2-rank gloo spawn), scored with ``megarank.scoring.batched.score_batches``.
 * A checkpoint saved by megarank at TP=2 exports to the same HF tensors, bit for bit.
 Cases: GQA with avg pooling; last pooling with temperature 2; a vocabulary (301, divisible_by 1) whose padded size
 differs between TP=1 (301 rows) and TP=2 (302 rows), so loading at TP=2 relies on megatron's embedding accepting
@@ -102,7 +102,7 @@ def _score_tp2_pp2(ckpts: dict, ids, mask, save_root) -> dict:
         load_model_weights,
         save_model_weights,
     )
-    from megarank.inference import score_batches
+    from megarank.scoring.batched import score_batches
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from megarank.data import read_beir, read_run, sample_data_dir
-from megarank.metrics import evaluate_run, read_trec_run
+from megarank.scoring.metrics import evaluate_run, read_trec_run
 from tests.training_harness import megarank_cmd, run, run_many, tb_scalars, train_cmd
 
 SAMPLE = sample_data_dir()

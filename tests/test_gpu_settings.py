@@ -237,7 +237,7 @@ def test_fp8_weight_dims_are_checked_per_tp_rank():
 def test_launch_dry_run_prints_the_gpu_layout_errors_before_any_process_group(capsys):
     import torch.distributed as dist
 
-    from megarank.launch import main
+    from megarank.cli.launch import main
 
     was_initialized = dist.is_initialized()
     rc = main(["--dry-run", "--nproc", "8", L8B, "model.fp8=hybrid", "model.fp8_recipe=delayed",
@@ -447,7 +447,7 @@ def test_wrap_ddp_overlaps_only_on_gpu_and_param_gather_only_for_callers_that_sy
 
 
 def test_launcher_gives_workers_cuda_device_max_connections_1(monkeypatch, capsys):
-    from megarank import launch
+    from megarank.cli import launch
     from megarank.parallel.init import cuda_max_connections_problem
 
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from megarank.launch import Layout, LaunchError, build_command, default_log_ranks, main
+from megarank.cli.launch import Layout, LaunchError, build_command, default_log_ranks, main
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"

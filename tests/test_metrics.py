@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megarank.data import DataError, iter_run_rows, read_qrels, read_run
-from megarank.metrics import evaluate_run, rank_documents, read_trec_run, write_trec_run
+from megarank.scoring.metrics import evaluate_run, rank_documents, read_trec_run, write_trec_run
 
 QRELS = {
     "q1": {"d1": 3, "d2": 2, "d3": 0, "d4": 1},

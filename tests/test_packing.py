@@ -292,7 +292,7 @@ def test_evaluation_scores_are_the_same_packed(one_rank):
     """data.packing in scoring: evaluate_beir's length-sorted batches packed give the padded scores."""
     from megarank.config import load_config
     from megarank.data import sample_data_dir
-    from megarank.evaluation import evaluate_beir
+    from megarank.scoring.beir import evaluate_beir
     from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir
 
     cfg = load_config(TINY, [])

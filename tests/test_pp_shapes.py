@@ -85,7 +85,7 @@ def _global_names(model, pp: int) -> dict:
 def _run_layout(pp: int, start: dict | None, batch_p2p: bool = True) -> dict:
     from megatron.core import parallel_state
 
-    from megarank.inference import score_batches
+    from megarank.scoring.batched import score_batches
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
     from megarank.training.data import make_pair_tokenizer, resolve_tokenizer_dir

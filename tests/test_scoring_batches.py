@@ -2,7 +2,7 @@
 
 The split itself (pure Python: order, the budget, the pair bound, a single long pair, packed costs), then scores on
 the tiny model (fp32): budget batches give the fixed batches' scores at TP=1, packed, and at DP=2 (2 spawned gloo
-ranks), where every rank must also make the same number of forwards (megarank/inference.py). The CLI's
+ranks), where every rank must also make the same number of forwards (megarank/scoring/batched.py). The CLI's
 ``--batch-tokens`` / ``--dtype`` are in tests/test_evaluate.py (they need a trained checkpoint).
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _evaluate(model, tok, **kw):
     from megarank.data import sample_data_dir
-    from megarank.evaluation import evaluate_beir
+    from megarank.scoring.beir import evaluate_beir
 
     return evaluate_beir(model, tok, str(sample_data_dir()), "test", top_k=100, **kw)
 

@@ -170,7 +170,7 @@ NAN_EVAL_SCRIPT = '''
 import sys
 
 if __name__ == "__main__":
-    import megarank.inference as inference
+    import megarank.scoring.batched as inference
     from megarank.cli import main
 
     real_collect = inference._collect

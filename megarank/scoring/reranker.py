@@ -8,7 +8,7 @@ a config (random weights) or a model already in memory (the training loop's).
     ranked = reranker.rerank("what is megarank?", passages, top_k=10)               # [Ranked(index, score), ...]
     result = reranker.evaluate_beir("data/scifact", "test", top_k=100)               # metrics, first stage, scores
 
-``from_checkpoint`` is what ``megarank evaluate`` / ``megarank rerank`` run (megarank/evaluate_cli.py wraps it):
+``from_checkpoint`` is what ``megarank evaluate`` / ``megarank rerank`` run (megarank/cli/evaluate.py wraps it):
 resolve the folder, take its config with the dotted overrides applied (the layout — TP/PP, DP = world / (TP x PP)
 — and data settings; the model section is the checkpoint's), start torch.distributed when nobody has (one
 in-process rank without torchrun; torchrun's world under it), resolve the dtype (``--dtype auto``:
@@ -52,7 +52,7 @@ class EvaluationResult(NamedTuple):
 def _batches(pairs, queries, corpus, pair_tokenizer, *, batch_size, batch_tokens, packing):
     """Length-sorted scoring batches ``(pairs, batch)`` of ``pairs`` (keys into ``queries`` / ``corpus``): the
     one place this module builds batches, with the batcher evaluation uses (``megarank.data.batcher``)."""
-    from megarank.inference import scoring_batcher
+    from megarank.scoring.batched import scoring_batcher
 
     return scoring_batcher(pair_tokenizer, packing).scoring_batches(  # packing: one stream of whole pairs
         pairs, queries, corpus, batch_size=batch_size, batch_tokens=batch_tokens)
@@ -268,7 +268,7 @@ class Reranker:
         in length-sorted batches (``batch_tokens`` / ``batch_size``, packed when ``packing``); the scores do not
         depend on the batching (fp32 rounding aside). Collective: every rank passes the same pairs.
         """
-        from megarank.inference import score_batches
+        from megarank.scoring.batched import score_batches
 
         if self.cfg.model.num_labels != 1:
             raise ValueError(f"score() gives one logit per pair (model.num_labels 1); this model has "
@@ -308,7 +308,7 @@ class Reranker:
         queries of the run. A NaN score is an error in the metrics unless ``nan_last``, which ranks such
         candidates last (the returned scores keep the NaNs). Collective; every rank gets the result.
         """
-        from megarank.evaluation import evaluate_beir
+        from megarank.scoring.beir import evaluate_beir
 
         metrics, first_stage, scores = evaluate_beir(
             self.model, self.pair_tokenizer, str(folder), split, run_path=None if run is None else str(run), top_k=top_k,

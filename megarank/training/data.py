@@ -1,49 +1,18 @@
 """Build the training data pipeline (group source, DP-sharded sampler, pair tokenizer) from the config."""
-import os
-from pathlib import Path
-from typing import Optional
-
 from megarank.config import Config
 from megarank.data import (
     BeirGroupSource,
     GroupSampler,
     JsonlGroupSource,
-    PairTokenizer,
-    build_tiny_tokenizer,
     find_run_file,
-    load_tokenizer,
     read_beir,
     read_jsonl_groups,
     read_run,
     sample_data_dir,
 )
+from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 
-
-def tiny_tokenizer_dir() -> Path:
-    """Where the built-in byte-level tokenizer is built (once) for the tiny default model."""
-    root = Path(os.environ.get("MEGARANK_CACHE", Path.home() / ".cache" / "megarank"))
-    return root / "tiny-tokenizer"
-
-
-def resolve_tokenizer_dir(cfg: Config, checkpoint_dir: Optional[str] = None) -> Path:
-    """data.tokenizer, else the checkpoint's tokenizer/, else the built-in tiny tokenizer."""
-    if cfg.data.tokenizer:
-        return Path(cfg.data.tokenizer)
-    for candidate in (checkpoint_dir, cfg.checkpoint.load):
-        if candidate and (Path(candidate) / "tokenizer").is_dir():
-            return Path(candidate) / "tokenizer"
-    path = tiny_tokenizer_dir()
-    build_tiny_tokenizer(path)
-    return path
-
-
-def make_pair_tokenizer(cfg: Config, tokenizer_dir) -> PairTokenizer:
-    return PairTokenizer(
-        load_tokenizer(tokenizer_dir),
-        max_length=cfg.data.max_length,
-        pad_to_multiple_of=cfg.data.pad_to_multiple_of,
-        template=cfg.data.template,
-    )
+__all__ = ["make_group_source", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir"]
 
 
 def make_group_source(cfg: Config):

@@ -70,14 +70,15 @@ def _mfu_peak(cfg: Config) -> float:
 
 
 def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
-    """Evaluate on data.eval_*; NaN scores rank their candidates last (see evaluation.py) with a warning, so a
-    diverging model shows up in the metrics instead of ending the run."""
-    from megarank.evaluation import count_nan, evaluate_beir
+    """Evaluate on data.eval_* through the public scorer (batching from data.eval_batch_tokens / eval_batch_size /
+    packing); NaN scores rank their candidates last (megarank/scoring/beir.py) with a warning, so a diverging
+    model shows up in the metrics instead of ending the run."""
+    from megarank.scoring import Reranker
+    from megarank.scoring.beir import count_nan
 
     d = cfg.data
-    ours, first_stage, scores = evaluate_beir(model, pair_tokenizer, d.eval_path, d.eval_split, d.eval_run,
-                                              d.eval_top_k, d.eval_batch_size, d.eval_max_queries, nan_last=True,
-                                              packing=d.packing, batch_tokens=d.eval_batch_tokens)
+    ours, first_stage, scores = Reranker(model, pair_tokenizer, cfg).evaluate_beir(
+        d.eval_path, d.eval_split, run=d.eval_run, top_k=d.eval_top_k, max_queries=d.eval_max_queries, nan_last=True)
     nan = count_nan(scores)
     if nan and _is_logging_rank():
         log.warning("eval step %d: %d of %d candidate scores are NaN; they rank last in the metrics", step, nan,

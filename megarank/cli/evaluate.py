@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from megarank.preflight import UsageError, beir_problem, check_input, check_output_file
+from megarank.cli.preflight import UsageError, beir_problem, check_input, check_output_file
 
 
 def check_evaluation_args(args) -> None:
@@ -46,7 +46,7 @@ def run_evaluation(args) -> int:
     check_evaluation_args(args)
     import torch.distributed as dist
 
-    from megarank.metrics import write_trec_run
+    from megarank.scoring.metrics import write_trec_run
     from megarank.scoring import Reranker
 
     reranker = Reranker.from_checkpoint(args.checkpoint, dtype=args.dtype, batch_tokens=args.batch_tokens,

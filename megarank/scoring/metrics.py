@@ -22,9 +22,9 @@ from typing import Mapping, Sequence
 
 import ir_measures
 
-from .data.errors import DataError
-from .data.readers import iter_run_rows
-from .files import atomic_write
+from megarank.data.errors import DataError
+from megarank.data.readers import iter_run_rows
+from megarank.files import atomic_write
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@10", "R@100")
 

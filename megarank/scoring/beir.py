@@ -4,8 +4,8 @@ import math
 from typing import Optional
 
 from megarank.data import Run, candidate_pairs, find_run_file, read_beir, read_run
-from megarank.inference import score_batches, scores_by_query, scoring_batcher
-from megarank.metrics import evaluate_run
+from megarank.scoring.batched import score_batches, scores_by_query, scoring_batcher
+from megarank.scoring.metrics import evaluate_run
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def nan_ranked_last(scores: dict) -> dict:
 
 
 def evaluate_beir(
-    model, pair_tokenizer, folder: str, split: str, run_path: Optional[str] = None, top_k: int = 100,
+    model, pair_tokenizer, folder: str, split: str, *, run_path: Optional[str] = None, top_k: int = 100,
     batch_size: Optional[int] = 32, max_queries: Optional[int] = None, nan_last: bool = False, packing: bool = False,
     batch_tokens: int = 0,
 ):
@@ -35,7 +35,7 @@ def evaluate_beir(
 
     Scoring batches hold ``batch_size`` pairs, or with ``batch_tokens`` > 0 as many pairs as keep the tokens the
     model runs (padding included; the stream length when ``packing``) within it, at most ``batch_size`` (if set):
-    see ``megarank.data.batches_for_pairs``. The scores do not depend on the split (fp32 rounding aside).
+    see ``megarank.data.batcher.Batcher.scoring_batches``. The scores do not depend on the split (fp32 rounding aside).
 
     A NaN score is an error in the metrics unless ``nan_last``, which ranks such candidates last
     (`nan_ranked_last`); the returned scores keep the NaNs either way.

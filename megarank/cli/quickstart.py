@@ -38,7 +38,7 @@ def _run(step: list, nproc: int = 1) -> None:
 def _check_args(args, data: str) -> None:
     """Fail before the first step on what would fail later: the data folder, the config, the work folder."""
     from megarank.config import load_config
-    from megarank.preflight import UsageError, beir_problem, check_output_dir
+    from megarank.cli.preflight import UsageError, beir_problem, check_output_dir
 
     for split in ("train", "test"):
         if problem := beir_problem(data, split):

@@ -31,7 +31,7 @@ def _quiet_warnings() -> None:
 
 def cmd_train(args) -> int:
     from megarank.config import load_config, validate
-    from megarank.preflight import check_train_config
+    from megarank.cli.preflight import check_train_config
 
     cfg = load_config(args.config, args.overrides)
     # Before torch/megatron-core import (seconds): the config on its own (train() checks it again against the
@@ -87,23 +87,23 @@ def _eval_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from megarank.evaluate_cli import run_evaluation
+    from megarank.cli.evaluate import run_evaluation
 
     _setup_logging()
     return run_evaluation(args)
 
 
 def cmd_launch(argv) -> int:
-    from megarank.launch import main as launch_main
+    from megarank.cli.launch import main as launch_main
 
     return launch_main(argv)
 
 
 def cmd_init_tiny(args) -> int:
-    from megarank.preflight import check_output_dir
+    from megarank.cli.preflight import check_output_dir
 
     check_output_dir(args.out, "output folder")
-    from megarank.tiny import write_tiny_hf_model
+    from megarank.cli.tiny import write_tiny_hf_model
 
     _setup_logging()
     path = write_tiny_hf_model(args.out, config_path=args.config, seed=args.seed, overwrite=args.overwrite)
@@ -141,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 # a command that fails on its config must not wait for torch and megatron-core to import first.
 _ONE_LINE_ERRORS = (
     ("megarank.config", "ConfigError", 2),
-    ("megarank.preflight", "UsageError", 2),
+    ("megarank.cli.preflight", "UsageError", 2),
     ("megarank.data.errors", "DataError", 2),
     ("megarank.checkpoint", "CheckpointError", 2),
     ("megarank.training.loop", "NonFiniteError", 1),
-    ("megarank.quickstart", "StepFailed", 1),  # the step's own exit code when it has one (exit_code)
+    ("megarank.cli.quickstart", "StepFailed", 1),  # the step's own exit code when it has one (exit_code)
 )
 
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["launch"]:
         return run_reporting_errors("launch", cmd_launch, argv[1:])
     if argv[:1] == ["quickstart"]:
-        from megarank.quickstart import main as quickstart_main
+        from megarank.cli.quickstart import main as quickstart_main
 
         return run_reporting_errors("quickstart", quickstart_main, argv[1:])
     parser = build_parser()
