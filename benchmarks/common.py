@@ -1,5 +1,5 @@
 """What the benchmarks share: the environment header, a timer, the JSON report, and the few paths and builders
-several of them need. A benchmark run as ``python benchmarks/X.py`` has ``benchmarks/`` first on ``sys.path``, so
+several of them need. A benchmark run as ``python benchmarks/X.py`` has ``benchmarks/`` first on the import path, so
 ``import common`` works without a path patch; megarank and checkpoint_tools are installed (``pip install -e .``).
 
     from common import environment, header, stopwatch, summary, write_json

@@ -14,16 +14,14 @@ a difference is above its bound.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, environment, package_version
 
 # SmolLM2-135M's architecture (HF config of HuggingFaceTB/SmolLM2-135M: 30 layers, hidden 576, 9 heads / 3 KV
 # heads, intermediate 1536, vocab 49152, rope_theta 100000, no rope scaling). Random weights: only numerics
@@ -42,13 +40,6 @@ GROUP = 4  # rows per listwise group in the numerics batch
 BOUNDS = {"fp32": {"score_rel": 1e-3, "grad_cos": 0.9999}, "bf16": {"score_rel": 5e-2, "grad_cos": 0.99}}
 
 
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _nccl_version() -> str:
     import torch
 
@@ -62,7 +53,10 @@ def _nccl_version() -> str:
 def cmd_env(_args) -> int:
     import torch
 
-    rows = [("python", platform.python_version()), ("torch", torch.__version__),
+    env = environment()
+    rows = [("date", env["date"]), ("git commit", env["git_commit"]),
+            ("CPU", f"{env['cpu']}, {env['logical_cpus']} logical CPUs, {env['ram_gib']:g} GiB RAM"),
+            ("matmul ISA", env["matmul_isa"]), ("python", env["python"]), ("torch", env["torch"]),
             ("torch CUDA build", str(torch.version.cuda)), ("CUDA available", str(torch.cuda.is_available()))]
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -73,7 +67,7 @@ def cmd_env(_args) -> int:
     rows += [("Transformer Engine importable", str(te))]
     for pkg in ("transformer-engine", "megatron-core", "transformers", "sentence-transformers", "ir-measures",
                 "pytrec-eval-terrier", "gguf", "megarank"):
-        rows.append((pkg, _version(pkg)))
+        rows.append((pkg, package_version(pkg)))
     print("| what | value |\n|---|---|")
     for k, v in rows:
         print(f"| {k} | {v} |")

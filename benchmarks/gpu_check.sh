@@ -50,14 +50,8 @@ die() { echo "gpu_check: $*" >&2; exit 2; }
 
 # ----------------------------------------------------------------------------------------------- prepare (here)
 
-find_gguf() {
-  "$PYTHON" - "$REPO/scripts" <<'PY'
-import sys
-sys.path.insert(0, sys.argv[1])
-from build_smollm2_cache import find_gguf
-path = find_gguf()
-print(path or "")
-PY
+find_gguf() { # the GGUF's path (scripts/build_smollm2_cache.py find_gguf; run_path does not run its main), or ""
+  "$PYTHON" -c 'import runpy, sys; print(runpy.run_path(sys.argv[1])["find_gguf"]() or "")' "$REPO/scripts/build_smollm2_cache.py"
 }
 
 prepare() {

@@ -19,10 +19,11 @@ import argparse
 
 import torch
 
+from megarank.config import torch_dtype
 from common import (build_megarank, environment, header, keep_freed_memory, load_average, stopwatch, summary,
                     write_json)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in ("fp32", "bf16")}
 
 
 def parse_args(argv=None):

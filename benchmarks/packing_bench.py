@@ -17,36 +17,34 @@ Variants, same process, same threads, same micro-batches, one model per (variant
   peer            `transformers`: the cross-encoder NeMo AutoModel trains (LlamaBidirectionalForSequenceClassification
                   from checkpoint_tools/hf_modeling, the class megarank exports and NeMo AutoModel's reads: LlamaModel
                   with is_causal=False, SDPA, mean pool over real tokens, linear head) holding megarank's weights
-                  (checked: same scores), fed the padded micro-batch, i.e. padded to the longest pair rounded up
-                  to a multiple of 8 as NeMo AutoModel's collator pads
+                  as `megatron-to-hf` exports them (its config.json, checkpoint_tools/keymap.py's tensor map; checked:
+                  same scores), fed the padded micro-batch, i.e. padded to the longest pair rounded up to a multiple
+                  of 8 as NeMo AutoModel's collator pads
 One step = forward, megarank's listwise loss (softmax CE over each group, positive first), backward, grads
 dropped. After a warm-up of every variant, the timed steps are interleaved (micro-batch k: every dtype, every
 variant; then k+1 ...) so machine load hits all alike. Reported: real (non-padding) tokens / summed step
-seconds, the ratio to padded and to the peer, and MFU = model FLOPs of the real tokens (megarank/training/flops.py)
-per second / this CPU's measured GEMM peak for the dtype (megarank/hardware.py).
+seconds, the ratio to padded and to the peer, step seconds (median, min, max), and MFU = model FLOPs of the real
+tokens (megarank/training/flops.py) per second / this CPU's measured GEMM peak for the dtype (megarank/hardware.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("MEGARANK_SMOLLM2_CACHE", Path.home() / ".cache" / "megarank" / "smollm2-135m"))
-DATA = [Path("/work/shared/data/scifact-train"), ROOT.parent / "shared" / "data" / "scifact-train",
-        ROOT.parent / "shared" / "data" / "cranfield"]
+from common import (SMOLLM2_CACHE, environment, find_beir, header, keep_freed_memory, load_average, stopwatch, summary,
+                    write_json)
+
 VARIANTS = ("padded", "packed", "packed-bucket", "peer")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None, help="BEIR folder with candidates/ (default: SciFact-train, else Cranfield)")
-    p.add_argument("--model", default=str(CACHE), help="HF folder whose config.json gives the shape and tokenizer")
+    p.add_argument("--model", default=str(SMOLLM2_CACHE),
+                   help="HF folder whose config.json gives the shape and tokenizer")
     p.add_argument("--groups", default="1,2", help="query groups per micro-batch, comma-separated")
     p.add_argument("--micro-batches", type=int, default=4, help="timed micro-batches per --groups value")
     p.add_argument("--variants", default="padded,packed,peer", help=f"comma-separated, of {', '.join(VARIANTS)}")
@@ -57,16 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory in the process (benchmarks/model_bench.py keep_freed_memory): no "
+                   help="glibc keeps freed memory in the process (benchmarks/common.py keep_freed_memory): no "
                         "page faults on re-allocated activations, which `megarank train` does not do")
     return p.parse_args(argv)
-
-
-def find_data(arg):
-    for path in ([Path(arg)] if arg else DATA):
-        if (path / "candidates").is_dir():
-            return path
-    raise SystemExit(f"no BEIR folder with candidates/ found (tried {', '.join(map(str, DATA))}); pass --data")
 
 
 def hf_shape(args) -> dict:
@@ -111,36 +102,40 @@ def micro_batches(cfg, groups_per_micro: int, count: int, seed: int) -> list[tup
 # ----------------------------------------------------------------------------------------------- the peer
 
 
+def global_tensors(model) -> dict:
+    """{megatron key: global tensor} of a one-rank model: the keys and stacked ``[L, ...]`` layers its checkpoint's
+    ``model/`` holds (megarank.checkpoint.weights.load_global_tensors, the other way round)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    from megarank.checkpoint.weights import model_sharded_state_dict
+
+    out = {}
+    for sh in model_sharded_state_dict(model).values():
+        for sub in nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]:
+            p = sub.prepend_axis_num  # the layer axis: an index, then the tensor's own offsets
+            box = (*sub.global_offset[:p], *(slice(o, o + n) for o, n in zip(sub.global_offset[p:], sub.data.shape)))
+            out.setdefault(sub.key, sub.data.new_empty(sub.global_shape))[box] = sub.data.detach()
+    return out
+
+
 def build_peer(m, hf: dict, megarank_model, dtype):
-    """The export's HF reranker class with megarank's weights (fused QKV and [gate; up] split as export does)."""
+    """The HF reranker `megatron-to-hf` exports for megarank's weights, built in memory: its config.json
+    (checkpoint_tools.hf_config.export_config) and its tensors (checkpoint_tools.keymap's mappings, the training
+    temperature folded into the head as the export does)."""
+    from checkpoint_tools import keymap
+    from checkpoint_tools.hf_config import export_config
     from checkpoint_tools.hf_modeling.configuration_llama_bidirec import LlamaBidirectionalConfig
     from checkpoint_tools.hf_modeling.modeling_llama_bidirec import LlamaBidirectionalForSequenceClassification
-    from checkpoint_tools.layout import split_gate_up, split_qkv
-    from megarank.training.flops import head_dim
 
-    config = LlamaBidirectionalConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups, head_dim=head_dim(m), rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta, max_position_embeddings=hf.get("max_position_embeddings", 8192),
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=False, num_labels=1, pooling="avg",
-        temperature=1.0, pad_token_id=hf.get("pad_token_id"), attn_implementation="sdpa")
+    config = LlamaBidirectionalConfig.from_dict(export_config(m, "fp32", {"pad_token_id": hf.get("pad_token_id")}),
+                                                attn_implementation="sdpa")
     peer = LlamaBidirectionalForSequenceClassification(config)
-    sd = megarank_model.state_dict()
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][: m.vocab_size],
-           "model.norm.weight": sd["decoder.final_layernorm.weight"], "score.weight": sd["score.weight"]}
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = split_qkv(sd[src + "self_attention.linear_qkv.weight"], m.num_attention_heads, m.num_query_groups,
-                            head_dim(m))
-        gate, up = split_gate_up(sd[src + "mlp.linear_fc1.weight"])
-        out.update({dst + "input_layernorm.weight": sd[src + "input_layernorm.weight"],
-                    dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                    dst + "self_attn.v_proj.weight": v,
-                    dst + "self_attn.o_proj.weight": sd[src + "self_attention.linear_proj.weight"],
-                    dst + "post_attention_layernorm.weight": sd[src + "pre_mlp_layernorm.weight"],
-                    dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
-                    dst + "mlp.down_proj.weight": sd[src + "mlp.linear_fc2.weight"]})
+    tensors, dims = global_tensors(megarank_model), keymap.Dims.of(m, folded_temperature=m.temperature)
+    out = {}
+    for mp in keymap.MAPPINGS:
+        for i in range(dims.layers) if mp.per_layer else [None]:
+            out.update(mp.to_hf(tensors[mp.megatron] if i is None else tensors[mp.megatron][i], dims, i))
     peer.load_state_dict(out, strict=True)
     return peer.to(dtype).train()
 
@@ -166,12 +161,11 @@ def step(forward, model, batch) -> tuple[float, float]:
     """(wall seconds, this process's CPU seconds) of forward + listwise loss + backward."""
     from megarank.training.loss import listwise_loss
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    listwise_loss(forward(batch), batch["group_size"]).backward()
-    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    with stopwatch() as t:
+        listwise_loss(forward(batch), batch["group_size"]).backward()
     for p in model.parameters():
         p.grad = None
-    return elapsed, cpu
+    return t.wall, t.cpu
 
 
 def variant_step(name: str, models: dict, padded: dict, packed: dict) -> tuple[float, float]:
@@ -196,16 +190,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).parent))
-        from model_bench import keep_freed_memory
-
-        if not keep_freed_memory():
-            raise SystemExit("--keep-freed-memory: mallopt failed (not glibc?)")
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: mallopt failed (not glibc?)")
     from megarank.config import torch_dtype
-    from megarank.hardware import describe_cpu, peak_flops
+    from megarank.hardware import peak_flops
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
     from megarank.training.flops import real_lengths, training_flops
@@ -216,11 +204,10 @@ def main(argv=None):
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; expected some of {', '.join(VARIANTS)}")
     init_distributed(tp=1, pp=1)
-    data = find_data(args.data)
+    data = find_beir(args.data)
     hf = hf_shape(args)
-    load = os.getloadavg()
-    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; load average {load[0]:.1f} {load[1]:.1f} at start"
-          + ("; glibc keeps freed memory" if args.keep_freed_memory else ""))
+    env = environment()
+    print(header(env) + ("; glibc keeps freed memory" if args.keep_freed_memory else ""), flush=True)
     models, peaks = {}, {}
     for dtype in dtypes:
         cfg = make_config(args, data, hf, dtype)
@@ -234,7 +221,7 @@ def main(argv=None):
     print(f"data {data}, model shape {args.model} ({m.num_layers} layers, hidden {m.hidden_size}), "
           f"max_length {args.max_length}, random weights; MFU peaks: "
           + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s ({src})" for d, (p, src) in peaks.items()) + "\n")
-    header = ("| groups/micro | micro-batches | real tokens | padding in padded batches | dtype | variant | "
+    table_header = ("| groups/micro | micro-batches | real tokens | padding in padded batches | dtype | variant | "
               "real tokens/s | ratio to padded | ratio to peer | MFU | real tokens per CPU-s | CPU-s ratio to padded "
               "| CPU-s ratio to peer |\n|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     table = []
@@ -259,7 +246,7 @@ def main(argv=None):
                     cpu[dtype, name].append(used)
                 print(f"  micro-batch {k + 1}/{len(timed)} {dtype}: " + ", ".join(
                     f"{v} {times[dtype, v][-1]:.2f} s ({cpu[dtype, v][-1]:.2f} CPU-s)" for v in variants)
-                    + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+                    + f" (load {load_average()})", flush=True)
         real = sum(int(p["attention_mask"].sum()) for p, _ in timed)
         padded_tokens = sum(p["input_ids"].numel() for p, _ in timed)
         flops = sum(training_flops(m, real_lengths(p)) for p, _ in timed)
@@ -278,18 +265,17 @@ def main(argv=None):
                              f"{ratio(cpu_rate, name, 'peer')} |")
                 rows.append({"groups": g, "dtype": dtype, "variant": name, "real_tokens": real,
                              "padded_tokens": padded_tokens, "model_flops": flops, "times_s": times[dtype, name],
-                             "tokens_per_s": rate[name], "mfu": mfu, "median_s": statistics.median(times[dtype, name]),
+                             "tokens_per_s": rate[name], "mfu": mfu, "step_s": summary(times[dtype, name]),
                              "cpu_s": cpu[dtype, name], "tokens_per_cpu_s": cpu_rate[name],
                              "peer_score_rel_diff": check.get(dtype)})
-    load_end = os.getloadavg()
-    print("\n" + header + "\n" + "\n".join(table))
+    load_end = load_average()
+    print("\n" + table_header + "\n" + "\n".join(table))
     if check:
         print("\npeer vs megarank scores (first micro-batch, eval): max relative difference "
               + ", ".join(f"{d} {c:.1e}" for d, c in check.items()))
-    print(f"load average {load_end[0]:.1f} {load_end[1]:.1f} at the end")
+    print(f"load average {load_end} at the end")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": describe_cpu(), "peaks": peaks, "load": [load, load_end],
-                                               "rows": rows}, indent=1))
+        write_json(args.json, {"peaks": peaks, "load": [env["load_average"], load_end], "rows": rows}, env)
 
 
 if __name__ == "__main__":

@@ -21,23 +21,20 @@ Variants, same process, same threads, same pairs:
 Each variant is warmed up, then the queries are taken ``--chunk`` at a time and every chunk is scored by every
 variant in a rotating order (chunk k starts with variant k mod n), so machine load hits all alike. Reported:
 pairs/s per variant, megarank / CrossEncoder per dtype, max |score difference| megarank vs CrossEncoder per dtype
-(and bf16 vs fp32), CPU ISA (megarank.hardware.describe_cpu) and the load average before and after.
+(and bf16 vs fp32), wall and CPU seconds per variant, the environment (benchmarks/common.py: CPU and matmul ISA,
+versions, threads, load average at the start, commit, date) and the load average after.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("MEGARANK_SMOLLM2_CACHE", Path.home() / ".cache" / "megarank" / "smollm2-135m"))
-DATA = [Path("/work/shared/data/scifact-train"), REPO.parent / "shared" / "data" / "scifact-train"]
+from common import SMOLLM2_CACHE, environment, find_beir, header, load_average, stopwatch, write_json
 
 
 def parse_args(argv=None):
@@ -74,10 +71,11 @@ def prepare_models(args) -> tuple[Path, Path]:
     work = Path(tempfile.mkdtemp(prefix="rerank_bench."))
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is None:
-        if not (CACHE / "config.json").is_file():
-            sys.exit(f"no --checkpoint and no SmolLM2 cache at {CACHE} (build it: python scripts/build_smollm2_cache.py)")
+        if not (SMOLLM2_CACHE / "config.json").is_file():
+            sys.exit(f"no --checkpoint and no SmolLM2 cache at {SMOLLM2_CACHE} "
+                     "(build it: python scripts/build_smollm2_cache.py)")
         ckpt = work / "mg"
-        _cli("hf-to-megatron", CACHE, ckpt)
+        _cli("hf-to-megatron", SMOLLM2_CACHE, ckpt)
     hf = Path(args.hf) if args.hf else None
     if hf is None:
         hf = work / "hf"
@@ -115,9 +113,7 @@ class CE:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data = Path(args.data) if args.data else next((d for d in DATA if d.is_dir()), None)
-    if data is None or not data.is_dir():
-        sys.exit(f"no data: {args.data or ' / '.join(map(str, DATA))} not found")
+    data = find_beir(args.data, names=("scifact-train",))
     if args.split is None:
         args.split = "test" if (data / "qrels" / "test.tsv").is_file() else "train"
     args.ce_batch_size = args.ce_batch_size or args.batch_size or 32
@@ -126,12 +122,12 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from megarank import Reranker
+    from megarank.checkpoint import resolve_checkpoint
     from megarank.config import DEFAULT_EVAL_BATCH_TOKENS as DEFAULT_BATCH_TOKENS
     from megarank.data import candidate_pairs, find_run_file, read_beir, read_run
-    from megarank.checkpoint import resolve_checkpoint
-    from megarank.hardware import describe_cpu
 
-    load_before = os.getloadavg()
+    env = environment()
+    print(header(env), flush=True)
     step_dir, hf_dir = prepare_models(args)
     step_dir = resolve_checkpoint(str(step_dir))
     beir = read_beir(str(data), args.split)
@@ -161,15 +157,17 @@ def main(argv=None) -> int:
             v.model_tokens = 0
     names = list(variants)
     seconds = dict.fromkeys(names, 0.0)
+    cpu_seconds = dict.fromkeys(names, 0.0)  # this process's CPU time (other processes' load does not count)
     per_chunk = {n: [] for n in names}  # seconds of each round, for per-round ratios (load varies between rounds)
     scores = {n: [] for n in names}
     for k, pairs in enumerate(chunks):
         for j in range(len(names)):
             name = names[(k + j) % len(names)]
-            tic = time.perf_counter()
-            got = [float(s) for s in variants[name].score(texts(pairs))]  # Reranker: a tensor, CE: a list
-            per_chunk[name].append(time.perf_counter() - tic)
-            seconds[name] += per_chunk[name][-1]
+            with stopwatch() as t:
+                got = [float(s) for s in variants[name].score(texts(pairs))]  # Reranker: a tensor, CE: a list
+            per_chunk[name].append(t.wall)
+            seconds[name] += t.wall
+            cpu_seconds[name] += t.cpu
             scores[name].extend(got)
         print(f"chunk {k + 1}/{len(chunks)}: " + ", ".join(f"{n} {len(scores[n]) / seconds[n]:.2f}" for n in names)
               + " pairs/s so far", flush=True)
@@ -179,15 +177,16 @@ def main(argv=None) -> int:
     for pairs in chunks:
         real_tokens += sum(tok.lengths([beir.queries[q] for q, _ in pairs], [beir.corpus[d] for _, d in pairs]))
     report = {
-        "cpu": describe_cpu(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+        "threads": torch.get_num_threads(), "device": args.device,
         "data": str(data), "split": args.split, "queries": len(qids), "top_k": args.top_k, "pairs": n_pairs,
         "max_length": max_length, "real_tokens": real_tokens, "chunk_queries": args.chunk,
         "megarank": {"batch_tokens": batch_tokens, "batch_size": batch_size,
                      "packing": variants[f"megarank-{dtypes[0]}"].packing},
         "ce_batch_size": args.ce_batch_size,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_after": load_average(),
         "pairs_per_s": {n: n_pairs / seconds[n] for n in names},
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "megarank_padding_share": {n: 1 - real_tokens / v.model_tokens for n, v in variants.items()
                                    if isinstance(v, Reranker)},
     }
@@ -207,10 +206,9 @@ def main(argv=None) -> int:
         report["ratio_megarank_bf16_over_fp32"] = seconds["megarank-fp32"] / seconds["megarank-bf16"]
     spread = max(scores[names[0]]) - min(scores[names[0]])
     report["score_spread"] = spread  # what the differences above are small against
-    text = json.dumps(report, indent=1)
-    print(text)
+    print(json.dumps(report, indent=1))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, report, env)
     return 0
 
 

@@ -9,8 +9,9 @@ import torch
 
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import HF_ARCHITECTURE_KEYS, normalized_architecture
+from megarank.config import TORCH_DTYPE_NAMES, torch_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in TORCH_DTYPE_NAMES}  # megarank.config's one dtype map
 
 
 def dtype_name(dtype: torch.dtype) -> str:

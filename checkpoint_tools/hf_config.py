@@ -177,7 +177,7 @@ def export_config(m, dtype: str, extra: dict | None = None) -> dict:
     """config.json of an exported reranker (NVIDIA's llama_bidirec format; loads with trust_remote_code).
 
     ``temperature`` is 1.0 because the exporter folds ``m.temperature`` into ``score.weight``."""
-    d = m.kv_channels or m.hidden_size // m.num_attention_heads
+    d = m.head_dim
     rope_scaling = None
     if m.rope_scaling is not None:
         rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(m.rope_scaling)}

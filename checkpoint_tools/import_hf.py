@@ -245,15 +245,13 @@ def plan_import(src: Path, hf: dict, fmt: str, *, tp: int = 1, config=None, over
                 temperature=None, make_vocab_size_divisible_by=None, dtype=None, seed: int = 1234,
                 allow_pickle: bool = False) -> ImportPlan:
     """Read the weights' headers, derive the Config and plan every chunk (reads no tensor data)."""
-    from megarank.config import padded_vocab_size
-
     weights = HFWeights(src, allow_pickle=allow_pickle)
     opts = {"config": config, "overrides": overrides, "pooling": pooling, "temperature": temperature,
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by}
     cfg = build_config(hf, fmt, weights, src, opts)
     m = cfg.model
     unfold = folded_temperature(hf, _source_config_json(src)) if fmt == "llama_bidirec" else 1.0
-    dims = keymap.Dims.of(m, padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp), unfold)
+    dims = keymap.Dims.of(m, m.padded_vocab(tp), unfold)
     ignored = check_tensors(weights, dims, fmt, src)
     chunks = plan_chunks(weights, dims, DTYPES[dtype] if dtype else None, seed, m.init_method_std)
     new_head = fmt == "causal_lm" or "score.weight" not in weights

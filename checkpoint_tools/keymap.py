@@ -54,7 +54,7 @@ class Dims:
     def of(cls, m, padded_vocab: int | None = None, folded_temperature: float = 1.0) -> Dims:
         """Dims of a megarank ModelConfig (``padded_vocab`` defaults to the unpadded vocabulary)."""
         return cls(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
-                   head_dim(m), m.vocab_size, padded_vocab or m.vocab_size, m.num_labels, folded_temperature)
+                   m.head_dim, m.vocab_size, padded_vocab or m.vocab_size, m.num_labels, folded_temperature)
 
     @property
     def q_rows(self) -> int:
@@ -67,10 +67,6 @@ class Dims:
     def resolve(self, spec: tuple) -> tuple:
         """A shape written as Dims field names, e.g. ``("q_rows", "hidden")`` -> ``(256, 64)``."""
         return tuple(getattr(self, name) for name in spec)
-
-
-def head_dim(m) -> int:
-    return m.kv_channels or m.hidden_size // m.num_attention_heads
 
 
 # ------------------------------------------------------------------------------------------------ mappings
