@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class StepFailed(RuntimeError):

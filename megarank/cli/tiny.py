@@ -10,7 +10,7 @@ from typing import Optional
 from megarank.config import ConfigError, ModelConfig, load_config
 from megarank.files import atomic_output_dir
 
-_DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+_DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def hf_llama_config(m: ModelConfig, tokenizer):
