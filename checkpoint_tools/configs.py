@@ -19,21 +19,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def model_keys_in_overrides(overrides) -> set:
-    """The ``model.<key>`` names that dotted ``section.key=value`` overrides set."""
+def model_keys_in_overrides(overrides, section: str = "model") -> set:
+    """The ``<section>.<key>`` names that dotted ``section.key=value`` overrides set."""
     keys = set()
     for item in overrides:
         parts = item.split("=", 1)[0].strip().split(".")
-        if len(parts) > 1 and parts[0] == "model":
+        if len(parts) > 1 and parts[0] == section:
             keys.add(parts[1])
     return keys
 
 
-def _model_keys_in_yaml(path) -> set:
+def _model_keys_in_yaml(path, section: str = "model") -> set:
     import yaml
 
     raw = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
-    return set((raw.get("model") or {}).keys())
+    return set((raw.get(section) or {}).keys())
+
+
+def explicit_keys(path=None, overrides=(), section: str = "model") -> set:
+    """The ``section`` keys a ``--config`` YAML and dotted overrides set explicitly."""
+    return _model_keys_in_yaml(path, section) | model_keys_in_overrides(overrides, section)
 
 
 def load_requested_config(path=None, overrides=()):

@@ -15,6 +15,7 @@ divisible_by 1: 301 stored rows loaded by a TP=2 model of 302). Export cuts back
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ import torch
 
 from checkpoint_tools import keymap
 from checkpoint_tools.atomic import atomic_output_dir, check_destination
-from checkpoint_tools.configs import DTYPES, check_agreement, load_requested_config, model_keys_in_overrides
+from checkpoint_tools.configs import (
+    DTYPES, check_agreement, explicit_keys, load_requested_config, model_keys_in_overrides,
+)
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import (
     check_bidirectional,
@@ -102,12 +105,31 @@ def build_config(hf: dict, fmt: str, weights: HFWeights, src: Path, opts: dict):
     m = dataclasses.replace(m, **_flag_values(opts, cfg.model, overrides))
     if "dtype" not in explicit and hf_dtype(hf):
         m = dataclasses.replace(m, dtype=hf_dtype(hf))
-    cfg = dataclasses.replace(cfg, model=m)
+    cfg = dataclasses.replace(cfg, model=m, data=_trained_input(src, cfg.data, explicit_keys(opts.get("config"), overrides, "data")))
     try:
         validate(cfg)
     except ConfigError as e:
         raise ConversionError(f"{src}: the converted config would be invalid: {e}") from None
     return cfg
+
+
+def _trained_input(src: Path, data, explicit: set):
+    """A megarank export records the input it was trained on in tokenizer_config.json (``megarank_template``, and
+    ``model_max_length`` = data.max_length: checkpoint_tools/tokenizer_files.py ``prepare_reranker_tokenizer``);
+    carry both back into the data section unless --config / overrides set them, so the imported model is fed
+    what the export's consumers feed it. Other tokenizers' ``model_max_length`` is a context limit, not a
+    training choice: left alone."""
+    path = src / "tokenizer_config.json"
+    try:
+        tok = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return data
+    if not isinstance(tok, dict) or not isinstance(tok.get("megarank_template"), str):
+        return data
+    found = {"template": tok["megarank_template"]}
+    if isinstance(tok.get("model_max_length"), int):
+        found["max_length"] = tok["model_max_length"]
+    return dataclasses.replace(data, **{k: v for k, v in found.items() if k not in explicit})
 
 
 def import_warnings(hf: dict, fmt: str, m, where: str) -> list:

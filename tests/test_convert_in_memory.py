@@ -84,6 +84,25 @@ def test_in_memory_unfolds_an_exports_temperature(tmp_path):
     assert torch.allclose(tensors["score.weight"], original, rtol=1e-6, atol=0)
 
 
+def test_an_exports_trained_input_comes_back_unless_overridden(tmp_path):
+    """The template and max_length a megarank export was trained with (its tokenizer_config.json) become the imported
+    data section, on disk and in memory alike, so a scorer of the import feeds what the export's consumers feed;
+    --config / overrides still win."""
+    src = make_hf_llama(tmp_path / "hf", "llama_bidirec", seed=24)
+    base = tmp_path / "base.yaml"
+    base.write_text('data: {max_length: 96, template: "Q: {query} D: {passage}"}\n')
+    convert("hf-to-megatron", src, tmp_path / "mg", "--config", base, "--quiet")
+    export = tmp_path / "in" / "export"
+    convert("megatron-to-hf", tmp_path / "mg", export, "--quiet")
+    convert("hf-to-megatron", export, tmp_path / "mg2", "--quiet")
+    cfg, _ = assert_same_as_cli(export, tmp_path / "mg2")
+    assert (cfg.data.template, cfg.data.max_length) == ("Q: {query} D: {passage}", 96)
+    cfg, _ = hf_to_megatron_in_memory(export, ["data.max_length=48"])[:2]
+    assert (cfg.data.template, cfg.data.max_length) == ("Q: {query} D: {passage}", 48)
+    plain, _ = hf_to_megatron_in_memory(src)[:2]  # not a megarank export: its tokenizer's limit is not a choice
+    assert plain.data.max_length == 512
+
+
 def test_overrides_apply_like_config_and_flags(tmp_path):
     src = make_hf_llama(tmp_path / "in" / "hf", "llama_bidirec", seed=23, pooling="avg")
     base = tmp_path / "base.yaml"

@@ -26,6 +26,36 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert hf["architectures"] == ["LlamaBidirectionalForSequenceClassification"]
     assert (work / "reranker-hf" / "modeling_llama_bidirec.py").is_file()
     assert "quickstart finished" in out
+    _public_door_scores_the_run_and_its_export_alike(work)
+
+
+PAIRS = [("what is megarank?", "megarank trains rerankers on megatron-core."), ("what is megarank?", "Paris is in France."),
+         ("a longer question about late interaction and rerankers", "a passage " * 40)]
+
+
+def _public_door_scores_the_run_and_its_export_alike(work: Path) -> None:
+    """`megarank.Reranker` on the trained run folder and on its HF export (converted in memory) gives the same
+    fp32 scores (<= 1e-5), and they equal the export under transformers fed its own chat template."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from megarank import Reranker
+
+    with Reranker.from_checkpoint(work / "train", dtype="fp32") as run:
+        ours = run.score(PAIRS)
+    with Reranker.from_checkpoint(work / "reranker-hf", dtype="fp32") as export:
+        from_export = export.score(PAIRS)
+    path = work / "reranker-hf"
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True).float().eval()
+    texts = [tok.apply_chat_template([{"role": "query", "content": q}, {"role": "document", "content": p}],
+                                     tokenize=False) for q, p in PAIRS]
+    batch = tok(texts, add_special_tokens=False, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**batch).logits.float()[:, 0]
+    assert ours.shape == (len(PAIRS),) and ours.dtype == torch.float32
+    assert torch.allclose(ours, from_export, rtol=0, atol=1e-5), (ours, from_export)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5), (ours, theirs)
 
 
 REPO = Path(__file__).resolve().parents[1]

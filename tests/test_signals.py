@@ -197,3 +197,24 @@ def test_run_lock_names_its_holder_and_is_freed_by_release_or_garbage_collection
     (tmp_path / "file").write_text("")
     none, refusal = try_lock(tmp_path / "file" / "run")  # a folder that cannot be made: one sentence, no raise
     assert none is None and refusal.startswith(f"cannot create the run lock {tmp_path / 'file' / 'run' / LOCK_FILE}: ")
+
+
+def test_a_collective_broken_by_a_peer_whose_agent_died_ends_as_the_watchdog_stop(tmp_path):
+    """The race test_a_live_run_locks_its_folder... can lose: rank 1's watchdog exits first and rank 0's gloo
+    collective raises before rank 0's watchdog polls. The trainer then checks the agent itself: one line, the
+    watchdog's exit code, no traceback."""
+    script = tmp_path / "broken_peer.py"
+    script.write_text(
+        "import sys\n"
+        "import megarank.training.loop as loop\n"
+        "import megarank.training.watchdog as watchdog\n"
+        "from megarank.cli.main import main\n"
+        "watchdog._watchdog = watchdog.AgentWatchdog(agent_pid=-1, rank='0')  # an agent that is not our parent\n"
+        "def train(cfg):\n"
+        "    raise RuntimeError('[gloo/transport/tcp/pair.cc:553] Connection closed by peer')\n"
+        "loop.train = train\n"
+        f"sys.exit(main(['train', {TINY!r}]))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "rank 0: the torchrun agent (pid -1) is gone; stopping without saving" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr

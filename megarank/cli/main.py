@@ -40,8 +40,16 @@ def cmd_train(args) -> int:
     check_train_config(cfg)
     _setup_logging(cfg.logging.level)
     from megarank.training.loop import train
+    from megarank.training.watchdog import stop_if_agent_gone
 
-    train(cfg)
+    try:
+        train(cfg)
+    except BaseException:
+        # A peer whose torchrun agent died ends the collective this rank waits in (gloo: "Connection closed by
+        # peer") before this rank's watchdog thread polls again: when the agent is gone that is the cause to
+        # report, and the exit is the watchdog's (no save, no traceback).
+        stop_if_agent_gone()
+        raise
     return 0
 
 
