@@ -593,18 +593,22 @@ def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
             f"({tp}) with parallel.sequence_parallel: every padded batch length is split over the TP ranks"
         )
     if m.fp8 is not None:
-        # Transformer Engine checks every FP8 GEMM: the product of the input's leading dims (the tokens of
-        # this rank, sequence-parallel shard included) divisible by 8, the last dim and the weight's input
-        # dim by 16, the weight's output dim by 8: transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec
-        # (v2.9: utils.py:438-446), called on (input, weight) in module/layernorm_linear.py:150 (linear_qkv,
-        # linear_fc1: the local SP shard, before the all-gather) and module/linear.py:168 (linear_proj,
-        # linear_fc2); the same rule since TE 2.0.
+        # Every FP8 GEMM of a layer needs its dimensions divisible by 16, the tokens of this rank included
+        # (sequence-parallel shard: the local input of linear_qkv / linear_fc1 before the all-gather). TE's Python
+        # check asks only 8 of the tokens (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec, v2.9
+        # utils.py:439-447), but that is the forward GEMM's. The backward weight-gradient GEMM (module/linear.py
+        # wgrad, NT layout) has the token count as its reduction dimension, and Hopper runs FP8 GEMMs only in TN
+        # layout (common/transformer_engine.cpp nvte_is_non_tn_fp8_gemm_supported is false on sm90), so TE feeds it
+        # the column-wise (transposed) copies with leading dimension = tokens and cuBLASLt asserts `lda % 16 == 0`
+        # ("Caller must pad", common/gemm/cublaslt_gemm.cu:145-149 in v2.9). megatron-core pads FP8 to 16 itself
+        # (fp8_utils.py get_fp8_align_size: 16, 32 for MXFP8). The same operand rule makes every weight's output
+        # dimension a reduction dimension of the data-gradient GEMM: checked below with 16.
         shard = tp if p.sequence_parallel else 1
-        if multiple % (8 * shard):
-            need = f"8 x TP {tp} under sequence parallel = {8 * shard}" if shard > 1 else "8"
+        if multiple % (16 * shard):
+            need = f"16 x TP {tp} under sequence parallel = {16 * shard}" if shard > 1 else "16"
             errs.append(
                 f"data.pad_to_multiple_of ({d.pad_to_multiple_of}) must be a multiple of {need} with model.fp8: "
-                "Transformer Engine needs the tokens of every FP8 GEMM on a rank divisible by 8, and an evaluation "
+                "the FP8 weight-gradient GEMMs on Hopper need the tokens on a rank divisible by 16, and an evaluation "
                 "batch can be one sequence"
             )
         if m.num_attention_heads > 0 and m.num_query_groups > 0 and not m.num_attention_heads % tp and not m.num_query_groups % tp:
@@ -612,7 +616,8 @@ def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:
             dims = {
                 "model.hidden_size (input of linear_qkv and linear_fc1)": (m.hidden_size, 16),
                 "(model.num_attention_heads + 2 x model.num_query_groups) x head dim / TP (linear_qkv output)":
-                    ((m.num_attention_heads + 2 * m.num_query_groups) * kv // tp, 8),
+                    ((m.num_attention_heads + 2 * m.num_query_groups) * kv // tp, 16),
+                "2 x model.ffn_hidden_size per TP rank (linear_fc1 output)": (2 * m.ffn_hidden_size // tp, 16),
                 "model.num_attention_heads x head dim / TP (linear_proj input)": (m.num_attention_heads * kv // tp, 16),
                 "model.ffn_hidden_size per TP rank (linear_fc2 input)": (m.ffn_hidden_size // tp, 16),
             }

@@ -246,6 +246,6 @@ def test_gpu_layout_problems_are_listed_with_the_others():
         validate(cfg, world_size=6, check_environment=False)
     msg = str(e.value)
     assert "data.pad_to_multiple_of (6) must be a multiple of parallel.tensor_model_parallel_size (4)" in msg
-    assert "data.pad_to_multiple_of (6) must be a multiple of 8 x TP 4 under sequence parallel = 32" in msg
+    assert "data.pad_to_multiple_of (6) must be a multiple of 16 x TP 4 under sequence parallel = 64" in msg
     assert "model.fp8_first_last_bf16 cannot be used with model.fp8_recipe=delayed" in msg
     assert "world size 6 is not divisible" in msg

@@ -175,9 +175,13 @@ def test_delayed_scaling_with_first_last_bf16_is_named_before_megatron_raises(te
 
 
 def _te_fp8_gemm_ok(leading: int, last: int) -> bool:
-    """Transformer Engine's rule for an FP8 GEMM operand (transformer_engine/pytorch/utils.py
-    ``assert_dim_for_fp8_exec``, TE 2.x): product of leading dims % 8 == 0 and last dim % 16 == 0."""
-    return leading % 8 == 0 and last % 16 == 0
+    """The FP8 GEMMs of one linear layer in forward and backward on Hopper. Forward: TE's Python check
+    (transformer_engine/pytorch/utils.py ``assert_dim_for_fp8_exec``): tokens % 8 and last dim % 16. Backward: the
+    weight-gradient GEMM reduces over the tokens and sm90 runs FP8 only as TN, so the tokens become a leading
+    dimension that cuBLASLt requires % 16 (common/gemm/cublaslt_gemm.cu, "Caller must pad"). Together: both % 16."""
+    forward = leading % 8 == 0 and last % 16 == 0
+    wgrad = leading % 16 == 0
+    return forward and wgrad
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +236,14 @@ def test_fp8_weight_dims_are_checked_per_tp_rank():
     with pytest.raises(ConfigError, match="model.hidden_size"):
         validate(load_config(TINY, base + ["model.hidden_size=72", "model.num_attention_heads=4", "model.kv_channels=16"]),
                  check_environment=False)
+    # 5 heads + 2 x 1 group of dim 4 = 28 rows: linear_qkv's output (the data-gradient GEMM's reduction) is not % 16
+    with pytest.raises(ConfigError, match="linear_qkv output"):
+        validate(load_config(TINY, base + ["model.num_attention_heads=5", "model.num_query_groups=1",
+                                           "model.kv_channels=4", "model.hidden_size=64"]), check_environment=False)
+    # ffn 24 at TP 2: linear_fc1's output per rank is 2 x 24 / 2 = 24, not % 16 (fc2's input 12 is reported too)
+    with pytest.raises(ConfigError, match="linear_fc1 output"):
+        validate(load_config(TINY, base + ["model.ffn_hidden_size=24", "parallel.tensor_model_parallel_size=2"]),
+                 world_size=2, check_environment=False)
 
 
 def test_launch_dry_run_prints_the_gpu_layout_errors_before_any_process_group(capsys):

@@ -453,8 +453,8 @@ def test_validate_refuses_packing_where_the_attention_cannot_pack():
 def test_packed_streams_meet_the_sp_and_fp8_divisibility_that_validate_checks(tp, sp):
     """Whenever validate() accepts a layout, every packed stream the data code can make (a multiple of
     packing_multiple) splits evenly over TP under sequence parallelism and gives every FP8 GEMM on a rank a
-    token count Transformer Engine accepts (a multiple of 8: transformer_engine/pytorch/utils.py
-    assert_dim_for_fp8_exec, on the local SP shard). Real lengths 1..600."""
+    token count the FP8 GEMMs accept on Hopper (a multiple of 16, the weight-gradient GEMM's leading dimension:
+    transformer_engine/common/gemm/cublaslt_gemm.cu, on the local SP shard). Real lengths 1..600."""
     from types import SimpleNamespace
 
     from megarank.config import ConfigError, load_config, validate
@@ -478,7 +478,7 @@ def test_packed_streams_meet_the_sp_and_fp8_divisibility_that_validate_checks(tp
                 stream = batcher.batch([[1] * n])["input_ids"].shape[1]
                 local = stream // tp if sp else stream
                 assert not sp or stream % tp == 0, (pad, fp8, stream)
-                assert not fp8 or local % 8 == 0, (pad, fp8, stream)
+                assert not fp8 or local % 16 == 0, (pad, fp8, stream)
     assert accepted >= 4  # some layouts with and without FP8 were accepted and checked
 
 

@@ -6,8 +6,8 @@ turns it into megatron-core's ``PackedSeqParams`` (``qkv_format="thd"``), so thi
 megatron-core. RoPE restarts in every sequence and attention stays inside each (megarank/model/inputs.py).
 
 The stream is padded at its end to a multiple of ``multiple`` (sequence parallelism splits it over TP ranks;
-TE's FP8 GEMMs want the tokens on a rank divisible by 8: config.validate requires ``data.pad_to_multiple_of`` to
-be a multiple of 8 x TP under SP with FP8, and ``packing_multiple`` is a multiple of it, tests/test_packing.py).
+FP8 GEMMs on Hopper need the tokens on a rank divisible by 16: config.validate requires ``data.pad_to_multiple_of``
+to be a multiple of 16 x TP under SP with FP8, and ``packing_multiple`` is a multiple of it, tests/test_packing.py).
 The padding is one extra *segment* of pad tokens: every token of the stream then belongs to a segment, attention
 stays inside each, and pooling reads only the first ``num_sequences`` segments, so the dummy's outputs are never
 used and its gradient is exactly 0.
