@@ -446,6 +446,24 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def packed_attention_problem(m: "ModelConfig", env: bool = True) -> Optional[str]:
+    """Why this model cannot attend within packed (THD) sequences (a sentence naming the keys), or None. Transformer Engine has no attention
+    backend for THD in fp32: flash and fused attention take bf16/fp16 only (TE v2.9
+    pytorch/attention/dot_product_attention/utils.py:436-457) and the unfused backend refuses THD (:659-662), so
+    dot_product_attention.py raises "No dot product attention backend is available". megatron-core's own
+    DotProductAttention asserts packed_seq_params is None (dot_product_attention.py:153)."""
+    te = m.transformer_impl == "transformer_engine" or (m.transformer_impl == "auto" and env and transformer_engine_available())
+    if te and m.dtype == "fp32":
+        return ("data.packing with model.dtype fp32: Transformer Engine has no fp32 attention for packed sequences "
+                "(flash and fused attention need bf16 or fp16, the unfused one cannot read packed batches); set "
+                "data.packing=false or model.dtype=bf16")
+    if not te and m.attention_backend == "megatron":
+        return ("data.packing needs model.attention_backend sdpa with the local spec (megatron-core's "
+                "DotProductAttention cannot attend within packed sequences); set data.packing=false or "
+                "model.attention_backend=sdpa")
+    return None
+
+
 # The config's dtype names -> torch's (megarank.config imports no torch; torch_dtype imports it when called).
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -555,12 +573,8 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
         errs.append("train.micro_batch_tokens needs model.fp8_recipe tensorwise (or model.fp8 null): delayed scaling "
                     "needs the same number of micro-batches on every data-parallel rank")
     m = cfg.model
-    local = m.transformer_impl == "local" or (m.transformer_impl == "auto" and env and not transformer_engine_available())
-    if d.packing and m.attention_backend == "megatron" and local:
-        # megatron-core's DotProductAttention asserts packed_seq_params is None (dot_product_attention.py:153).
-        errs.append("data.packing needs model.attention_backend sdpa with the local spec (megatron-core's "
-                    "DotProductAttention cannot attend within packed sequences); set data.packing=false or "
-                    "model.attention_backend=sdpa")
+    if d.packing and (problem := packed_attention_problem(m, env)):
+        errs.append(problem)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         errs.append(f"train.lr must be > 0 and train.min_lr in [0, lr] (got lr={t.lr}, min_lr={t.min_lr})")
     if d.n_passages < 2 and t.loss == "listwise":

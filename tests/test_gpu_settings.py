@@ -483,3 +483,28 @@ def test_launcher_gives_workers_cuda_device_max_connections_1(monkeypatch, capsy
         launch.main(["--nproc", "2", TINY])
     assert seen["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # inherited by torchrun and every worker
     assert cuda_max_connections_problem(2) is None
+
+
+def test_te_in_fp32_cannot_pack_so_training_is_refused_and_scoring_pads(monkeypatch):
+    """Transformer Engine has no fp32 attention backend for THD (flash/fused need bf16/fp16, unfused refuses THD):
+    validate names data.packing and model.dtype for a training run; a scorer resolved to fp32 scores padded."""
+    import megarank.config as config
+    from megarank.scoring.reranker import _padded_where_packing_cannot_run
+
+    monkeypatch.setattr(config, "transformer_engine_available", lambda: True)  # a GPU with TE, as far as this goes
+    te_fp32 = load_config(TINY, ["model.transformer_impl=auto", "model.dtype=fp32", "data.packing=true"])
+    with pytest.raises(ConfigError, match=r"data.packing with model.dtype fp32: Transformer Engine has no fp32"):
+        validate(te_fp32, check_environment=True)
+    assert config.packed_attention_problem(load_config(TINY, ["model.transformer_impl=auto", "model.dtype=bf16"]).model) is None
+    assert config.packed_attention_problem(load_config(TINY, ["model.transformer_impl=local", "model.dtype=fp32"]).model) is None
+    validate(load_config(TINY, ["model.transformer_impl=auto", "model.dtype=fp32", "data.packing=false"]),
+             check_environment=True)
+    _padded_where_packing_cannot_run(te_fp32)
+    assert te_fp32.data.packing is False
+    bf16 = load_config(TINY, ["model.transformer_impl=auto", "model.dtype=bf16", "data.packing=true"])
+    _padded_where_packing_cannot_run(bf16)
+    assert bf16.data.packing is True
+    monkeypatch.setattr(config, "transformer_engine_available", lambda: False)  # this CPU: local spec, SDPA
+    local = load_config(TINY, ["model.transformer_impl=auto", "model.dtype=fp32", "data.packing=true"])
+    _padded_where_packing_cannot_run(local)
+    assert local.data.packing is True

@@ -96,6 +96,17 @@ def _load_hf_tokenizer(cfg, folder: Path):
         return make_pair_tokenizer(cfg, tmp)
 
 
+def _padded_where_packing_cannot_run(cfg) -> None:
+    """Scoring with ``data.packing`` on a model that cannot attend within packed sequences (Transformer Engine in
+    fp32: ``megarank evaluate --dtype fp32`` on a GPU; megatron's own attention) scores padded batches instead,
+    with a log line: the scores are the same either way (tests/test_packing.py), only slower."""
+    from megarank.config import packed_attention_problem
+
+    if cfg.data.packing and (problem := packed_attention_problem(cfg.model)):
+        log.info("scoring padded batches, not packed: %s", problem.split(";")[0])
+        cfg.data.packing = False
+
+
 def _start_parallel(cfg, seed: bool) -> bool:
     """Make sure torch.distributed and megatron's groups exist for ``cfg.parallel``; True when this call started
     the process group (a plain process: one in-process rank). Groups already set up at the same TP/PP (another
@@ -203,6 +214,7 @@ class Reranker:
         # load_global_tensors copies the same way.
         run_dtype, reason = resolve_inference_dtype(dtype, cfg.model.dtype, device())
         cfg.model.dtype = run_dtype
+        _padded_where_packing_cannot_run(cfg)
         validate(cfg, world_size=dist.get_world_size())
         if dist.get_rank() == 0:
             log.info("scoring in %s (%s)", run_dtype, reason)
