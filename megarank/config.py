@@ -8,6 +8,8 @@ Every field carries its documentation in ``metadata["help"]``; ``megarank config
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import importlib.util
 import math
 import re
@@ -440,10 +442,24 @@ def config_help() -> str:
 
 
 def transformer_engine_available() -> bool:
-    """True when Transformer Engine can be imported and CUDA is present (without importing TE here)."""
+    """True when CUDA is present and ``transformer_engine.pytorch`` imports, the test megatron-core itself makes
+    (``HAVE_TE``, megatron/core/models/gpt/gpt_layer_specs.py:41-49): a core-only or broken TE install (its
+    package found, its PyTorch extension failing to load) counts as absent, so ``auto`` falls back to the local
+    spec instead of failing at build. TE is imported only on a machine with CUDA, once per process."""
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    return _te_pytorch_imports()
+
+
+@functools.lru_cache(maxsize=1)
+def _te_pytorch_imports() -> bool:
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # noqa: BLE001 - ImportError, OSError (a missing libtransformer_engine.so), RuntimeError...
+        return False
+    return True
 
 
 def packed_attention_problem(m: "ModelConfig", env: bool = True) -> Optional[str]:

@@ -249,3 +249,36 @@ def test_gpu_layout_problems_are_listed_with_the_others():
     assert "data.pad_to_multiple_of (6) must be a multiple of 16 x TP 4 under sequence parallel = 64" in msg
     assert "model.fp8_first_last_bf16 cannot be used with model.fp8_recipe=delayed" in msg
     assert "world size 6 is not divisible" in msg
+
+
+def test_a_broken_transformer_engine_counts_as_absent(monkeypatch, tmp_path):
+    """A TE whose package is found but whose PyTorch part fails to import (core-only wheel, missing .so) is
+    treated like no TE: `auto` resolves to the local spec (megatron's HAVE_TE makes the same import)."""
+    import sys
+
+    import torch
+
+    import megarank.config as config
+    from megarank.model.spec import resolve_impl
+
+    broken = tmp_path / "transformer_engine"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("")
+    (broken / "pytorch.py").write_text("raise OSError('libtransformer_engine.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("transformer_engine", "transformer_engine.pytorch"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config._te_pytorch_imports.cache_clear()
+    try:
+        assert not config.transformer_engine_available()
+        assert resolve_impl("auto") == "local"
+        (broken / "pytorch.py").write_text("")  # the same package, importable: counts
+        for name in ("transformer_engine", "transformer_engine.pytorch"):
+            sys.modules.pop(name, None)
+        config._te_pytorch_imports.cache_clear()
+        assert config.transformer_engine_available()
+    finally:
+        for name in ("transformer_engine", "transformer_engine.pytorch"):
+            sys.modules.pop(name, None)
+        config._te_pytorch_imports.cache_clear()
