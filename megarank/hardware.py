@@ -22,17 +22,28 @@ import torch
 from megarank.config import TORCH_DTYPE_NAMES, torch_dtype
 
 
-# Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets, FLOP/s. fp32 runs on TF32 tensor cores
-# under megatron's defaults (torch.backends.cuda.matmul.allow_tf32 is not forced off), so it uses the TF32 rate.
+# Dense (no 2:4 sparsity) peaks from NVIDIA's datasheets, FLOP/s: tensor cores for bf16/fp16/fp8/tf32, CUDA cores
+# for fp32. An fp32 matmul runs on the CUDA cores unless TF32 is allowed (torch's default since 1.12 is off:
+# torch.backends.cuda.matmul.allow_tf32 False, float32 matmul precision "highest"); then it gets the TF32 rate.
 _GPU_PEAKS = {
-    # name fragment: {dtype: FLOP/s}; the first fragment found in torch.cuda.get_device_name() wins.
-    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12},
-    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12},  # SXM; PCIe is lower
-    "GH200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "fp32": 494.7e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
-    "L40S": {"bf16": 362.1e12, "fp16": 362.1e12, "fp8": 733e12, "fp32": 183e12},
-    "B200": {"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "fp32": 1100e12},
+    # name fragment: {dtype: FLOP/s}; the first fragment found in torch.cuda.get_device_name() wins, so the
+    # H100 PCIe and NVL rows come before the SXM one ("NVIDIA H100 80GB HBM3").
+    "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "GH200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756.5e12, "fp16": 756.5e12, "fp8": 1513e12, "tf32": 378e12, "fp32": 51.2e12},
+    "H100 NVL": {"bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12, "tf32": 417.5e12, "fp32": 60e12},
+    "H100": {"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM
+    "A100": {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362.1e12, "fp16": 362.1e12, "fp8": 733e12, "tf32": 183e12, "fp32": 91.6e12},
+    "B200": {"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "tf32": 1100e12},
 }
+
+
+def _tf32_matmuls() -> bool:
+    """Whether fp32 matmuls may run on TF32 tensor cores (``allow_tf32``, ``set_float32_matmul_precision``, or NGC's
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, which overrides both)."""
+    return (bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+            or os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1")
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,8 +150,11 @@ def peak_flops(dtype: str, device: str | torch.device = "cpu") -> tuple[float, s
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        rate = "tf32" if dtype == "fp32" and _tf32_matmuls() else dtype
         for fragment, peaks in _GPU_PEAKS.items():
-            if fragment in name and dtype in peaks:
-                return peaks[dtype], f"{fragment} datasheet ({dtype}, dense)"
-        return float("nan"), f"unknown GPU {name!r}: no peak for {dtype}"
+            if fragment in name:
+                if rate in peaks:
+                    return peaks[rate], f"{fragment} datasheet ({rate}, dense)"
+                break
+        return float("nan"), f"GPU {name!r}: no datasheet peak for {rate}"
     return measured_gemm_flops(dtype, torch.get_num_threads()), f"measured {dtype} GEMM on {cpu_isa()}"

@@ -55,4 +55,15 @@ def test_gpu_peak_comes_from_the_datasheet_table(monkeypatch):
     assert math.isnan(hardware.peak_flops("fp8", "cuda")[0])  # A100 has no FP8
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     peak, source = hardware.peak_flops("bf16", "cuda")
-    assert math.isnan(peak) and "unknown GPU" in source
+    assert math.isnan(peak) and "no datasheet peak" in source
+    # H100 PCIe / NVL are their own rows, not the SXM one; fp32 is the CUDA-core rate unless TF32 is allowed
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert hardware.peak_flops("bf16", "cuda")[0] == 756.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 NVL")
+    assert hardware.peak_flops("bf16", "cuda")[0] == 835.5e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", raising=False)
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"  # defaults
+    assert hardware.peak_flops("fp32", "cuda") == (66.9e12, "H100 datasheet (fp32, dense)")
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")  # NGC containers export it
+    assert hardware.peak_flops("fp32", "cuda") == (494.7e12, "H100 datasheet (tf32, dense)")
