@@ -5,7 +5,7 @@
 
 Model: SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, ffn 1536, vocab 49152), random weights,
 megarank's local spec (SDPA), TP=1, one in-process gloo rank (benchmarks/common.py's ``build_megarank``). Batches:
-``megarank rerank``'s own (``batches_for_pairs``: length-sorted, padded to a multiple of 8) of SciFact-train BM25
+``megarank rerank``'s own (``Batcher.scoring_batches``: length-sorted, padded to a multiple of 8) of SciFact-train BM25
 top-100 pairs through SmolLM2's tokenizer when the data and the converted cache exist, else random ids with
 lengths spread like SciFact's (350-600 tokens, sorted). ``--batches`` batches are taken from the middle of the
 sorted stream.
@@ -97,7 +97,7 @@ def best_rate(fn, flops: float, clk, seconds: float = 1.0) -> float:
 
 def scoring_batches(args) -> tuple[list, str]:
     """Padded scoring batches from the middle of megarank's length-sorted stream, and where they come from."""
-    from megarank.data import batches_for_pairs, candidate_pairs, find_run_file, read_beir, read_run
+    from megarank.data import Batcher, candidate_pairs, find_run_file, read_beir, read_run
 
     if args.data != "synthetic" and (SMOLLM2_CACHE / "tokenizer.json").exists():
         try:
@@ -112,7 +112,7 @@ def scoring_batches(args) -> tuple[list, str]:
             run = read_run(find_run_file(data, "train"))
             qids = [q for q in run if q in beir.queries][:20]
             pairs = candidate_pairs(beir.queries, beir.corpus, {q: run[q] for q in qids}, 100)
-            stream = [b for _, b in batches_for_pairs(pairs, beir.queries, beir.corpus, args.pairs, tok)]
+            stream = [b for _, b in Batcher(tok).scoring_batches(pairs, beir.queries, beir.corpus, batch_size=args.pairs)]
             mid = len(stream) // 2 - args.batches // 2
             return stream[mid:mid + args.batches], f"{data.name}: {len(qids)} queries x BM25 top-100, SmolLM2 tokenizer"
     g = torch.Generator().manual_seed(0)

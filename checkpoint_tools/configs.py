@@ -19,7 +19,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def model_keys_in_overrides(overrides, section: str = "model") -> set:
+def keys_in_overrides(overrides, section: str = "model") -> set:
     """The ``<section>.<key>`` names that dotted ``section.key=value`` overrides set."""
     keys = set()
     for item in overrides:
@@ -29,7 +29,7 @@ def model_keys_in_overrides(overrides, section: str = "model") -> set:
     return keys
 
 
-def _model_keys_in_yaml(path, section: str = "model") -> set:
+def _keys_in_yaml(path, section: str) -> set:
     import yaml
 
     raw = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
@@ -38,7 +38,7 @@ def _model_keys_in_yaml(path, section: str = "model") -> set:
 
 def explicit_keys(path=None, overrides=(), section: str = "model") -> set:
     """The ``section`` keys a ``--config`` YAML and dotted overrides set explicitly."""
-    return _model_keys_in_yaml(path, section) | model_keys_in_overrides(overrides, section)
+    return _keys_in_yaml(path, section) | keys_in_overrides(overrides, section)
 
 
 def load_requested_config(path=None, overrides=()):
@@ -50,7 +50,7 @@ def load_requested_config(path=None, overrides=()):
         cfg = load_config(None if path is None else str(path), list(overrides))
     except ConfigError as e:
         raise ConversionError(str(e)) from None
-    return cfg, _model_keys_in_yaml(path) | model_keys_in_overrides(overrides)
+    return cfg, explicit_keys(path, overrides)
 
 
 def load_saved_config(ckpt: Path):

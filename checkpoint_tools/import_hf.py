@@ -26,7 +26,7 @@ import torch
 from checkpoint_tools import keymap
 from checkpoint_tools.atomic import atomic_output_dir, check_destination
 from checkpoint_tools.configs import (
-    DTYPES, check_agreement, explicit_keys, load_requested_config, model_keys_in_overrides,
+    DTYPES, check_agreement, explicit_keys, keys_in_overrides, load_requested_config,
 )
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import (
@@ -80,7 +80,7 @@ def _source_head(m, hf: dict, fmt: str, weights: HFWeights, where: str):
 
 def _flag_values(opts: dict, requested_model, overrides) -> dict:
     """HEAD_FLAGS set by a flag, else by a dotted ``model.<key>`` override: these win over the source's values."""
-    overridden = model_keys_in_overrides(overrides)
+    overridden = keys_in_overrides(overrides)
     out = {}
     for key in HEAD_FLAGS:
         value = opts.get(key)

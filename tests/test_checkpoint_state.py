@@ -63,7 +63,6 @@ def _save(sd: dict, directory: str) -> None:
 def _save_work(out: str, dtype: str = "fp32"):
     """DP=2 with the distributed optimizer: 2 steps on fixed gradients, then save the weights, the optimizer
     in megarank's format (gathering forbidden) and in megatron's 'fully_reshardable' format."""
-    from megatron.core import dist_checkpointing
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     from megarank import checkpoint as ckpt

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megarank.data import (Batcher, BeirData, BeirGroupSource, DataError, GroupSampler, JsonlGroupSource,
-                           PairTokenizer, Run, build_tiny_tokenizer, candidate_pairs, collate_groups, doc_to_text,
+                           PairTokenizer, Run, build_tiny_tokenizer, candidate_pairs, doc_to_text,
                            find_run_file, format_pair, read_beir, read_corpus, read_jsonl_groups, read_qrels,
                            read_queries, read_run, sample_data_dir)
 
@@ -363,8 +363,6 @@ def test_micro_batch_is_group_major_positive_first(pair_tokenizer):
             row = g * 3 + j
             ids = batch["input_ids"][row][batch["attention_mask"][row]]
             assert tok.decode(ids[1:]) == format_pair(query, passage)
-    collated = collate_groups(groups, pair_tokenizer)  # the one-micro-batch shortcut: the same batch
-    assert collated.keys() == batch.keys() and all(torch.equal(collated[k], batch[k]) for k in ("input_ids", "labels"))
     packed = Batcher(pair_tokenizer, packed=True).micro_batches(groups, micro_batch_size=1)
     assert [b["input_ids"].shape[0] for b in packed] == [1, 1]
     assert [b["packed_seq_params"].num_sequences for b in packed] == [3, 3]
@@ -376,8 +374,6 @@ def test_micro_batches_reject_unequal_groups(pair_tokenizer):
     for packed in (False, True):
         with pytest.raises(ValueError, match=r"same non-zero number of passages, got sizes \[2, 3\]"):
             Batcher(pair_tokenizer, packed=packed).micro_batches([("q", ["a", "b"]), ("q", ["a", "b", "c"])], 1)
-    with pytest.raises(ValueError, match=r"same non-zero number of passages, got sizes \[2, 3\]"):
-        collate_groups([("q", ["a", "b"]), ("q", ["a", "b", "c"])], pair_tokenizer)
 
 
 def test_rerank_batches_cover_all_pairs_longest_first(pair_tokenizer):
@@ -413,7 +409,7 @@ def test_cranfield_train_groups_and_batches(pair_tokenizer):
     assert len(source) == 113 and source.n_dropped_no_positive == 0 and source.n_dropped_no_run == 0
     sampler = GroupSampler(len(source), global_batch=8, dp_rank=0, dp_size=1)
     groups = [source.get(i, e) for i, e in next(sampler)]
-    batch = collate_groups(groups, pair_tokenizer)
+    batch = Batcher(pair_tokenizer).micro_batches(groups, micro_batch_size=len(groups))[0]
     assert batch["input_ids"].shape[0] == 40 and batch["input_ids"].shape[1] <= 64
     for i, e in next(sampler):
         qid, docids = source.get_ids(i, e)

@@ -310,15 +310,14 @@ def test_evaluation_scores_are_the_same_packed(one_rank):
 
 def test_training_micro_batches_are_packed_when_configured():
     from megarank.config import load_config
-    from megarank.training.data import make_group_source, make_pair_tokenizer, resolve_tokenizer_dir
-    from megarank.training.loop import _micro_batches
+    from megarank.training.data import make_group_source, make_micro_batcher, make_pair_tokenizer, resolve_tokenizer_dir
 
     for packing, tp in ((False, 1), (True, 1), (True, 4)):
         cfg = load_config(TINY, [f"data.packing={str(packing).lower()}", "data.pad_to_multiple_of=6"])
         cfg.parallel.tensor_model_parallel_size = tp  # only the stream's multiple reads it here
         tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
         source = make_group_source(cfg)
-        micro = _micro_batches([source.get(i, 0) for i in range(3)], cfg, tok)
+        micro = make_micro_batcher(cfg, tok)([source.get(i, 0) for i in range(3)])
         assert len(micro) == 2 and all(b["group_size"] == 5 for b in micro)  # micro_batch_size 2: 2 + 1 groups
         if not packing:
             assert "packed_seq_params" not in micro[0] and micro[0]["input_ids"].shape[0] == 10
@@ -422,13 +421,12 @@ def test_token_budget_step_has_the_fixed_split_loss_and_gradients(one_rank):
 @pytest.mark.parametrize("packing", [True, False])
 def test_training_loop_uses_the_token_budget(packing):
     from megarank.config import ConfigError, load_config, validate
-    from megarank.training.data import make_group_source, make_pair_tokenizer, resolve_tokenizer_dir
-    from megarank.training.loop import _micro_batches
+    from megarank.training.data import make_group_source, make_micro_batcher, make_pair_tokenizer, resolve_tokenizer_dir
 
     cfg = load_config(TINY, [f"data.packing={str(packing).lower()}", "train.micro_batch_tokens=1500"])
     tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
     source = make_group_source(cfg)
-    micro = _micro_batches([source.get(i, 0) for i in range(4)], cfg, tok)
+    micro = make_micro_batcher(cfg, tok)([source.get(i, 0) for i in range(4)])
     assert sum(len(b["labels"]) for b in micro) == 4 and len(micro) >= 2
     for b in micro:
         assert ("packed_seq_params" in b) == packing

@@ -39,21 +39,21 @@ def _texts(n: int, length: int, seed: int) -> list[str]:
 
 def _micro_batches(pair_tokenizer) -> list:
     """Two micro-batches of one query group each: long passages (cut to max_length) and short ones."""
-    from megarank.data import collate_groups
+    from megarank.data import Batcher
 
     long_group = ("a long query " * 3, _texts(GROUP, 200, 1))
     short_group = ("q", _texts(GROUP, 4, 2))
-    return [collate_groups([long_group], pair_tokenizer), collate_groups([short_group], pair_tokenizer)]
+    return Batcher(pair_tokenizer).micro_batches([long_group, short_group], micro_batch_size=1)
 
 
 def _eval_batches(pair_tokenizer) -> list:
     """Three batches of unequal lengths, as evaluation builds them (longest first), pairs named by index."""
-    from megarank.data import batches_for_pairs
+    from megarank.data import Batcher
 
     passages = _texts(4, 150, 3) + _texts(4, 30, 4) + _texts(2, 3, 5)
     pairs = [("q", str(i)) for i in range(len(passages))]
     corpus = {str(i): p for i, p in enumerate(passages)}
-    return list(batches_for_pairs(pairs, {"q": "what is it"}, corpus, 4, pair_tokenizer))
+    return list(Batcher(pair_tokenizer).scoring_batches(pairs, {"q": "what is it"}, corpus, batch_size=4))
 
 
 def _count_forwards(model) -> list:

@@ -79,21 +79,25 @@ def load_extra_state(model, folder: Path) -> None:
                  "Transformer Engine starts with fresh scales and amax history", folder)
 
 
+def _plain_sharded_tensors(sharded: dict):
+    """The plain ShardedTensors a model sharded state dict saves as (a factory, such as SwiGLU's fc1, expanded into
+    its chunks: contiguous views of the parameter)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for sh in nested_values(sharded):
+        for sub in (nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]):
+            if isinstance(sub, ShardedTensor):
+                yield sub
+
+
 def _expected_shapes(sharded: dict) -> dict:
     """{key: (global shape, allow_shape_mismatch)} of the plain ShardedTensors a model sharded state dict saves as.
 
     megatron marks the word embedding ``allow_shape_mismatch`` (vocab padding may differ with TP:
     megatron/core/tensor_parallel/layers.py:309-317, VocabParallelEmbedding.sharded_state_dict); its rows may differ, not its width."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    shapes = {}
-    for sh in nested_values(sharded):
-        subs = nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]
-        for sub in subs:
-            if isinstance(sub, ShardedTensor):
-                shapes[sub.key] = (tuple(sub.global_shape), bool(getattr(sub, "allow_shape_mismatch", False)))
-    return shapes
+    return {sub.key: (tuple(sub.global_shape), bool(getattr(sub, "allow_shape_mismatch", False)))
+            for sub in _plain_sharded_tensors(sharded)}
 
 
 def _check_tensor_shapes(sharded: dict, model_dir: Path, folder: Path) -> None:
@@ -195,8 +199,6 @@ def load_global_tensors(model, tensors, where: str) -> None:
     ``tensors`` with the global shape the config implies, and the result must be finite; otherwise a
     CheckpointError naming ``where`` and the key (the same on every rank). FP8 ``_extra_state`` is not loaded."""
     import torch
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     def fill(sub) -> None:
         if sub.key not in tensors:
@@ -222,11 +224,8 @@ def load_global_tensors(model, tensors, where: str) -> None:
         if unsharded:
             raise CheckpointError(f"{where}: the model's tensor {unsharded[0]} has no checkpoint key")
         with torch.no_grad():
-            for sh in nested_values(sharded):
-                subs = nested_values(sh.build()) if isinstance(sh, ShardedTensorFactory) else [sh]
-                for sub in subs:
-                    if isinstance(sub, ShardedTensor):
-                        fill(sub)
+            for sub in _plain_sharded_tensors(sharded):
+                fill(sub)
         check_finite(((k, v) for k, v in model.state_dict().items() if not _is_extra_state(k)), where)
     except CheckpointError as e:
         error = str(e)

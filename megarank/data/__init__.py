@@ -8,8 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .batcher import Batcher
-from .candidates import batches_for_pairs, candidate_pairs
-from .collate import collate_groups
+from .candidates import candidate_pairs
 from .errors import DataError
 from .groups import BeirGroupSource, JsonlGroupSource
 from .readers import (BeirData, Run, find_run_file, iter_run_rows, read_beir, read_corpus, read_jsonl_groups,
@@ -26,7 +25,6 @@ def sample_data_dir() -> Path:
 
 __all__ = [
     "Batcher", "BeirData", "BeirGroupSource", "DEFAULT_TEMPLATE", "DataError", "GroupSampler", "JsonlGroupSource",
-    "PairTokenizer", "Run", "batches_for_pairs", "build_tiny_tokenizer", "candidate_pairs", "collate_groups",
-    "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus",
+    "PairTokenizer", "Run", "build_tiny_tokenizer", "candidate_pairs", "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus",
     "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "sample_data_dir",
 ]

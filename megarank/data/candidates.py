@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
-from .batcher import Batcher
 from .errors import DataError
 
 
@@ -27,12 +26,3 @@ def candidate_pairs(queries: Mapping[str, str], corpus: Mapping[str, str], run: 
 def _where(run, qid: str, docid: str | None = None) -> str:
     """The run file and line of a row (a `Run` knows its file), for error messages."""
     return run.where(qid, docid) if hasattr(run, "where") else getattr(run, "path", "<run>")
-
-
-def batches_for_pairs(pairs: Sequence[tuple[str, str]], queries: Mapping[str, str], corpus: Mapping[str, str],
-                      batch_size: Optional[int], pair_tokenizer, *, batch_tokens: int = 0, packed: bool = False,
-                      tensor_parallel_size: int = 1) -> Iterator[tuple[list[tuple[str, str]], dict]]:
-    """``Batcher(pair_tokenizer, packed=..., tensor_parallel_size=...).scoring_batches(pairs, ...)`` in one call
-    (megarank.data.batcher): length-sorted ``(pairs, batch)``, ``batch_size`` pairs each or up to ``batch_tokens``."""
-    batcher = Batcher(pair_tokenizer, packed=packed, tensor_parallel_size=tensor_parallel_size)
-    return batcher.scoring_batches(pairs, queries, corpus, batch_size, batch_tokens)

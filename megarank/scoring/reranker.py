@@ -65,7 +65,9 @@ def _best_first(score: float, index: int) -> tuple:
 
 def _is_hf_folder(path: Path) -> bool:
     """A Hugging Face model folder (config.json), not a megarank checkpoint or run folder (config.yaml / latest)."""
-    return (path / "config.json").is_file() and not (path / "config.yaml").is_file() and not (path / "latest").is_file()
+    from megarank.checkpoint.layout import CONFIG_FILE, LATEST
+
+    return (path / "config.json").is_file() and not (path / CONFIG_FILE).is_file() and not (path / LATEST).is_file()
 
 
 def _convert_hf(path: Path, overrides: list):

@@ -1,6 +1,10 @@
-"""Build the training data pipeline (group source, DP-sharded sampler, pair tokenizer) from the config."""
+"""Build the training data pipeline (group source, DP-sharded sampler, pair tokenizer, micro-batcher) from the config."""
+import functools
+from typing import Callable
+
 from megarank.config import Config
 from megarank.data import (
+    Batcher,
     BeirGroupSource,
     GroupSampler,
     JsonlGroupSource,
@@ -12,7 +16,7 @@ from megarank.data import (
 )
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 
-__all__ = ["make_group_source", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir"]
+__all__ = ["make_group_source", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir"]
 
 
 def make_group_source(cfg: Config):
@@ -29,3 +33,12 @@ def make_group_source(cfg: Config):
 
 def make_sampler(cfg: Config, num_groups: int, dp_rank: int, dp_size: int) -> GroupSampler:
     return GroupSampler(num_groups, cfg.train.global_batch_size, dp_rank, dp_size, seed=cfg.train.seed)
+
+
+def make_micro_batcher(cfg: Config, pair_tokenizer) -> Callable[[list], list]:
+    """One step's query groups -> its micro-batches, as the config says: ``train.micro_batch_size`` groups or up to
+    ``train.micro_batch_tokens``, padded or packed (``data.packing``, the stream a multiple of TP):
+    megarank/data/batcher.py, built once per run."""
+    batcher = Batcher(pair_tokenizer, packed=cfg.data.packing, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    return functools.partial(batcher.micro_batches, micro_batch_size=cfg.train.micro_batch_size,
+                             micro_batch_tokens=cfg.train.micro_batch_tokens)

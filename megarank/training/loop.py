@@ -11,7 +11,9 @@ from megarank.config import Config, validate
 from megarank.hardware import peak_flops
 from megarank.model import build_model
 from megarank.parallel.init import device, init_distributed
-from megarank.training.data import make_group_source, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir
+from megarank.training.data import (
+    make_group_source, make_micro_batcher, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir,
+)
 from megarank.training.flops import mfu, micro_batches_flops, peak_dtype
 from megarank.training.logger import MetricsLogger
 from megarank.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -33,17 +35,6 @@ def _is_logging_rank() -> bool:
         and parallel_state.get_tensor_model_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     )
-
-
-def _micro_batches(groups: list, cfg: Config, pair_tokenizer) -> list:
-    """Whole query groups, ``train.micro_batch_size`` per micro-batch or up to ``train.micro_batch_tokens``,
-    padded or packed (``data.packing``): megarank/data/batcher.py."""
-    from megarank.data.batcher import Batcher
-
-    batcher = Batcher(pair_tokenizer, packed=cfg.data.packing,
-                      tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
-    return batcher.micro_batches(groups, micro_batch_size=cfg.train.micro_batch_size,
-                                 micro_batch_tokens=cfg.train.micro_batch_tokens)
 
 
 def _step_work(micro: list, model_cfg) -> tuple[float, float]:
@@ -99,6 +90,7 @@ def train(cfg: Config) -> dict:
     tokenizer_dir = resolve_tokenizer_dir(cfg)
     pair_tokenizer = make_pair_tokenizer(cfg, tokenizer_dir)
     source = make_group_source(cfg)
+    micro_batches = make_micro_batcher(cfg, pair_tokenizer)
     sampler = make_sampler(cfg, len(source), parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size())
     # A resume or checkpoint.load overwrites every weight right after: skip megatron's random init.
@@ -123,7 +115,7 @@ def train(cfg: Config) -> dict:
     while step < t.steps:
         tic = time.time()
         groups = [source.get(i, epoch) for i, epoch in next(sampler)]
-        micro = _micro_batches(groups, cfg, pair_tokenizer)
+        micro = micro_batches(groups)
         result = train_step(ddp, optimizer, scheduler, micro, t.loss)
         step += 1
         nonfinite = nonfinite + 1 if result["skipped"] else 0
