@@ -104,13 +104,17 @@ def _load(work: Path, dry_run: bool, dtype: str):
 def _forward_backward(model, ids, valid) -> dict:
     """Scores, listwise loss and every parameter's gradient (as fp32 CPU tensors)."""
     from megarank.parallel.init import device
-    from megarank.training.loss import listwise_loss
+    import torch
+
+    from megarank.training.loss import group_loss
 
     dev = device()
     model.train()
     model.zero_grad(set_to_none=True)
     scores = model(ids.to(dev), valid.to(dev))
-    loss = listwise_loss(scores, GROUP)
+    relevance = torch.zeros(scores.numel() // GROUP, GROUP, device=scores.device)
+    relevance[:, 0] = 1.0
+    loss = group_loss("listwise", scores, relevance)
     loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     return {"scores": scores.detach().float().cpu().view(-1), "loss": loss.item(), "grads": grads}

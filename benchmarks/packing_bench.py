@@ -159,10 +159,10 @@ def check_same_scores(megarank_model, peer, batch, dtype) -> float:
 
 def step(forward, model, batch) -> tuple[float, float]:
     """(wall seconds, this process's CPU seconds) of forward + listwise loss + backward."""
-    from megarank.training.loss import listwise_loss
+    from megarank.training.loss import group_loss
 
     with stopwatch() as t:
-        listwise_loss(forward(batch), batch["group_size"]).backward()
+        group_loss("listwise", forward(batch), batch["relevance"]).backward()
     for p in model.parameters():
         p.grad = None
     return t.wall, t.cpu

@@ -160,8 +160,14 @@ class DataConfig:
     train_path: Optional[str] = _f(None, "JSONL groups file (format=jsonl) or BEIR folder (format=beir); null = built-in sample.")
     train_split: str = _f("train", "BEIR qrels split used for training.")
     train_run: Optional[str] = _f(None, "First-stage run for hard negatives; null = <train_path>/candidates/<split>.*.tsv.")
-    n_passages: int = _f(5, "Passages per query group: 1 positive + n_passages-1 hard negatives.")
+    n_passages: int = _f(5, "Passages per query group: data.positives_per_group positives + hard negatives.")
+    positives_per_group: int = _f(1, "Positives per group (rotating over a query's positives each epoch; a query with "
+                                  "fewer fills the group with negatives). Graded qrels / JSONL pos_labels become the "
+                                  "targets of listnet, plistmle, lambda and ranknet; listwise spreads its target over them.")
     negatives_top_k: int = _f(100, "Hard negatives are drawn from the run's top-k minus judged-relevant docs.")
+    teacher_run: Optional[str] = _f(None, "format=beir: a scored TREC run (`megarank rerank` with a teacher) giving the "
+                                    "teacher's logit for every positive and candidate; needed by the kl, margin_mse "
+                                    "and mse losses. JSONL groups carry pos_scores/neg_scores instead.")
     tokenizer: Optional[str] = _f(None, "Tokenizer folder; null = the checkpoint's tokenizer, else the built-in tiny one.")
     max_length: int = _f(512, "Tokens per query-passage sequence (BOS included); longer ones are cut on the right.")
     pad_to_multiple_of: int = _f(8, "Each batch is right-padded to its longest sequence rounded up to a multiple of this.")
@@ -186,6 +192,12 @@ class DataConfig:
                                 "data.eval_batch_size pairs. Same scores either way.")
 
 
+# Losses that read the teacher's logits (megarank/training/loss.py NEEDS_TEACHER) and those that compare passages
+# within a group (need n_passages >= 2).
+TEACHER_LOSSES = frozenset({"kl", "margin_mse", "mse"})
+GROUP_LOSSES = frozenset({"listwise", "kl", "margin_mse", "listnet", "plistmle", "lambda", "ranknet"})
+
+
 @dataclass
 class TrainConfig:
     """Optimisation (defaults: NVIDIA's public Llama 3.2 1B reranker recipe)."""
@@ -196,7 +208,16 @@ class TrainConfig:
     micro_batch_tokens: int = _f(0, "Token budget per micro-batch: whole query groups fill each micro-batch up to this many "
                                  "model tokens (packed stream length, or rows x padded length); replaces micro_batch_size; "
                                  "0 = fixed micro_batch_size. The step still takes global_batch_size groups, same loss.")
-    loss: Literal["listwise", "pointwise"] = _f("listwise", "Softmax CE over each group, or BCE per pair.")
+    loss: Literal["listwise", "pointwise", "kl", "margin_mse", "mse", "listnet", "plistmle", "lambda", "ranknet"] = _f(
+        "listwise", "listwise: softmax CE over each group; pointwise: BCE per pair; distillation from teacher logits "
+        "(JSONL pos_scores/neg_scores or data.teacher_run): kl (KL to the teacher's softmax at "
+        "train.teacher_temperature), margin_mse (MSE of positive-minus-negative margins), mse (MSE of logits); "
+        "learning to rank on graded labels: listnet, plistmle, lambda (LambdaLoss, NDCG-Loss2++), ranknet. "
+        "megarank/training/loss.py states each formula and its source.")
+    teacher_temperature: float = _f(1.0, "Temperature of the teacher's softmax in the kl loss (Tevatron's Megatron "
+                                    "reranker uses 2.0); > 0.")
+    distill_weight: float = _f(1.0, "kl / margin_mse / mse: loss = w * distillation + (1 - w) * listwise CE on the "
+                               "hard labels; in [0, 1].")
     lr: float = _f(3e-6, "Peak learning rate.")
     min_lr: float = _f(0.0, "Final learning rate of the decay.")
     lr_warmup_steps: int = _f(100, "Linear warm-up steps.")
@@ -593,8 +614,23 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
         errs.append(problem)
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         errs.append(f"train.lr must be > 0 and train.min_lr in [0, lr] (got lr={t.lr}, min_lr={t.min_lr})")
-    if d.n_passages < 2 and t.loss == "listwise":
-        errs.append(f"data.n_passages must be >= 2 for the listwise loss (got {d.n_passages})")
+    if d.n_passages < 2 and t.loss in GROUP_LOSSES:
+        errs.append(f"data.n_passages must be >= 2 for the {t.loss} loss (got {d.n_passages})")
+    if d.positives_per_group < 1 or d.positives_per_group >= max(d.n_passages, 2):
+        errs.append(f"data.positives_per_group must be >= 1 and leave a negative in data.n_passages={d.n_passages} "
+                    f"(got {d.positives_per_group})")
+    if not t.teacher_temperature > 0:
+        errs.append(f"train.teacher_temperature must be > 0 (got {t.teacher_temperature})")
+    if not 0.0 <= t.distill_weight <= 1.0:
+        errs.append(f"train.distill_weight must be in [0, 1] (got {t.distill_weight})")
+    elif t.distill_weight != 1.0 and t.loss not in TEACHER_LOSSES:
+        errs.append(f"train.distill_weight mixes a distillation loss with the listwise CE; train.loss={t.loss} is not one "
+                    f"of {', '.join(sorted(TEACHER_LOSSES))}")
+    if d.teacher_run is not None and d.format != "beir":
+        errs.append("data.teacher_run is for data.format=beir; JSONL groups carry 'pos_scores'/'neg_scores'")
+    if t.loss in TEACHER_LOSSES and d.format == "beir" and d.teacher_run is None:
+        errs.append(f"train.loss={t.loss} needs teacher scores: set data.teacher_run to a scored run of the training "
+                    "queries (megarank rerank --out with a teacher) or train from JSONL with pos_scores/neg_scores")
     if d.max_length < 8:
         errs.append(f"data.max_length must be >= 8 (got {d.max_length})")
     if "{query}" not in d.template or "{passage}" not in d.template:

@@ -224,8 +224,8 @@ def test_jsonl_groups_are_deterministic_and_sized():
     a, b = jsonl_source(seed=1), jsonl_source(seed=1)
     assert len(a) == 8 and a.group_size == 4
     for index in range(8):
-        query, passages = a.get(index, 0)
-        assert (query, passages) == b.get(index, 0)
+        query, passages, labels, teacher = a.get(index, 0)
+        assert (query, passages) == b.get(index, 0)[:2] and labels == [1, 0, 0, 0] and teacher is None
         assert len(passages) == 4 and len(set(passages[1:])) == 3
         assert set(passages[1:]) <= {f"neg{index}_{j}" for j in range(6)}
     assert [a.get(i, 1) for i in range(8)] != [a.get(i, 0) for i in range(8)]  # resampled each epoch
@@ -244,7 +244,7 @@ def test_jsonl_too_few_negatives_names_file_and_line():
 
 def test_jsonl_fill_from_corpus_is_deterministic_and_foreign():
     source = jsonl_source(n_negatives=9, fill_from_corpus=True)
-    _, passages = source.get(2, 0)
+    passages = source.get(2, 0).passages
     assert len(passages) == 10 and len(set(passages)) == 10
     own = {f"neg2_{j}" for j in range(6)}
     assert set(passages[1:7]) == own
@@ -263,8 +263,9 @@ def test_beir_groups_exclude_judged_relevant(sample_beir):
             relevant = {d for d, s in sample_beir.qrels[qid].items() if s > 0}
             assert docids[0] in relevant and not relevant & set(docids[1:])
             assert set(docids[1:]) <= set(run[qid]) and len(set(docids)) == 5
-            query, passages = source.get(index, epoch)
+            query, passages, labels, teacher = source.get(index, epoch)
             assert query == sample_beir.queries[qid] and passages == [sample_beir.corpus[d] for d in docids]
+            assert labels == [float(sample_beir.qrels[qid][docids[0]]), 0, 0, 0, 0] and teacher is None
 
 
 def test_beir_positive_rotation_and_determinism(sample_beir):
@@ -353,10 +354,11 @@ def test_sampler_validation():
 def test_micro_batch_is_group_major_positive_first(pair_tokenizer):
     groups = [("q one", ["pos one", "neg a", "neg b"]), ("q two", ["pos two", "neg c", "neg d"])]
     (batch,) = Batcher(pair_tokenizer).micro_batches(groups, micro_batch_size=2)
-    assert set(batch) == {"input_ids", "attention_mask", "group_size", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "group_size", "relevance"}
     assert batch["input_ids"].shape[0] == 6 and batch["attention_mask"].dtype == torch.bool
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[1] % 8 == 0
-    assert batch["group_size"] == 3 and batch["labels"].tolist() == [0, 0] and batch["labels"].dtype == torch.long
+    assert batch["group_size"] == 3 and batch["relevance"].tolist() == [[1, 0, 0], [1, 0, 0]]
+    assert batch["relevance"].dtype == torch.float32
     tok = pair_tokenizer.tokenizer
     for g, (query, passages) in enumerate(groups):
         for j, passage in enumerate(passages):

@@ -43,7 +43,9 @@ def padded_batch(lengths, seed: int = 0, multiple: int = 8) -> dict:
     ids = torch.randint(0, 256, (len(lengths), seq), generator=g)
     valid = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]
     ids[~valid] = PAD_ID
-    return {"input_ids": ids, "attention_mask": valid, "group_size": GROUP}
+    relevance = torch.zeros(len(lengths) // GROUP, GROUP)
+    relevance[:, 0] = 1.0
+    return {"input_ids": ids, "attention_mask": valid, "group_size": GROUP, "relevance": relevance}
 
 
 # --------------------------------------------------------------------------------------------- one process
@@ -178,13 +180,15 @@ def test_packed_from_ids_equals_the_old_pad_then_pack_route(pad, tp):
     groups = [(f"q{g}", [f"p{g * 5 + j}" for j in range(5)]) for g in range(12)]
     for kw in ({"micro_batch_size": 5}, {"micro_batch_tokens": 300}):
         got = packed.micro_batches(groups, **kw)
-        assert sum(len(b["labels"]) for b in got) == len(groups) and (len(got) > 2)
+        assert sum(len(b["relevance"]) for b in got) == len(groups) and (len(got) > 2)
         done = 0
         for b in got:  # the old route: the chunk's groups collated (padded), then packed
-            chunk = groups[done : done + len(b["labels"])]
+            chunk = groups[done : done + len(b["relevance"])]
             done += len(chunk)
             old = tok([q for q, ps in chunk for _ in ps], [p for _, ps in chunk for p in ps])
-            old.update(group_size=5, labels=torch.zeros(len(chunk), dtype=torch.long))
+            relevance = torch.zeros(len(chunk), 5)
+            relevance[:, 0] = 1.0
+            old.update(group_size=5, relevance=relevance)
             if "micro_batch_tokens" in kw:
                 old["loss_weight"] = len(chunk) * len(got) / len(groups)
             _assert_same_packed(b, _old_pad_then_pack(old, PAD_ID, packing_multiple(pad, tp)))
@@ -192,7 +196,7 @@ def test_packed_from_ids_equals_the_old_pad_then_pack_route(pad, tp):
     for k, b in enumerate(padded.micro_batches(groups, micro_batch_size=5)):
         chunk = groups[5 * k : 5 * k + 5]
         old = tok([q for q, ps in chunk for _ in ps], [p for _, ps in chunk for p in ps])
-        assert set(b) == {"input_ids", "attention_mask", "group_size", "labels"} and b["group_size"] == 5
+        assert set(b) == {"input_ids", "attention_mask", "group_size", "relevance"} and b["group_size"] == 5
         for key in ("input_ids", "attention_mask"):
             assert b[key].dtype == old[key].dtype and torch.equal(b[key], old[key]), key
     pairs = [("q", f"p{i}") for i in range(60)]
@@ -356,7 +360,7 @@ def test_token_budget_split_keeps_whole_groups_in_order(packed):
     batcher = Batcher(tok, packed=packed)
     assert batcher.multiple == 4
     micro = batcher.micro_batches(groups, micro_batch_tokens=64)
-    sizes = [len(b["labels"]) for b in micro]
+    sizes = [len(b["relevance"]) for b in micro]
     assert sum(sizes) == 5
     # The greedy rule, recomputed: a group joins while the micro-batch's cost stays within the budget.
     expected, current = [], []
@@ -369,18 +373,18 @@ def test_token_budget_split_keeps_whole_groups_in_order(packed):
     expected.append(len(current) // 2)
     assert sizes == expected and len(sizes) > 1
     d_batch = next(b for b in micro if (b["attention_mask"].sum() == 200))  # "d" is over the budget: alone
-    assert len(d_batch["labels"]) == 1
+    assert len(d_batch["relevance"]) == 1
     for b in micro:
-        assert b["group_size"] == 2 and b["loss_weight"] == pytest.approx(len(b["labels"]) * len(micro) / 5)
+        assert b["group_size"] == 2 and b["loss_weight"] == pytest.approx(len(b["relevance"]) * len(micro) / 5)
         assert ("packed_seq_params" in b) == packed
-        if len(b["labels"]) > 1:
+        if len(b["relevance"]) > 1:
             assert b["input_ids"].numel() <= 64
     assert sum(b["loss_weight"] for b in micro) == pytest.approx(len(micro))
     even = Batcher(_FixedLengthTokenizer({"a": 10, "b": 10}), packed=packed).micro_batches(groups[:2],
                                                                                            micro_batch_tokens=39)
     assert [b["loss_weight"] for b in even] == [1.0, 1.0]  # equal groups per micro-batch: exactly 1.0
     fixed = batcher.micro_batches(groups, micro_batch_size=2)  # a fixed split: no loss weights
-    assert [len(b["labels"]) for b in fixed] == [2, 2, 1] and not any("loss_weight" in b for b in fixed)
+    assert [len(b["relevance"]) for b in fixed] == [2, 2, 1] and not any("loss_weight" in b for b in fixed)
 
 
 def test_token_budget_step_has_the_fixed_split_loss_and_gradients(one_rank):
@@ -400,14 +404,14 @@ def test_token_budget_step_has_the_fixed_split_loss_and_gradients(one_rank):
     ref_micro = Batcher(tok).micro_batches(groups, micro_batch_size=3)  # one padded micro-batch of the 3 groups
     assert len(ref_micro) == 1 and "loss_weight" not in ref_micro[0]
     ref = _step(ddp, ref_micro)
-    lengths = [[len(r) for r in tok.encode([q] * len(ps), list(ps))] for q, ps in groups]
+    lengths = [[len(r) for r in tok.encode([g.query] * len(g.passages), list(g.passages))] for g in groups]
     for packed in (True, False):
         batcher = Batcher(tok, packed=packed)
         assert batcher.multiple == 8
         budget = batcher.cost(lengths[0] + lengths[1])  # the first two groups fit, all three do not
         assert batcher.cost(lengths[0] + lengths[1] + lengths[2]) > budget
         micro = batcher.micro_batches(groups, micro_batch_tokens=budget)
-        assert [len(b["labels"]) for b in micro] == [2, 1]
+        assert [len(b["relevance"]) for b in micro] == [2, 1]
         got = _step(ddp, micro)
         assert_rel_close(got["loss"], ref["loss"], f"packed={packed} loss")  # logged: the mean over micro-batches
         for name, g in ref["grads"].items():
@@ -427,10 +431,10 @@ def test_training_loop_uses_the_token_budget(packing):
     tok = make_pair_tokenizer(cfg, resolve_tokenizer_dir(cfg))
     source = make_group_source(cfg)
     micro = make_micro_batcher(cfg, tok)([source.get(i, 0) for i in range(4)])
-    assert sum(len(b["labels"]) for b in micro) == 4 and len(micro) >= 2
+    assert sum(len(b["relevance"]) for b in micro) == 4 and len(micro) >= 2
     for b in micro:
         assert ("packed_seq_params" in b) == packing
-        assert b["input_ids"].numel() <= 1500 or len(b["labels"]) == 1
+        assert b["input_ids"].numel() <= 1500 or len(b["relevance"]) == 1
     assert sum(b["loss_weight"] for b in micro) == pytest.approx(len(micro))
     with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
         validate(load_config(TINY, ["train.micro_batch_tokens=-1"]), world_size=1)
@@ -506,9 +510,9 @@ def _micro_batches(seed: int) -> list:
 def _forward_step(captured: list, data_iterator, model):
     from megatron.core import parallel_state
 
-    from megarank.training.step import forward_step
+    from megarank.training.step import forward_step, loss_function
 
-    out, loss_func = forward_step(data_iterator, model, "listwise")
+    out, loss_func = forward_step(data_iterator, model, loss_function("listwise"))
     if parallel_state.is_pipeline_last_stage():
         captured.append(out.detach().clone())
     return out, loss_func

@@ -6,7 +6,9 @@
 - a kill in the middle of saving step 2N leaves `latest` on step N, which is complete and resumes exactly;
 - a checkpoint saved at TP=2 resumes at TP=1, DP=2 and PP=2 with its weights and optimizer state, and the
   resume log names the layout change;
-- SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0.
+- SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0;
+- the same kill and resume with each loss beyond listwise, teacher scores (a BEIR teacher run, JSONL
+  pos_scores/neg_scores) and several graded positives per group.
 """
 import json
 import shutil
@@ -53,19 +55,58 @@ def _assert_same_run(straight_dir, resumed_dir, resumed_tb, steps) -> None:
 # train.micro_batch_tokens 2000 on the sample's groups (about 850-1280 packed tokens each, 2 per DP rank): one
 # rank's step is sometimes 1 micro-batch of 2 groups, sometimes 2 of 1 (loss weights 1.0 and 0.5 x 2), and the
 # two ranks differ (step 1: 2 micro-batches on rank 0, 1 on rank 1).
+# Each loss beyond listwise, with teacher scores ({teacher}: a BEIR teacher run and JSONL groups with
+# pos_scores/neg_scores, written by the `teacher` fixture) and several graded positives per group.
+_BEIR_TEACHER = ["data.teacher_run={teacher}/teacher.trec"]
+_JSONL_TEACHER = ["data.format=jsonl", "data.train_path={teacher}/groups.jsonl"]
+_TWO_POSITIVES = ["data.positives_per_group=2"]
 RESUME_LAYOUTS = {
     "one": (1, []),
     "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
     "budget_dp2": (2, ["parallel.use_distributed_optimizer=true", "train.micro_batch_tokens=2000", "data.packing=true"]),
+    "kl_dp2": (2, ["train.loss=kl", "train.teacher_temperature=2", "train.distill_weight=0.5", *_BEIR_TEACHER,
+                   *_TWO_POSITIVES, "parallel.use_distributed_optimizer=true"]),
+    "margin_mse": (1, ["train.loss=margin_mse", *_JSONL_TEACHER]),
+    "mse": (1, ["train.loss=mse", *_BEIR_TEACHER]),
+    "listnet": (1, ["train.loss=listnet", *_TWO_POSITIVES]),
+    "plistmle": (1, ["train.loss=plistmle", *_TWO_POSITIVES]),
+    "lambda": (1, ["train.loss=lambda", *_JSONL_TEACHER, *_TWO_POSITIVES]),
+    "ranknet": (1, ["train.loss=ranknet", *_TWO_POSITIVES]),
 }
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def teacher(tmp_path_factory):
+    """Teacher scores for the sample data: a scored run of its train split (every candidate and judged document)
+    and its JSONL groups with pos_scores/neg_scores and graded pos_labels (scores made up, deterministic)."""
+    from megarank.data import find_run_file, read_beir, read_run, sample_data_dir
+
+    folder = tmp_path_factory.mktemp("teacher")
+    beir, run = read_beir(sample_data_dir(), "train"), read_run(find_run_file(sample_data_dir(), "train"))
+    with open(folder / "teacher.trec", "w") as f:
+        for qid, docs in run.items():
+            for rank, d in enumerate(dict.fromkeys(docs + sorted(beir.qrels.get(qid, {}))), start=1):
+                f.write(f"{qid} Q0 {d} {rank} {3.0 * beir.qrels.get(qid, {}).get(d, 0) - 0.1 * rank!r} teacher\n")
+    with open(sample_data_dir() / "train_groups.jsonl") as src, open(folder / "groups.jsonl", "w") as f:
+        for line in src:
+            g = json.loads(line)
+            g["pos_scores"] = [5.0 - i for i in range(len(g["pos_doc"]))]
+            g["neg_scores"] = [0.5 * ((i * 7) % 5) - 1.0 for i in range(len(g["neg_doc"]))]
+            g["pos_labels"] = [2] + [1] * (len(g["pos_doc"]) - 1)
+            f.write(json.dumps(g) + "\n")
+    return folder
+
+
+def _extra(layout: str, teacher) -> list[str]:
+    return [o.format(teacher=teacher) for o in RESUME_LAYOUTS[layout][1]]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, teacher):
     """2N steps without interruption at each of RESUME_LAYOUTS."""
     work = tmp_path_factory.mktemp("straight")
-    run_many({name: (nproc, train_cmd(nproc, *RESUME, *extra, f"checkpoint.dir={work / name}"))
-              for name, (nproc, extra) in RESUME_LAYOUTS.items()}, cwd=work)
+    run_many({name: (nproc, train_cmd(nproc, *RESUME, *_extra(name, teacher), f"checkpoint.dir={work / name}"))
+              for name, (nproc, _) in RESUME_LAYOUTS.items()}, cwd=work)
     return {name: work / name for name in RESUME_LAYOUTS}
 
 
@@ -118,9 +159,9 @@ def _sigkill_at(tmp_path, nproc: int, point: str, *overrides: str) -> subprocess
 
 
 @pytest.mark.parametrize("layout", list(RESUME_LAYOUTS), ids=["1-process", "dp2-distributed-optimizer",
-                                                                "dp2-packed-token-budget"])
-def test_sigkill_after_step_n_then_resume_matches_training_straight(straight, tmp_path, layout):
-    nproc, extra = RESUME_LAYOUTS[layout]
+                                                                "dp2-packed-token-budget", *list(RESUME_LAYOUTS)[3:]])
+def test_sigkill_after_step_n_then_resume_matches_training_straight(straight, teacher, tmp_path, layout):
+    nproc, extra = RESUME_LAYOUTS[layout][0], _extra(layout, teacher)
     run_dir = tmp_path / "run"
     # Killed in the middle of steps N+1..2N: step N+1 trained (and logged), nothing after step N saved.
     _sigkill_at(tmp_path, nproc, f"step:{N + 2}", *RESUME, *extra, f"checkpoint.dir={run_dir}",

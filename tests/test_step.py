@@ -39,7 +39,9 @@ def _micro_batches(seed: int) -> list:
         ids = torch.randint(0, 256, (b, SEQ), generator=g)
         lengths = torch.randint(4, SEQ + 1, (b,), generator=g)
         mask = torch.arange(SEQ)[None, :] < lengths[:, None]
-        out.append({"input_ids": ids, "attention_mask": mask, "group_size": GROUP})
+        relevance = torch.zeros(GROUPS, GROUP)
+        relevance[:, 0] = 1.0
+        out.append({"input_ids": ids, "attention_mask": mask, "group_size": GROUP, "relevance": relevance})
     return out
 
 
@@ -55,18 +57,22 @@ class _NanGrad(torch.autograd.Function):
         return grad * float("nan")
 
 
-def _install_losses(poison_rank: int) -> None:
-    """Losses that go bad on one data-parallel rank only."""
+def _install_losses(poison_rank: int) -> dict:
+    """Losses that go bad on one data-parallel rank only, as train_step callables (scores, relevance, teacher)."""
     import torch.distributed as dist
 
-    from megarank.training import loss as losses
+    from megarank.training.loss import group_loss
 
-    real = losses.LOSSES["listwise"]
+    def real(s, r, t=None):
+        return group_loss("listwise", s, r, t)
+
     mine = dist.get_rank() == poison_rank
-    losses.LOSSES["nan_loss"] = lambda s, n: real(s, n) * (float("nan") if mine else 1.0)
-    # d(loss + inf)/d(scores) is finite: only the loss says this step is bad
-    losses.LOSSES["inf_loss"] = lambda s, n: real(s, n) + (float("inf") if mine else 0.0)
-    losses.LOSSES["nan_grad"] = lambda s, n: real(_NanGrad.apply(s) if mine else s, n)
+    return {
+        "nan_loss": lambda s, r, t: real(s, r) * (float("nan") if mine else 1.0),
+        # d(loss + inf)/d(scores) is finite: only the loss says this step is bad
+        "inf_loss": lambda s, r, t: real(s, r) + (float("inf") if mine else 0.0),
+        "nan_grad": lambda s, r, t: real(_NanGrad.apply(s) if mine else s, r),
+    }
 
 
 def _build(cfg):
@@ -101,12 +107,12 @@ def _guard_runs(distributed_optimizer: bool) -> dict:
 
     cfg = _config(f"parallel.use_distributed_optimizer={str(distributed_optimizer).lower()}")
     model, ddp, optimizer, scheduler = _build(cfg)
-    _install_losses(poison_rank=1)
+    poisoned = _install_losses(poison_rank=1)
     out = {"first": train_step(ddp, optimizer, scheduler, _micro_batches(0), "listwise")}
     if not distributed_optimizer:  # the full reduced gradients are in the DDP buffers
         out["fp64_norm"] = math.sqrt(sum(p.main_grad.double().pow(2).sum().item() for p in model.parameters()))
     before = _snapshot(model, optimizer)
-    out["bad"] = {name: train_step(ddp, optimizer, scheduler, _micro_batches(1), name)
+    out["bad"] = {name: train_step(ddp, optimizer, scheduler, _micro_batches(1), poisoned[name])
                   for name in ("nan_loss", "inf_loss", "nan_grad")}
     after = _snapshot(model, optimizer)
     out["unchanged"] = sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)

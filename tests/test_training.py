@@ -110,18 +110,18 @@ if __name__ == "__main__":
 
     POISONED_STEPS = {2, 3, 5, 6, 7}
     calls = {"step": 0}
-    real_step, real_loss = loop.train_step, losses.LOSSES["listwise"]
+    real_step = loop.train_step
 
     def counting_step(*args, **kwargs):
         calls["step"] += 1
         return real_step(*args, **kwargs)
 
-    def poisoned_loss(scores, group_size):
-        loss = real_loss(scores, group_size)
+    def poisoned_loss(scores, relevance, teacher):
+        loss = losses.group_loss("listwise", scores, relevance, teacher)
         return loss * float("nan") if calls["step"] in POISONED_STEPS else loss  # NaN loss and NaN gradients
 
     loop.train_step = counting_step
-    losses.LOSSES["listwise"] = poisoned_loss
+    loop.make_loss = lambda cfg: poisoned_loss
     sys.exit(main(["train", *sys.argv[1:]]))
 '''
 

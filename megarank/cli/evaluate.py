@@ -7,6 +7,7 @@ outputs are written to temporary files and renamed, so an existing --out is repl
 """
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,6 +43,16 @@ def _write_text_atomically(path: str, text: str) -> None:
         raise
 
 
+def parts_folder(out: str) -> Path:
+    """Where ``rerank --out OUT`` saves its scored parts until OUT is written: ``OUT.parts`` beside it."""
+    target = Path(out)
+    return target.with_name(target.name + ".parts")
+
+
+def _readable(metrics: dict) -> str:
+    return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
 def run_evaluation(args) -> int:
     check_evaluation_args(args)
     import torch.distributed as dist
@@ -51,8 +62,12 @@ def run_evaluation(args) -> int:
 
     reranker = Reranker.from_checkpoint(args.checkpoint, dtype=args.dtype, batch_tokens=args.batch_tokens,
                                         batch_size=args.batch_size, overrides=args.overrides)
-    result = reranker.evaluate_beir(args.data, args.split, run=args.run, top_k=args.top_k, max_queries=args.max_queries)
+    parts_dir = parts_folder(args.out) if args.out else None
+    result = reranker.evaluate_beir(args.data, args.split, run=args.run, top_k=args.top_k, max_queries=args.max_queries,
+                                    parts_dir=parts_dir, queries_per_part=args.queries_per_part)
     if dist.get_rank() == 0:
+        print(f"{len(result.scores)} queries, top {args.top_k}: megarank {_readable(result.metrics)} | first stage "
+              f"{_readable(result.first_stage)}", flush=True)
         report = {"checkpoint": str(reranker.checkpoint), "split": args.split, "top_k": args.top_k,
                   "queries": len(result.scores), "megarank": result.metrics, "first_stage": result.first_stage,
                   "dtype": reranker.dtype, "dtype_reason": reranker.dtype_reason, "batch_tokens": reranker.batch_tokens,
@@ -60,6 +75,7 @@ def run_evaluation(args) -> int:
         print(json.dumps(report), flush=True)  # first: the metrics survive even a disk that fills up below
         if args.out:
             write_trec_run(args.out, result.scores, tag="megarank")
+            shutil.rmtree(parts_dir, ignore_errors=True)  # the merged run is in place: the parts served their turn
         if args.metrics_out:
             _write_text_atomically(args.metrics_out, json.dumps(report, indent=1))
     reranker.close()

@@ -89,7 +89,12 @@ def _eval_args(p: argparse.ArgumentParser, out_required: bool = False) -> None:
                    help="compute dtype: auto = bf16 where bf16 matmuls are native (CUDA with bf16, a CPU with AMX-BF16 "
                         "or AVX512-BF16), else the checkpoint's; the report says which ran and why (default auto)")
     p.add_argument("--max-queries", type=_positive_int, default=None, help="only the first N queries (quick checks)")
-    p.add_argument("--out", default=None, required=out_required, help="write the reranked TREC run file here")
+    p.add_argument("--out", default=None, required=out_required,
+                   help="write the reranked TREC run file here (with every candidate's score: a teacher run for "
+                        "data.teacher_run / megarank mine --teacher-run). Scores are saved in OUT.parts/ every "
+                        "--queries-per-part queries; the same command after a kill scores only the rest")
+    p.add_argument("--queries-per-part", type=_positive_int, default=1000,
+                   help="queries per saved part of an --out job (default 1000)")
     p.add_argument("--metrics-out", default=None, help="write the metrics as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. parallel.tensor_model_parallel_size=2")
 

@@ -11,8 +11,8 @@ from .batcher import Batcher
 from .candidates import candidate_pairs
 from .errors import DataError
 from .groups import BeirGroupSource, JsonlGroupSource
-from .readers import (BeirData, Run, find_run_file, iter_run_rows, read_beir, read_corpus, read_jsonl_groups,
-                      read_qrels, read_queries, read_run)
+from .readers import (BeirData, Run, ScoredRun, find_run_file, iter_run_rows, read_beir, read_corpus,
+                      read_jsonl_groups, read_qrels, read_queries, read_run, read_scored_run)
 from .sampler import GroupSampler
 from .template import DEFAULT_TEMPLATE, doc_to_text, format_pair
 from .tokenizer import PairTokenizer, build_tiny_tokenizer, load_tokenizer
@@ -25,6 +25,6 @@ def sample_data_dir() -> Path:
 
 __all__ = [
     "Batcher", "BeirData", "BeirGroupSource", "DEFAULT_TEMPLATE", "DataError", "GroupSampler", "JsonlGroupSource",
-    "PairTokenizer", "Run", "build_tiny_tokenizer", "candidate_pairs", "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus",
-    "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "sample_data_dir",
+    "PairTokenizer", "Run", "ScoredRun", "build_tiny_tokenizer", "candidate_pairs", "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus",
+    "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "read_scored_run", "sample_data_dir",
 ]

@@ -12,8 +12,8 @@ A ``Batcher`` decides which rows share a batch and lays them out, padded or pack
 
 Batch dicts: ``input_ids`` LongTensor and ``attention_mask`` BoolTensor (True = real token), [b, s] right-padded to
 the longest row rounded up to ``multiple``, or [1, T] packed with the stream's layout under ``packed_seq_params``
-(megarank/data/packing.py); training ones add ``group_size``, ``labels`` (LongTensor[G] of zeros) and, with a
-token budget, ``loss_weight``. Packed batches are built straight from the token ids.
+(megarank/data/packing.py); training ones add ``group_size``, ``relevance`` (FloatTensor[G, n]: graded labels, positives first),
+``teacher`` (FloatTensor[G, n] teacher logits, when every group carries them) and, with a token budget, ``loss_weight``. Packed batches are built straight from the token ids.
 
 The multiple (``Batcher.multiple``) is the one rule for a batch's length: padded, ``data.pad_to_multiple_of``
 (or 1); packed, ``packing_multiple(pad_to_multiple_of, TP)`` so that sequence parallelism can split the stream.
@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from .groups import as_training_group
 from .packing import pack_rows, packing_multiple
 
 _LENGTH_CHUNK = 4096  # pairs measured per tokenizer call: bounds memory on large runs
@@ -92,7 +93,8 @@ class Batcher:
     # ------------------------------------------------------------------------------------------ training
 
     def micro_batches(self, groups: Sequence, micro_batch_size: int = 0, micro_batch_tokens: int = 0) -> list[dict]:
-        """One step's query groups ``(query, [positive, negative, ...])`` -> micro-batches of whole groups, in order.
+        """One step's query groups (``TrainingGroup``s, or ``(query, [positive, negative, ...])`` pairs) ->
+        micro-batches of whole groups, in order.
 
         ``micro_batch_tokens`` > 0: groups fill micro-batches greedily while a micro-batch's ``cost`` stays within
         it (a group over the budget alone forms a micro-batch), and every micro-batch gets ``loss_weight`` = its
@@ -104,9 +106,13 @@ class Batcher:
         if micro_batch_tokens < 0 or (micro_batch_tokens == 0 and micro_batch_size < 1):
             raise ValueError("micro-batches need train.micro_batch_size >= 1 or train.micro_batch_tokens > 0 "
                              f"(got {micro_batch_size} and {micro_batch_tokens})")
+        groups = [as_training_group(g) for g in groups]
         group_size = check_group_sizes(groups)
-        rows = self.tokenizer.encode([q for q, passages in groups for _ in passages],
-                                     [p for _, passages in groups for p in passages])
+        rows = self.tokenizer.encode([g.query for g in groups for _ in g.passages],
+                                     [p for g in groups for p in g.passages])
+        relevance = torch.tensor([g.labels for g in groups], dtype=torch.float32)
+        teacher = (torch.tensor([g.teacher for g in groups], dtype=torch.float32)
+                   if all(g.teacher is not None for g in groups) else None)
         encoded = [rows[g * group_size : (g + 1) * group_size] for g in range(len(groups))]
         if micro_batch_tokens > 0:
             sizes = ((group_size, max(map(len, g)), sum(map(len, g))) for g in encoded)
@@ -117,7 +123,9 @@ class Batcher:
         for chunk in chunks:
             batch = self.batch([r for g in encoded[chunk.start : chunk.stop] for r in g])
             batch["group_size"] = group_size
-            batch["labels"] = torch.zeros(len(chunk), dtype=torch.long)
+            batch["relevance"] = relevance[chunk.start : chunk.stop]
+            if teacher is not None:
+                batch["teacher"] = teacher[chunk.start : chunk.stop]
             if micro_batch_tokens > 0:
                 batch["loss_weight"] = len(chunk) * len(chunks) / len(groups)
             batches.append(batch)
@@ -166,7 +174,7 @@ def check_group_sizes(groups: Sequence) -> int:
     they differ or are 0 (the listwise loss reads rows group by group)."""
     if not groups:
         raise ValueError("cannot batch an empty list of query groups")
-    sizes = sorted({len(passages) for _, passages in groups})
+    sizes = sorted({len(as_training_group(g).passages) for g in groups})
     if len(sizes) != 1 or sizes[0] == 0:
         raise ValueError(f"all groups must have the same non-zero number of passages, got sizes {sizes}")
     return sizes[0]

@@ -1,6 +1,7 @@
-"""Training groups: ``(query, [positive, negative_1, ..., negative_n])``, positive first.
+"""Training groups: a query, its passages (positives first, then negatives), their graded labels and, for the
+distillation losses, the teacher's score of every passage.
 
-A source is indexable by (group index, epoch): the positive rotates with the epoch, and the negatives are a
+A source is indexable by (group index, epoch): the positives rotate with the epoch, and the negatives are a
 sample drawn from a generator seeded by (seed, epoch, index), so any rank can rebuild any group on its own
 and a resumed run sees exactly the groups it would have seen.
 """
@@ -10,14 +11,34 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from .errors import DataError, data_error
-from .readers import BeirData
+from .readers import BeirData, ScoredRun
 
 log = logging.getLogger(__name__)
 
-Group = tuple[str, list[str]]
+
+class TrainingGroup(NamedTuple):
+    """One query group as the batcher and the losses see it.
+
+    ``passages``: the group's positives first (at least one), then its negatives; ``labels``: graded relevance per
+    passage (a positive's qrels grade or JSONL ``pos_labels`` entry, 1 by default; 0 for negatives); ``teacher``:
+    the teacher's logit per passage, or None when the source carries no teacher scores.
+    """
+
+    query: str
+    passages: list[str]
+    labels: list[float]
+    teacher: Optional[list[float]] = None
+
+
+def as_training_group(group) -> TrainingGroup:
+    """A ``TrainingGroup``, or a plain ``(query, [positive, negatives...])`` pair read as one with labels 1, 0, ..."""
+    if isinstance(group, TrainingGroup):
+        return group
+    query, passages = group
+    return TrainingGroup(query, list(passages), [1.0] + [0.0] * (len(passages) - 1), None)
 
 
 def group_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -25,45 +46,88 @@ def group_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"megarank-group:{seed}:{epoch}:{index}")
 
 
-def _check_n_negatives(n_negatives: int) -> None:
+def _check_counts(n_negatives: int, positives_per_group: int) -> None:
     if n_negatives < 0:
         raise ValueError(f"n_negatives must be >= 0, got {n_negatives}")
+    if positives_per_group < 1:
+        raise ValueError(f"positives_per_group must be >= 1, got {positives_per_group}")
+
+
+def rotating_positions(count: int, per_group: int, epoch: int) -> list[int]:
+    """Which of a query's ``count`` positives a group holds in ``epoch``: ``per_group`` consecutive ones (at most
+    ``count``), the window moving by ``per_group`` each epoch, so every positive is used in turn (one positive per
+    group: positive ``epoch % count``)."""
+    take = min(per_group, count)
+    return [(epoch * per_group + k) % count for k in range(take)]
 
 
 class JsonlGroupSource:
-    """Groups read by `read_jsonl_groups` (dicts with "query", "pos", "neg", "line")."""
+    """Groups read by `read_jsonl_groups` (dicts with "query", "pos", "neg", "line" and optionally "pos_labels",
+    "pos_scores", "neg_scores").
+
+    A group holds ``n_passages`` passages: ``positives_per_group`` of the line's positives (fewer when it has fewer;
+    the free places go to negatives) and negatives sampled from its ``neg_doc``. ``with_teacher``: every group
+    must carry ``pos_scores``/``neg_scores`` (a line without them is an error naming it) and groups hold them.
+    """
 
     def __init__(self, groups: Sequence[dict], n_negatives: int, seed: int = 0,
-                 path_for_errors: str | os.PathLike = "<groups>", fill_from_corpus: bool = False):
-        _check_n_negatives(n_negatives)
+                 path_for_errors: str | os.PathLike = "<groups>", fill_from_corpus: bool = False,
+                 positives_per_group: int = 1, with_teacher: bool = False):
+        _check_counts(n_negatives, positives_per_group)
         self.groups = list(groups)
-        self.n_negatives = n_negatives
+        self.n_passages = n_negatives + 1
+        self.positives_per_group = positives_per_group
         self.seed = seed
         self.path = os.fspath(path_for_errors)
         self.fill_from_corpus = fill_from_corpus
+        self.with_teacher = with_teacher
+        if with_teacher:
+            if fill_from_corpus:
+                raise DataError(f"{self.path}: passages filled in from other groups have no teacher score; "
+                                "teacher losses need every group to carry enough scored negatives")
+            missing = next((g for g in self.groups if g.get("pos_scores") is None or g.get("neg_scores") is None), None)
+            if missing is not None:
+                raise data_error(self.path, missing.get("line"), "has no 'pos_scores'/'neg_scores' but the loss needs "
+                                 "a teacher score for every passage (megarank mine --teacher writes them)")
         if not fill_from_corpus:
             for group in self.groups:
-                if len(group["neg"]) < n_negatives:
+                need = self.n_passages - min(positives_per_group, len(group["pos"]))
+                if len(group["neg"]) < need:
                     raise data_error(self.path, group.get("line"), f"the group has {len(group['neg'])} negatives but "
-                                     f"n_negatives={n_negatives} are needed (or enable fill_from_corpus)")
+                                     f"n_negatives={need} are needed (or enable fill_from_corpus)")
 
     def __len__(self) -> int:
         return len(self.groups)
 
     @property
     def group_size(self) -> int:
-        return 1 + self.n_negatives
+        return self.n_passages
 
-    def get(self, index: int, epoch: int) -> Group:
-        """(query, [positive, negatives...]) of group `index` in `epoch`."""
+    @property
+    def n_negatives(self) -> int:
+        """Negatives of a group with one positive (more when a line has fewer positives than positives_per_group)."""
+        return self.n_passages - 1
+
+    def get(self, index: int, epoch: int) -> TrainingGroup:
+        """Group ``index`` in ``epoch``: its positives, then sampled negatives, with labels and teacher scores."""
         group = self.groups[index]
-        positive = group["pos"][epoch % len(group["pos"])]
+        pos_at = rotating_positions(len(group["pos"]), self.positives_per_group, epoch)
+        want = self.n_passages - len(pos_at)
         rng = group_rng(self.seed, epoch, index)
         negatives = group["neg"]
-        if len(negatives) >= self.n_negatives:
-            return group["query"], [positive, *rng.sample(negatives, self.n_negatives)]
-        shortfall = self.n_negatives - len(negatives)
-        return group["query"], [positive, *rng.sample(negatives, len(negatives)), *self._fill(index, shortfall, rng)]
+        if len(negatives) >= want:
+            neg_at = rng.sample(range(len(negatives)), want)
+            filled: list[str] = []
+        else:
+            neg_at = rng.sample(range(len(negatives)), len(negatives))
+            filled = self._fill(index, want - len(negatives), rng)
+        pos_labels = group.get("pos_labels") or [1.0] * len(group["pos"])
+        passages = [group["pos"][i] for i in pos_at] + [negatives[i] for i in neg_at] + filled
+        labels = [float(pos_labels[i]) for i in pos_at] + [0.0] * (len(neg_at) + len(filled))
+        teacher = None
+        if self.with_teacher:
+            teacher = [float(group["pos_scores"][i]) for i in pos_at] + [float(group["neg_scores"][i]) for i in neg_at]
+        return TrainingGroup(group["query"], passages, labels, teacher)
 
     def _fill(self, index: int, count: int, rng: random.Random) -> list[str]:
         """`count` distinct passages drawn from other groups, none equal to one of this group's passages."""
@@ -89,17 +153,23 @@ class BeirGroupSource:
     """Groups mined from a BEIR split: judged positives plus hard negatives from a first-stage run.
 
     One group per query with at least one positive (qrels score > 0) and a run entry. Hard negatives are the
-    run's top_k minus every document judged relevant (score > 0). `n_dropped_no_positive` and
-    `n_dropped_no_run` count the judged queries left out.
+    run's top_k minus every document judged relevant (score > 0). A group holds ``positives_per_group`` of the
+    query's positives (rotating by epoch; fewer when it has fewer, the free places going to negatives), labelled
+    with their qrels grades, then sampled negatives labelled 0. ``teacher``: a scored run (``megarank rerank``
+    with a teacher) that must score every positive and every candidate negative: checked here, naming the file,
+    query and document. `n_dropped_no_positive` and `n_dropped_no_run` count the judged queries left out.
     """
 
     def __init__(self, beir: BeirData, run: dict[str, list[str]], n_negatives: int, top_k: int = 100,
-                 seed: int = 0, run_path: str | os.PathLike | None = None):
-        _check_n_negatives(n_negatives)
+                 seed: int = 0, run_path: str | os.PathLike | None = None, positives_per_group: int = 1,
+                 teacher: Optional[ScoredRun] = None):
+        _check_counts(n_negatives, positives_per_group)
         self.beir = beir
         self.run = run
         self.n_negatives = n_negatives
+        self.positives_per_group = positives_per_group
         self.seed = seed
+        self.teacher = teacher
         self.run_path = os.fspath(run_path) if run_path is not None else getattr(run, "path", "<run>")
         self.n_dropped_no_positive = 0
         self.n_dropped_no_run = 0
@@ -112,7 +182,10 @@ class BeirGroupSource:
                 self.n_dropped_no_run += 1
             else:
                 negatives = [d for d in run[qid][:top_k] if judged.get(d, 0) <= 0]
-                self._check(qid, negatives, top_k)
+                self._check(qid, negatives, top_k, need=n_negatives + 1 - min(positives_per_group, len(positives)))
+                if teacher is not None:
+                    for docid in positives + negatives:
+                        teacher.score(qid, docid)  # DataError naming the teacher run, query and document
                 self.groups.append((qid, positives, negatives))
         if not self.groups:
             raise DataError(f"{self.run_path}: no query has both a relevant document in {beir.qrels_path} "
@@ -120,11 +193,11 @@ class BeirGroupSource:
         log.info("%d training groups; dropped %d queries without a positive and %d without candidates",
                  len(self.groups), self.n_dropped_no_positive, self.n_dropped_no_run)
 
-    def _check(self, qid: str, negatives: list[str], top_k: int) -> None:
-        if len(negatives) < self.n_negatives:
+    def _check(self, qid: str, negatives: list[str], top_k: int, need: int) -> None:
+        if len(negatives) < need:
             raise DataError(f"{self.run_path}: query '{qid}' has {len(negatives)} hard negatives in its top {top_k} "
                             f"after removing judged-relevant documents, but data.n_passages={self.n_negatives + 1} needs "
-                            f"{self.n_negatives}; {self._depth_advice(top_k)}")
+                            f"{need}; {self._depth_advice(top_k)}")
         missing = next((d for d in negatives if d not in self.beir.corpus), None)
         if missing is not None:
             run_where = self.run.where(qid, missing) if hasattr(self.run, "where") else self.run_path
@@ -134,14 +207,16 @@ class BeirGroupSource:
         """How to fix a shortage of negatives: the smallest data.negatives_top_k that serves every query."""
         needed, short = 0, []
         for qid, judged in self.beir.qrels.items():
-            if not any(s > 0 for s in judged.values()) or not self.run.get(qid):
+            n_pos = sum(1 for s in judged.values() if s > 0)
+            if not n_pos or not self.run.get(qid):
                 continue  # dropped anyway
+            want = self.n_negatives + 1 - min(self.positives_per_group, n_pos)
             ranked = self.run[qid]
             depths = [i + 1 for i, d in enumerate(ranked) if judged.get(d, 0) <= 0]
-            if len(depths) < self.n_negatives:
+            if len(depths) < want:
                 short.append(qid)
             else:
-                needed = max(needed, depths[self.n_negatives - 1] if self.n_negatives else 0)
+                needed = max(needed, depths[want - 1] if want else 0)
         if short:
             fewest = min(len([d for d in self.run[q] if self.beir.qrels[q].get(d, 0) <= 0]) for q in short)
             return (f"{len(short)} queries (e.g. '{short[0]}') have fewer than {self.n_negatives} unjudged candidates "
@@ -160,12 +235,16 @@ class BeirGroupSource:
         return [qid for qid, _, _ in self.groups]
 
     def get_ids(self, index: int, epoch: int) -> tuple[str, list[str]]:
-        """(query id, [positive docid, negative docids...]) of group `index` in `epoch`."""
+        """(query id, [positive docids..., negative docids...]) of group `index` in `epoch`."""
         qid, positives, negatives = self.groups[index]
         rng = group_rng(self.seed, epoch, index)
-        return qid, [positives[epoch % len(positives)], *rng.sample(negatives, self.n_negatives)]
+        pos = [positives[i] for i in rotating_positions(len(positives), self.positives_per_group, epoch)]
+        return qid, [*pos, *rng.sample(negatives, self.group_size - len(pos))]
 
-    def get(self, index: int, epoch: int) -> Group:
-        """(query text, [positive text, negative texts...]) of group `index` in `epoch`."""
+    def get(self, index: int, epoch: int) -> TrainingGroup:
+        """Group ``index`` in ``epoch`` as texts, with qrels grades as labels and the teacher's scores."""
         qid, docids = self.get_ids(index, epoch)
-        return self.beir.queries[qid], [self.beir.corpus[d] for d in docids]
+        judged = self.beir.qrels[qid]
+        labels = [float(max(judged.get(d, 0), 0)) for d in docids]
+        teacher = [self.teacher.score(qid, d) for d in docids] if self.teacher is not None else None
+        return TrainingGroup(self.beir.queries[qid], [self.beir.corpus[d] for d in docids], labels, teacher)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,13 +132,39 @@ def _parse_group(path: Path, number: int, line: str) -> dict[str, Any]:
         raise data_error(path, number, "'pos_doc' is empty")
     pos = [_doc_text(path, number, f"pos_doc[{i}]", d) for i, d in enumerate(obj["pos_doc"])]
     neg = [_doc_text(path, number, f"neg_doc[{i}]", d) for i, d in enumerate(obj["neg_doc"])]
-    return {"query": obj["query"], "pos": pos, "neg": neg, "line": number}
+    group = {"query": obj["query"], "pos": pos, "neg": neg, "line": number}
+    for key, docs, positive in (("pos_scores", "pos_doc", False), ("neg_scores", "neg_doc", False),
+                                ("pos_labels", "pos_doc", True)):
+        if obj.get(key) is not None:
+            group[key] = _numbers(path, number, key, obj[key], len(obj[docs]), docs, positive)
+    if ("pos_scores" in group) != ("neg_scores" in group):
+        raise data_error(path, number, "has only one of 'pos_scores' and 'neg_scores'; teacher scores need both")
+    return group
+
+
+def _numbers(path: Path, number: int, key: str, values: Any, length: int, docs: str, positive: bool) -> list[float]:
+    """A list of finite numbers, one per entry of ``docs`` (and > 0 when ``positive``), or a DataError naming it."""
+    if not isinstance(values, list):
+        raise data_error(path, number, f"'{key}' must be a list of numbers, got {type(values).__name__}")
+    if len(values) != length:
+        raise data_error(path, number, f"'{key}' has {len(values)} entries but '{docs}' has {length}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise data_error(path, number, f"{key}[{i}] must be a number, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise data_error(path, number, f"{key}[{i}] is {v}, not a finite number")
+        if positive and v <= 0:
+            raise data_error(path, number, f"{key}[{i}] is {v}; a positive's label must be > 0")
+    return [float(v) for v in values]
 
 
 def read_jsonl_groups(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
-    """Training groups from lines ``{"query": str, "pos_doc": [doc, ...], "neg_doc": [doc, ...]}``.
+    """Training groups from lines ``{"query": str, "pos_doc": [doc, ...], "neg_doc": [doc, ...]}`` with optional
+    ``"pos_scores"``/``"neg_scores"`` (teacher logits, one per document: FlagEmbedding's field names) and
+    ``"pos_labels"`` (graded relevance of the positives, > 0; 1 each by default). Other fields are ignored.
 
-    Returns ``(groups, n_skipped)``; each group is ``{"query", "pos", "neg", "line"}`` with texts in pos/neg.
+    Returns ``(groups, n_skipped)``; each group is ``{"query", "pos", "neg", "line"}`` with texts in pos/neg, plus
+    the optional fields present.
     With `skip_bad_lines`, bad lines are counted and logged (the first few) instead of raising.
     """
     path = Path(path)
@@ -256,6 +283,41 @@ def read_run(path: str | os.PathLike) -> Run:
         seen.add((qid, docid))
         rows.setdefault(qid, []).append((rank, number, docid))
     return Run({qid: [d for _, _, d in sorted(r)] for qid, r in rows.items()}, path=path)
+
+
+class ScoredRun(dict):
+    """``{qid: {docid: score}}`` of a scored run (a teacher's scores); `path` names the file for error messages."""
+
+    def __init__(self, *args, path: str | os.PathLike = "<run>", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.path = os.fspath(path)
+
+    def score(self, qid: str, docid: str) -> float:
+        """The score of (qid, docid); DataError naming the file, query and document when the run lacks it."""
+        try:
+            return self[qid][docid]
+        except KeyError:
+            raise DataError(f"{self.path}: has no score for document '{docid}' of query '{qid}' (a teacher run must "
+                            "score every passage a training group can hold)") from None
+
+
+def read_scored_run(path: str | os.PathLike) -> ScoredRun:
+    """Scores ``{qid: {docid: score}}`` of a run whose rows all carry a finite score (TREC ``qid Q0 docid rank score
+    tag`` or ``qid docid rank score``): what ``megarank rerank`` writes with a teacher. A row without a score, a
+    NaN/inf score or a pair listed twice raises DataError naming the line."""
+    scores: dict[str, dict[str, float]] = {}
+    for number, qid, docid, _, score in iter_run_rows(path):
+        if score is None:
+            raise data_error(path, number, "has no score column; a teacher run needs a score on every row "
+                             "(qid Q0 docid rank score tag)")
+        if not math.isfinite(score):
+            raise data_error(path, number, f"score {score} of document '{docid}' for query '{qid}' is not finite")
+        if docid in scores.setdefault(qid, {}):
+            raise data_error(path, number, f"document '{docid}' appears twice for query '{qid}'")
+        scores[qid][docid] = score
+    if not scores:
+        raise DataError(f"{path}: no scored rows found")
+    return ScoredRun(scores, path=path)
 
 
 def _check_qrels_ids(qrels_path: Path, corpus: dict, queries: dict) -> None:

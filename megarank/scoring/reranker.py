@@ -314,20 +314,26 @@ class Reranker:
         return [Ranked(i, scores[i]) for i in order]
 
     def evaluate_beir(self, folder, split: str = "test", *, run: Optional[str] = None, top_k: int = 100,
-                      max_queries: Optional[int] = None, nan_last: bool = False) -> EvaluationResult:
+                      max_queries: Optional[int] = None, nan_last: bool = False, parts_dir=None,
+                      queries_per_part: int = 1000, progress: bool = True) -> EvaluationResult:
         """Rerank a BEIR split's first-stage top-``top_k`` and measure it against the first stage itself.
 
         folder: BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); run: the first-stage run (TREC,
         BEIR TSV or MS MARCO; default ``<folder>/candidates/<split>.*``); max_queries: only the first N judged
         queries of the run. A NaN score is an error in the metrics unless ``nan_last``, which ranks such
-        candidates last (the returned scores keep the NaNs). Collective; every rank gets the result.
+        candidates last (the returned scores keep the NaNs). ``parts_dir``: save the scores of every
+        ``queries_per_part`` queries there as they are scored, so that the same call after a kill scores only the
+        rest (megarank/scoring/parts.py; the folder is checked to hold the same job: data, run, top-k, model,
+        dtype). ``progress``: log pairs done, pairs/s and ETA. Collective; every rank gets the result.
         """
         from megarank.scoring.beir import evaluate_beir
 
         metrics, first_stage, scores = evaluate_beir(
             self.model, self.pair_tokenizer, str(folder), split, run_path=None if run is None else str(run), top_k=top_k,
             batch_size=self.batch_size, max_queries=max_queries, nan_last=nan_last, packing=self.packing,
-            batch_tokens=self.batch_tokens)
+            batch_tokens=self.batch_tokens, parts_dir=parts_dir, queries_per_part=queries_per_part,
+            model_id={"model": str(self.checkpoint.resolve()) if self.checkpoint else None, "dtype": self.dtype},
+            progress=progress)
         return EvaluationResult(metrics, first_stage, scores)
 
     # ---------------------------------------------------------------------------------------------- the rest

@@ -2,7 +2,7 @@
 import functools
 from typing import Callable
 
-from megarank.config import Config
+from megarank.config import TEACHER_LOSSES, Config
 from megarank.data import (
     Batcher,
     BeirGroupSource,
@@ -12,23 +12,38 @@ from megarank.data import (
     read_beir,
     read_jsonl_groups,
     read_run,
+    read_scored_run,
     sample_data_dir,
 )
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
+from megarank.training.loss import group_loss
 
-__all__ = ["make_group_source", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir"]
+__all__ = ["make_group_source", "make_loss", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir"]
 
 
 def make_group_source(cfg: Config):
+    """The training groups the config names, carrying teacher scores when ``train.loss`` reads them."""
     d = cfg.data
     n_neg = d.n_passages - 1
+    with_teacher = cfg.train.loss in TEACHER_LOSSES
     if d.format == "jsonl":
         groups, _ = read_jsonl_groups(d.train_path, skip_bad_lines=d.skip_bad_lines)
-        return JsonlGroupSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=d.train_path)
+        return JsonlGroupSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=d.train_path,
+                                positives_per_group=d.positives_per_group, with_teacher=with_teacher)
     folder = d.train_path or str(sample_data_dir())
     run_path = d.train_run or find_run_file(folder, d.train_split)
     beir = read_beir(folder, d.train_split)
-    return BeirGroupSource(beir, read_run(run_path), n_neg, top_k=d.negatives_top_k, seed=cfg.train.seed, run_path=run_path)
+    teacher = read_scored_run(d.teacher_run) if with_teacher else None
+    return BeirGroupSource(beir, read_run(run_path), n_neg, top_k=d.negatives_top_k, seed=cfg.train.seed,
+                           run_path=run_path, positives_per_group=d.positives_per_group, teacher=teacher)
+
+
+def make_loss(cfg: Config) -> Callable:
+    """``(scores, relevance, teacher) -> mean loss over groups`` as ``train.loss`` / ``teacher_temperature`` /
+    ``distill_weight`` say (megarank/training/loss.py)."""
+    t = cfg.train
+    return functools.partial(group_loss, t.loss, teacher_temperature=t.teacher_temperature,
+                             distill_weight=t.distill_weight)
 
 
 def make_sampler(cfg: Config, num_groups: int, dp_rank: int, dp_size: int) -> GroupSampler:

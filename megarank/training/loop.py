@@ -12,7 +12,7 @@ from megarank.hardware import peak_flops
 from megarank.model import build_model
 from megarank.parallel.init import device, init_distributed
 from megarank.training.data import (
-    make_group_source, make_micro_batcher, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir,
+    make_group_source, make_loss, make_micro_batcher, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir,
 )
 from megarank.training.flops import mfu, micro_batches_flops, peak_dtype
 from megarank.training.logger import MetricsLogger
@@ -91,6 +91,7 @@ def train(cfg: Config) -> dict:
     pair_tokenizer = make_pair_tokenizer(cfg, tokenizer_dir)
     source = make_group_source(cfg)
     micro_batches = make_micro_batcher(cfg, pair_tokenizer)
+    loss = make_loss(cfg)
     sampler = make_sampler(cfg, len(source), parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size())
     # A resume or checkpoint.load overwrites every weight right after: skip megatron's random init.
@@ -116,7 +117,7 @@ def train(cfg: Config) -> dict:
         tic = time.time()
         groups = [source.get(i, epoch) for i, epoch in next(sampler)]
         micro = micro_batches(groups)
-        result = train_step(ddp, optimizer, scheduler, micro, t.loss)
+        result = train_step(ddp, optimizer, scheduler, micro, loss)
         step += 1
         nonfinite = nonfinite + 1 if result["skipped"] else 0
         if nonfinite >= t.max_nonfinite_steps:

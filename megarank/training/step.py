@@ -11,6 +11,7 @@ for the loss.
 """
 import math
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,30 +21,42 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarank.model.inputs import model_inputs
 from megarank.parallel.init import any_rank, device
-from megarank.training.loss import LOSSES, group_metrics
+from megarank.training.loss import group_loss, group_metrics
 from megarank.training.optimizer import inner_optimizers
 
 _LOGGED = ("loss", "acc", "mrr")
 
 
-def _loss_func(loss_name: str, group_size: int, weight: float, scores: torch.Tensor):
+def loss_function(loss) -> Callable:
+    """``loss``: a ``train.loss`` name (its defaults) or a callable ``(scores, relevance, teacher) -> mean loss over
+    the groups`` (the loop builds one from the config: name, teacher temperature, distillation weight)."""
+    return partial(group_loss, loss) if isinstance(loss, str) else loss
+
+
+def _loss_func(loss_fn: Callable, relevance: torch.Tensor, teacher, weight: float, scores: torch.Tensor):
     """The micro-batch's mean loss over its groups, times ``weight`` (its share of the step's groups x the
     number of micro-batches; 1.0 when every micro-batch holds as many groups, see
     megarank.data.batcher.Batcher.micro_batches), so the mean over micro-batches is the mean over groups."""
-    loss = LOSSES[loss_name](scores, group_size)
-    stats = group_metrics(scores, group_size)
+    loss = loss_fn(scores, relevance, teacher)
+    stats = group_metrics(scores, relevance)
     if weight != 1.0:
         loss, stats = loss * weight, {k: v * weight for k, v in stats.items()}
     # The schedule divides the returned loss in place: log a detached copy.
     return loss, {"loss": loss.detach().clone(), "acc": stats["acc"], "mrr": stats["mrr"]}
 
 
-def forward_step(data_iterator, model, loss_name: str):
-    """megatron-core forward_step contract: return (output, loss_func) for one micro-batch."""
+def forward_step(data_iterator, model, loss_fn: Callable):
+    """megatron-core forward_step contract: return (output, loss_func) for one micro-batch. The targets (graded
+    relevance, teacher logits) travel with the batch: every stage of a replica holds the same micro-batches, and
+    only the last stage's loss_func reads them."""
     batch = next(data_iterator)
     args, kwargs = model_inputs(batch, device())  # padded, or packed (megarank.model.inputs)
     scores = model(*args, **kwargs)
-    return scores, partial(_loss_func, loss_name, batch["group_size"], batch.get("loss_weight", 1.0))
+    relevance = batch["relevance"].to(scores.device, non_blocking=True)
+    teacher = batch.get("teacher")
+    if teacher is not None:
+        teacher = teacher.to(scores.device, non_blocking=True)
+    return scores, partial(_loss_func, loss_fn, relevance, teacher, batch.get("loss_weight", 1.0))
 
 
 def check_pipeline_shapes(model_config, micro_batches: list) -> None:
@@ -93,7 +106,7 @@ def guarded_optimizer_step(optimizer, loss_finite: bool) -> tuple[bool, float]:
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
-def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss_name: str) -> dict:
+def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss) -> dict:
     """Forward/backward over the micro-batches, NaN/Inf guard, optimizer and LR step.
 
     Micro-batches may have different sequence lengths (each is padded to its own longest, or packed into one
@@ -108,7 +121,7 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss_name: 
     optimizer.zero_grad()
     first = micro_batches[0]["input_ids"]
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, loss_name=loss_name),
+        forward_step_func=partial(forward_step, loss_fn=loss_function(loss)),
         data_iterator=iter(micro_batches),
         model=[ddp_model],
         num_microbatches=len(micro_batches),
