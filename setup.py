@@ -30,6 +30,7 @@ setup(
         "ir-measures==0.4.3",  # exact: RR@k cut-off semantics differ between backends (see megarank/scoring/metrics.py)
         "pytrec-eval-terrier>=0.5.11",
         "tensorboard",
+        "matplotlib",  # megarank mine: the audit plot (Agg backend, no display)
     ],
     extras_require={
         # Transformer Engine (FP8 on Hopper). apex comes from the NGC PyTorch container; it has no usable wheel.

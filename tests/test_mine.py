@@ -288,9 +288,11 @@ def test_max_queries_and_the_output_trains(beir):
     out = mine(beir, "train.jsonl", "--negatives", 4)
     groups, skipped = read_jsonl_groups(out)
     assert skipped == 0 and len(groups) == 2
-    source = JsonlGroupSource(groups, n_negatives=4, path_for_errors=out)
-    query, passages = source.get(0, epoch=0)
-    assert query == "what is alpha" and len(passages) == 5 and passages[0] == "Alpha the alpha positive passage"
+    source = JsonlGroupSource(groups, n_negatives=4, path_for_errors=out, with_teacher=True)
+    group = source.get(0, epoch=0)
+    assert group.query == "what is alpha" and len(group.passages) == 5
+    assert group.passages[0] == "Alpha the alpha positive passage" and group.labels[0] == 2.0  # p1: grade 2
+    assert group.teacher[0] == -1.0 and sorted(group.teacher[1:]) == [-3.0, -2.0, -1.5, -1.08]
 
 
 def test_mining_is_the_same_through_the_library(beir):

@@ -1,9 +1,11 @@
-"""`megarank train|evaluate|rerank|launch|quickstart|init-tiny|config-help` — the command line.
+"""`megarank train|evaluate|rerank|mine|launch|quickstart|init-tiny|config-help` — the command line.
 
     megarank train CONFIG [section.key=value ...]
     megarank evaluate CHECKPOINT --data BEIR_DIR [--split test] [--run RUN] [--top-k 100] [--out run.trec]
                       [--batch-tokens 16384] [--batch-size N] [--dtype auto|fp32|bf16]
-    megarank rerank CHECKPOINT --data BEIR_DIR --out run.trec [...]  (same as evaluate, --out required)
+    megarank rerank CHECKPOINT --data BEIR_DIR --out run.trec [...]  (same as evaluate, --out required; saved in
+                      parts, a re-run after a kill scores only the rest: teacher scores for any run)
+    megarank mine --data BEIR_DIR --run RUN [--teacher CKPT | --teacher-run SCORED_RUN] --out groups.jsonl [...]
 
 Bad input (config, data, paths, checkpoints) ends in one line, ``megarank CMD: error: <what, naming the file,
 line, key or flag>``, exit code 2, no traceback (MEGARANK_TRACEBACK=1 shows it); see `run_reporting_errors`.
@@ -112,6 +114,13 @@ def cmd_launch(argv) -> int:
     return launch_main(argv)
 
 
+def cmd_mine(args) -> int:
+    from megarank.cli.mine import run_mine
+
+    _setup_logging()
+    return run_mine(args)
+
+
 def cmd_init_tiny(args) -> int:
     from megarank.cli.preflight import check_output_dir
 
@@ -136,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         _eval_args(p, out_required=name == "rerank")
         p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("mine", help="mine positive-aware hard negatives into JSONL training groups (with teacher scores)")
+    from megarank.cli.mine import add_mine_args  # argparse only: no torch here
+
+    add_mine_args(p)
+    p.set_defaults(fn=cmd_mine)
     p = sub.add_parser("init-tiny", help="write the built-in tiny random HF Llama + tokenizer (the quickstart's base model)")
     p.add_argument("out", help="output folder")
     p.add_argument("--config", default=None, help="megarank YAML whose model section gives the shape (default configs/tiny.yaml values)")

@@ -230,7 +230,8 @@ class MinedGroup:
     neg_scores: Optional[list[float]] = None
 
     def record(self, data: BeirData) -> dict:
-        """The JSONL object (FlagEmbedding's field names; megarank's reader ignores the extra fields)."""
+        """The JSONL object, FlagEmbedding's field names: ``read_jsonl_groups`` reads query, pos_doc, neg_doc,
+        pos_scores, neg_scores (teacher logits) and pos_labels (qrels grades), and ignores qid, pos_ids, neg_ids."""
         obj: dict[str, Any] = {"query": data.queries[self.qid],
                                "pos_doc": [data.corpus[d] for d in self.pos_ids],
                                "neg_doc": [data.corpus[d] for d in self.neg_ids]}
@@ -378,7 +379,8 @@ class NegativeMiner:
             if wanted is not None and q.qid not in wanted:
                 continue
             docs = list(q.positives)
-            docs += [d for d in q.ranked[:self.params.depth] if q.judged.get(d, 0) <= 0]
+            docs += [d for d in q.ranked[:self.params.depth]
+                     if q.judged.get(d, 0) <= 0 and _norm(self.data.corpus[d])]
             if self.params.random_negatives:
                 stream = self._stream(q)
                 docs += [d for d in (stream.get(i) for i in range(random_pool)) if d is not None]
@@ -581,6 +583,10 @@ class NegativeMiner:
                                    "score, so it may take more)")
                 else:
                     options.append(f"--depth {deepest}")
+            if lookup is not None:
+                options.append(f"a looser margin (it is --margin-type {p.margin_type} --margin "
+                               f"{DEFAULT_PERC_MARGIN if p.margin is None else p.margin}: candidates "
+                               "the teacher scores near or above the weakest positive are dropped)")
             if p.range_min:
                 options.append(f"a smaller --range-min (it is {p.range_min})")
             parts.append(f"{first}; settings that work: {' or '.join(options)}")
@@ -677,11 +683,18 @@ def plot_png(result: MiningResult) -> bytes:
         ax.legend(fontsize=8)
     ax.set_xlabel("first-stage rank")
     ax.set_ylabel("count")
-    ax.set_title("ranks of mined negatives")
+    ax.set_title("first-stage ranks: kept vs dropped candidates")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
+
+
+def _audit_text(audit: dict) -> str:
+    """The audit as JSON: indented, except one line per query (an audit of a million queries stays greppable)."""
+    head = {k: v for k, v in audit.items() if k != "queries"}
+    rows = ",\n".join("  " + json.dumps(r, ensure_ascii=False) for r in audit.get("queries", []))
+    return json.dumps(head, indent=1, ensure_ascii=False)[:-2] + ',\n "queries": [\n' + rows + "\n ]\n}\n"
 
 
 def write_mined(out: Union[str, os.PathLike], result: MiningResult, data: BeirData,
@@ -699,7 +712,7 @@ def write_mined(out: Union[str, os.PathLike], result: MiningResult, data: BeirDa
     with atomic_write(out) as f_out, atomic_write(audit_json) as f_json, atomic_write(audit_png) as f_png:
         for group in result.groups:
             f_out.write(json.dumps(group.record(data), ensure_ascii=False) + "\n")
-        f_json.write(json.dumps(audit, indent=1, ensure_ascii=False) + "\n")
+        f_json.write(_audit_text(audit))
         f_png.flush()
         f_png.buffer.write(png)  # the one atomic writer is a text file: its binary buffer takes the PNG's bytes
     return Path(out), audit_json, audit_png
