@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 # The converter cache of SmolLM2-135M (scripts/build_smollm2_cache.py writes it; same variable, same default).
 SMOLLM2_CACHE = Path(os.environ.get("MEGARANK_SMOLLM2_CACHE", Path.home() / ".cache" / "megarank" / "smollm2-135m"))
-# Folders holding the real collections (cranfield/, scifact-train/): beside the checkpoint, then the dev machine's.
-DATA_ROOTS = list(dict.fromkeys([REPO.parent / "shared" / "data", Path("/work/shared/data")]))
+# The real collections (cranfield/, scifact-train/) live in ../shared/data beside the repo; --data names another.
+DATA_ROOTS = [REPO.parent / "shared" / "data"]
 
 
 # ----------------------------------------------------------------------------------------------- environment

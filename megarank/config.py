@@ -231,6 +231,17 @@ class TrainConfig:
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive steps with NaN/Inf loss or gradients (each is skipped).")
     log_interval: int = _f(1, "Log a line every N steps.")
     eval_interval: int = _f(0, "Evaluate on data.eval_path every N steps; 0 = only at the end if eval_path is set.")
+    allow_changed_data: bool = _f(
+        False,
+        "Resume a run folder although what it trains on changed. A resume compares the config with the saved "
+        "config.yaml of the step it resumes and refuses, before the model is built, any change of the training "
+        "data (data.format, train_path, train_split, train_run, teacher_run, n_passages, positives_per_group, "
+        "negatives_top_k), the input (data.template, max_length), the objective (train.loss, teacher_temperature, "
+        "distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
+        "the changes. Free to change on resume: steps, the lr schedule, optimizer settings, intervals, batch split, "
+        "parallel layout, dtype, checkpoint and logging keys (docs/checkpoints.md). train.seed and the architecture "
+        "cannot change.",
+    )
 
 
 @dataclass
@@ -447,15 +458,37 @@ def save_config(cfg: Config, path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+def _yaml_value(value) -> str:
+    """A default as it is written in a config file (``null``, ``false``, ``listwise``, ``{factor: 32.0}``)."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def _allowed(hint) -> str:
+    """`` [one of: a | b]`` for a Literal (optional or not) field, else ''."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    literal = hint if typing.get_origin(hint) is typing.Literal else next(
+        (a for a in args if typing.get_origin(a) is typing.Literal), None)
+    if literal is None:
+        return ""
+    values = [_yaml_value(v) for v in typing.get_args(literal)]
+    if type(None) in typing.get_args(hint):
+        values.append("null")
+    return f" [one of: {' | '.join(values)}]"
+
+
 def config_help() -> str:
-    """Every key with its type, default and documentation."""
+    """Every key as YAML (``key: default``, the default in YAML syntax) with its allowed values and documentation:
+    the output is itself a valid config file."""
     lines = []
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
         lines.append(f"{section.name}:  # {section.metadata['help']}")
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name}: {default!r}  # {f.metadata['help']}")
+            lines.append(f"  {f.name}: {_yaml_value(default)}  #{_allowed(hints[f.name])} {f.metadata['help']}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -114,31 +115,33 @@ def resolve_inference_dtype(requested: str, model_dtype: str, device: str | torc
 
 
 @functools.lru_cache(maxsize=8)
-def measured_gemm_flops(dtype: str, threads: int, size: int = 1024, seconds: float = 0.3) -> float:
-    """Best FLOP/s of ``size``³ matmuls in ``dtype`` over about ``seconds`` (after one warm-up), on the CPU.
+def measured_gemm_flops(dtype: str, threads: int, size: int = 1024, seconds: float = 0.5, repeats: int = 5) -> float:
+    """The sustained FLOP/s of ``size``³ matmuls in ``dtype`` on the CPU with torch's current threads: the median
+    over ``repeats`` rounds of the wall-clock rate of back-to-back matmuls (each round about ``seconds`` /
+    ``repeats`` long, after a warm-up that also sizes the rounds).
 
-    ``threads`` is part of the cache key: the rate scales with torch's intra-op threads. Each matmul is timed by
-    the wall clock and by the process's CPU time over ``threads`` (what the threads got to run: other processes
-    on a busy machine do not count against it), and the better of the two is kept, so a peak measured while
-    other jobs load the machine is still what the CPU can do (wall clock alone once read 75 instead of 95
-    GFLOP/s under load, which put a training step's MFU over 100%).
+    ``threads`` is part of the cache key (the rate scales with torch's intra-op threads). Only the wall clock
+    counts: a rate from CPU time (``process_time`` / threads) assumes every thread ran, and a call that ran on
+    one thread then counts double (it logged a bf16 peak of 1960 GFLOP/s where a sustained matmul gives 942, so
+    MFU read 2x low). The median of whole rounds keeps one lucky or unlucky call from setting the peak; on a
+    loaded machine it reads lower, as the training steps it divides do.
     """
+    del threads  # the key of the cache only: torch runs with its current intra-op threads
     a = torch.randn(size, size, dtype=torch_dtype(dtype))
     b = torch.randn(size, size, dtype=torch_dtype(dtype))
-    a @ b
     flops = 2 * size**3
-    try:  # threads beyond the CPUs this process may run on add CPU time, not speed
-        threads = min(threads, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        pass
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while True:
-        wall, cpu = time.perf_counter(), time.process_time()
-        a @ b
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        best = max(best, flops / wall, flops * threads / cpu if cpu > 0 else 0.0)
-        if time.perf_counter() > deadline:
-            return best
+    tic = time.perf_counter()
+    a @ b
+    a @ b  # warm-up (allocations, thread pool), and the time of one call
+    per_call = max((time.perf_counter() - tic) / 2, 1e-6)
+    calls = max(1, int(seconds / repeats / per_call))
+    rates = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        rates.append(flops * calls / (time.perf_counter() - tic))
+    return statistics.median(rates)
 
 
 def peak_flops(dtype: str, device: str | torch.device = "cpu") -> tuple[float, str]:

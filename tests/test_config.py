@@ -1,5 +1,6 @@
 """megarank.config: strict YAML, dotted overrides, one validation that reports every problem, round trip."""
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,17 @@ def test_every_field_is_documented():
     for f in dataclasses.fields(ModelConfig):
         assert f.metadata.get("help"), f.name
         assert f"  {f.name}:" in text
+
+
+def test_config_help_is_yaml_that_loads_as_the_defaults_and_lists_allowed_values(tmp_path):
+    text = config_help()
+    (tmp_path / "help.yaml").write_text(text)
+    assert load_config(str(tmp_path / "help.yaml")) == load_config(None)  # YAML syntax: null, false, plain strings
+    values = [line.split("  #")[0] for line in text.splitlines()]
+    assert not [v for v in values if re.search(r": (None|True|False|'.*')$", v)], "Python reprs instead of YAML"
+    assert "  teacher_run: null  #" in text
+    assert "  packing: true  #" in text and "  loss: listwise  # [one of: listwise | pointwise | kl |" in text
+    assert "  fp8: null  # [one of: hybrid | e4m3 | null]" in text and "  format: beir  # [one of: jsonl | beir]" in text
 
 
 def test_padded_vocab_size_splits_evenly_over_tp():

@@ -67,3 +67,30 @@ def test_gpu_peak_comes_from_the_datasheet_table(monkeypatch):
     assert hardware.peak_flops("fp32", "cuda") == (66.9e12, "H100 datasheet (fp32, dense)")
     monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")  # NGC containers export it
     assert hardware.peak_flops("fp32", "cuda") == (494.7e12, "H100 datasheet (tf32, dense)")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_measured_gemm_peak_is_what_a_directly_timed_sustained_matmul_reaches(dtype):
+    """The MFU denominator against a 2048³ matmul timed here by the wall clock (median of 3): within 0.6-1.6x, so
+    a peak counted twice (a one-thread call credited with every thread's rate, as CPU-time rates did) fails."""
+    import statistics
+    import time
+
+    import torch
+
+    from megarank.hardware import measured_gemm_flops, native_bf16
+
+    if dtype == "bf16" and not native_bf16("cpu"):
+        pytest.skip("bf16 matmuls are emulated on this CPU (no AMX-BF16 / AVX512-BF16): its peak is not used for MFU")
+    measured_gemm_flops.cache_clear()
+    peak = measured_gemm_flops(dtype, torch.get_num_threads())
+    t = torch.float32 if dtype == "fp32" else torch.bfloat16
+    a, b = torch.randn(2048, 2048, dtype=t), torch.randn(2048, 2048, dtype=t)
+    a @ b
+    times = []
+    for _ in range(3):
+        tic = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - tic)
+    direct = 2 * 2048**3 / statistics.median(times)
+    assert 0.6 <= peak / direct <= 1.6, (peak / 1e9, direct / 1e9)
