@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from checkpoint_tools.errors import ConversionError
+from megarank.warnings_filter import quiet_known_warnings, show_known_warnings, verbose_requested
 
 DESCRIPTION = """Convert between Hugging Face Llama checkpoints and megarank (megatron-core torch_dist) checkpoints.
 Conversions stream one tensor at a time and write into a temp folder beside DST that is renamed into place only
@@ -40,6 +40,9 @@ def _common_output(p):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megarank-convert", description=DESCRIPTION)
+    parser.add_argument("--verbose", action="store_true", help=(
+        "also show the upstream warnings hidden by default (listed in megarank/warnings_filter.py); accepted "
+        "anywhere on the line, same as MEGARANK_VERBOSE=1"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-megatron,megatron-to-hf,verify}")
 
     p = sub.add_parser("hf-to-megatron", help="HF Llama folder -> megarank checkpoint folder", description=IMPORT_HELP)
@@ -116,14 +119,25 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    # importing megatron-core without TE/apex warns about fused kernels a converter never uses
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or verbose_requested()
+    argv = [a for a in argv if a != "--verbose"]
+    # the known upstream warnings (Apex/TE missing, cuda_graph_scope, torch_dist's FutureWarnings), the same
+    # list `megarank` hides: megarank/warnings_filter.py
+    if verbose:
+        show_known_warnings(export=True)
+    else:
+        quiet_known_warnings()
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = build_parser().parse_args(argv)
         return run(args)
     except ConversionError as e:
         print(f"megarank-convert {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written to a temp folder renamed into place at the end: none is left
+        print(f"{' '.join(['megarank-convert', command]).strip()}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

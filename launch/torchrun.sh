@@ -15,10 +15,10 @@
 # Several nodes by hand: run this on every node with the same NNODES, MASTER_ADDR (the first node) and
 # MASTER_PORT; on SLURM use launch/slurm/train.sbatch instead.
 #
-# Stopping: this process becomes the torchrun agent (exec). `kill -TERM` it and the agent forwards SIGTERM to
-# every worker; they save the step they are in, publish <checkpoint.dir>/latest and exit, all within
-# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30), after which the agent SIGKILLs them. Ctrl-C (SIGINT)
-# stops them without saving. After a `kill -9` of the agent the workers stop within a second, unsaved.
+# Stopping: `megarank launch` runs the torchrun agent in its own process. `kill -TERM` it and the agent forwards
+# SIGTERM to every worker; they save the step they are in, publish <checkpoint.dir>/latest and exit, all within
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30), after which the agent SIGKILLs them. The first Ctrl-C
+# (SIGINT) saves the same way and exits 130 with one line; a second one stops the workers at once, unsaved. After a `kill -9` of the agent the workers stop within a second, unsaved.
 # While a run is alive its checkpoint.dir is locked (<checkpoint.dir>/.lock): a second run there is refused.
 #
 # Environment: NPROC (default: visible GPUs, else 1), NNODES (1), MASTER_ADDR, MASTER_PORT (29500), RDZV_ID,

@@ -44,6 +44,9 @@ def evaluated(trained, tmp_path_factory):
         jobs[name] = (nproc, megarank_cmd(nproc, "evaluate", str(target), *overrides, "--data", str(SAMPLE),
                                           "--split", "test", "--out", f"{name}.trec", "--metrics-out", f"{name}.json",
                                           *FLAGS[name]))
+    # rerank --top-k 20: the recall cut-off is named after the 20 candidates reranked (R@20, not R@100)
+    jobs["top20"] = (1, megarank_cmd(1, "rerank", str(run_dir), "--data", str(SAMPLE), "--split", "test", "--top-k",
+                                     "20", "--out", "top20.trec", "--metrics-out", "top20.json", "--dtype", "fp32"))
     outputs = run_many(jobs, cwd=work)
     return work, outputs, run_dir / "step-2"
 
@@ -144,3 +147,23 @@ def test_a_latest_marker_that_names_a_missing_step_is_a_named_error(tmp_path):
     (tmp_path / "latest").write_text("step-7\n")
     with pytest.raises(CheckpointError, match=r"latest points at .*step-7, which is not a complete checkpoint"):
         resolve_checkpoint(str(tmp_path))
+
+
+def test_rerank_top_k_20_names_recall_after_its_depth_and_outputs_get_the_usual_file_mode(evaluated):
+    import os
+    import stat
+
+    work, outputs, _ = evaluated
+    report = json.loads((work / "top20.json").read_text())
+    assert report["top_k"] == 20
+    beir = read_beir(str(SAMPLE), "test")
+    scores = read_trec_run(work / "top20.trec")
+    for system in ("megarank", "first_stage"):
+        assert set(report[system]) == {"nDCG@10", "RR@10", "MRR@10", "R@10", "R@20"}, system
+    assert report["megarank"]["R@20"] == pytest.approx(evaluate_run(beir.qrels, scores, ("R@20",))["R@20"], abs=1e-12)
+    assert "R@20" in outputs["top20"] and "R@100" not in outputs["top20"]
+    # the run file and the metrics file are outputs like an export: 0666 less the umask, not mkstemp's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("top20.trec", "top20.json", "one.trec", "one.json"):
+        assert stat.S_IMODE((work / name).stat().st_mode) == 0o666 & ~umask, name

@@ -8,6 +8,8 @@ and metrics file, the data, are byte-identical afterwards and no step folder or 
 Most cases fail in the checks that run before torch / megatron-core are imported (a fraction of a second);
 those about file contents need the data to be read and take one import of the training stack each (every
 reader's own faults are unit-tested in test_data.py; here each kind of file is met once through the CLI).
+Cases about the data's contents train into a run folder of their own (`fresh`): resuming the trained run with
+other data is itself refused, first (the `resume-*` cases).
 """
 from __future__ import annotations
 
@@ -106,6 +108,9 @@ def ctx(tmp_path_factory) -> Ctx:
         _replace_line(c.bad[name] / file, line, _latin1)
     c.bad["unknown-doc"] = _copy_sample(work, "bad-unknown-doc")
     _replace_line(c.bad["unknown-doc"] / "candidates" / "train.run.tsv", 3, lambda b: b.replace(b"d", b"zz", 1))
+    c.bad["two-groups"] = work / "g.jsonl"  # fewer groups than one global batch (train.global_batch_size=4)
+    lines = (SAMPLE / "train_groups.jsonl").read_text().splitlines()
+    c.bad["two-groups"].write_text("\n".join(lines[:2]) + "\n")
     c.bad["groups"] = work / "groups.jsonl"
     shutil.copy(SAMPLE / "train_groups.jsonl", c.bad["groups"])
     _replace_line(c.bad["groups"], 2, _latin1)
@@ -171,6 +176,13 @@ def train(*overrides, config=TINY):
         o(c) if callable(o) else o for o in overrides]]
 
 
+def fresh(name, *overrides, config=TINY):
+    """`train` into a run folder of its own (outside `work`, one per case: a case that wrongly trains cannot make
+    the next one resume)."""
+    return lambda c: ["train", config, f"checkpoint.dir={c.work.parent / f'{c.work.name}-fresh-{name}'}",
+                      "train.steps=2", *[o(c) if callable(o) else o for o in overrides]]
+
+
 def evaluate(*extra, command="evaluate", out=True, checkpoint=None):
     """`evaluate RUN --data SAMPLE --split test --out prev.trec --metrics-out prev.json EXTRA` (later flags win)."""
     def argv(c):
@@ -216,20 +228,35 @@ CASES = [
     Case("tensorboard-dir-under-a-file", train(lambda c: f"logging.tensorboard_dir={c.blocker / 'tb'}"),
          ["logging.tensorboard_dir", "blocker"]),
     # --- file contents (fail while the training data is read, before any step)
-    Case("corpus-not-utf8", train(lambda c: f"data.train_path={c.bad['corpus']}"),
+    Case("corpus-not-utf8", fresh("corpus", lambda c: f"data.train_path={c.bad['corpus']}"),
          ["bad-corpus/corpus.jsonl line 7", "not valid UTF-8", "0xe9"]),
-    Case("queries-not-utf8", train(lambda c: f"data.train_path={c.bad['queries']}"),
+    Case("queries-not-utf8", fresh("queries", lambda c: f"data.train_path={c.bad['queries']}"),
          ["bad-queries/queries.jsonl line 2", "not valid UTF-8"]),
-    Case("run-not-utf8", train(lambda c: f"data.train_path={c.bad['run']}"),
+    Case("run-not-utf8", fresh("run", lambda c: f"data.train_path={c.bad['run']}"),
          ["bad-run/candidates/train.run.tsv line 5", "not valid UTF-8"]),
-    Case("groups-not-utf8", train("data.format=jsonl", lambda c: f"data.train_path={c.bad['groups']}"),
+    Case("groups-not-utf8", fresh("groups", "data.format=jsonl", lambda c: f"data.train_path={c.bad['groups']}"),
          ["groups.jsonl line 2", "not valid UTF-8"]),
-    Case("run-unknown-doc", train(lambda c: f"data.train_path={c.bad['unknown-doc']}"),
+    Case("run-unknown-doc", fresh("unknown-doc", lambda c: f"data.train_path={c.bad['unknown-doc']}"),
          ["bad-unknown-doc/candidates/train.run.tsv line 3", "candidate document 'zz", "not in the corpus"]),
-    Case("max-length-below-template", train("data.max_length=16"),
+    Case("max-length-below-template", fresh("max-length", "data.max_length=16"),
          ["data.max_length=16", "data.template", "23 tokens"]),
-    Case("negatives-top-k-too-small", train("data.negatives_top_k=3"),
+    Case("negatives-top-k-too-small", fresh("top-k", "data.negatives_top_k=3"),
          ["train.run.tsv", "hard negatives in its top 3", "set data.negatives_top_k="]),
+    # --- too few training groups for one global batch (fail after reading the data, before the model is built)
+    Case("groups-fewer-than-a-global-batch", fresh("two-groups", "data.format=jsonl",
+                                                   lambda c: f"data.train_path={c.bad['two-groups']}"),
+         ["g.jsonl: 2 training groups cannot fill one global batch (train.global_batch_size=4)", "lower it or add groups"]),
+    Case("sample-fewer-than-a-global-batch", fresh("gb8", "train.global_batch_size=8"),
+         ["qrels/train.tsv: 6 training groups", "cannot fill one global batch (train.global_batch_size=8)"]),
+    # --- a resume with other training data or settings (fails before the data is read or the model is built)
+    Case("resume-changed-data", train("data.format=jsonl", f"data.train_path={SAMPLE / 'train_groups.jsonl'}"),
+         ["run/step-1 was trained on other data or settings than this run's config", "data.format beir -> jsonl",
+          f"data.train_path null -> {SAMPLE / 'train_groups.jsonl'}", "another checkpoint.dir",
+          "train.allow_changed_data=true"], not_names=["data.train_split"]),
+    Case("resume-changed-max-length-and-loss", train("data.max_length=128", "train.loss=pointwise"),
+         ["data.max_length 256 -> 128", "train.loss listwise -> pointwise", "train.allow_changed_data=true"]),
+    Case("resume-other-seed", train("train.seed=7", "train.allow_changed_data=true"),
+         ["run/step-1 was trained with train.seed=1234", "this run has train.seed=7", "resume with train.seed=1234"]),
     # --- evaluate / rerank arguments (fail in argparse or the preflight checks)
     Case("top-k-zero", evaluate("--top-k", "0"), ["argument --top-k", "must be >= 1, got 0"]),
     Case("top-k-negative", evaluate("--top-k", "-3"), ["argument --top-k", "got -3"]),
@@ -284,6 +311,11 @@ CASES = [
          ["step `megarank train", "exited with code 2"], also=["megarank train: error: ", "corpus.jsonl line 7"]),
     Case("quickstart-bad-override", lambda c: ["quickstart", "--workdir", str(c.work / "qs"), "train.lr=abc"],
          ["command-line override train.lr=abc"]),
+    Case("quickstart-workdir-not-empty", lambda c: ["quickstart", "--workdir", str(c.run_dir)],
+         ["--workdir", "run is not empty", "never resumes", "pass --overwrite"]),
+    Case("quickstart-overwrite-would-move-the-data", lambda c: ["quickstart", "--workdir", str(c.work), "--overwrite",
+                                                                "--data", str(c.bad["corpus"])],
+         ["--overwrite would move the current folder", "choose another --workdir"]),
 ]
 
 

@@ -116,3 +116,18 @@ def test_cranfield_bm25_matches_the_published_baseline():
     result = evaluate_run(qrels, scores)
     for ours, theirs in (("nDCG@10", "nDCG@10"), ("MRR@10", "MRR@10"), ("R@10", "Recall@10"), ("R@100", "Recall@100")):
         assert result[ours] == pytest.approx(published[theirs], abs=5e-5), ours
+
+
+def test_recall_cut_offs_are_named_after_the_ranking_depth():
+    from megarank.scoring.metrics import DEFAULT_METRICS, metrics_for_depth
+
+    assert metrics_for_depth(None) == metrics_for_depth(100) == metrics_for_depth(1000) == DEFAULT_METRICS
+    assert metrics_for_depth(20) == ("nDCG@10", "RR@10", "R@10", "R@20")
+    assert metrics_for_depth(10) == metrics_for_depth(5)[:2] + ("R@10",)
+    assert metrics_for_depth(5) == ("nDCG@10", "RR@10", "R@5")
+    # R@100 of a 20-document ranking is its R@20: the name says what was measured
+    qrels = {"q": {f"d{i:02d}": 1 for i in range(0, 40, 2)}}
+    scores = {"q": {f"d{i:02d}": 40.0 - i for i in range(20)}}
+    result = evaluate_run(qrels, scores, metrics_for_depth(20))
+    assert set(result) == {"nDCG@10", "RR@10", "MRR@10", "R@10", "R@20"}
+    assert result["R@20"] == evaluate_run(qrels, scores, ("R@100",))["R@100"] == pytest.approx(10 / 20)

@@ -190,7 +190,7 @@ def test_random_corpus_negatives(beir):
     assert out.read_bytes() == again.read_bytes()
     data = read_beir(beir["data"], "train")
     for group in lines(out):
-        hard, extra = group["neg_ids"][:2], group["neg_ids"][2:]
+        extra = group["neg_ids"][2:]
         assert len(extra) == 3 and len(set(group["neg_ids"])) == 5
         judged = data.qrels[group["qid"]]
         assert not set(extra) & set(judged)  # never judged for the query (j0 included)

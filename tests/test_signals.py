@@ -8,11 +8,16 @@
   writing; nothing in the checkpoint folder changes afterwards.
 - A second run on the folder of a live run is refused with one line naming the folder and the holder;
   after the SIGKILL the lock is free.
+- Ctrl-C (SIGINT to the process group, as a terminal sends it) to a one-process `megarank train` and to a
+  2-rank `megarank launch`: the next step boundary is saved, one line says which step and where, exit 130,
+  and resuming finishes bit-identical to the uninterrupted runs above. A second Ctrl-C stops at once, unsaved,
+  in one line. Ctrl-C to `megarank evaluate --out` prints one line, exit 130, and leaves no partial run file.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,8 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.training_harness import (TINY, assert_bit_identical, kill_tree, read_plain_tensors, run, run_env,
-                                    wait_for)
+from tests.training_harness import (CRANFIELD, TINY, assert_bit_identical, kill_tree, log_lines, read_plain_tensors,
+                                    run, run_env, train_cmd, wait_for)
 
 STEPS, SAVE = 12, 2
 ARGS = [f"train.steps={STEPS}", f"checkpoint.save_interval={SAVE}", "checkpoint.keep_last=0", "train.log_interval=1"]
@@ -218,3 +223,128 @@ def test_a_collective_broken_by_a_peer_whose_agent_died_ends_as_the_watchdog_sto
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "rank 0: the torchrun agent (pid -1) is gone; stopping without saving" in proc.stderr
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------- Ctrl-C
+
+# Steps of about a second (the tiny config's take 0.1 s), so that a second Ctrl-C lands inside the step
+# that the first one waits for.
+SLOW = ["model.num_layers=4", "model.hidden_size=256", "model.ffn_hidden_size=1024"]
+
+
+def _launch(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megarank", "launch", TINY, *overrides]
+
+
+def _ctrl_c(cmd: list[str], cwd: Path, log_path: Path, after: str, presses: int = 1, gap: float = 0.2,
+            env: dict | None = None) -> tuple[int, str, float]:
+    """Run ``cmd`` as the foreground job of a terminal would be (a process group of its own), press Ctrl-C
+    (SIGINT to the group) once ``after`` is in its output, ``presses`` times ``gap`` seconds apart;
+    -> (exit code, output, seconds from the last press to the exit)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: after in log_path.read_text(), 240, repr(after), proc)
+        for press in range(presses):
+            if press:
+                time.sleep(gap)
+            pressed = time.monotonic()
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=GRACE_S + 30)
+        took = time.monotonic() - pressed
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    return proc.returncode, log_path.read_text(), took
+
+
+def _no_traceback(out: str) -> None:
+    for noise in ("Traceback", "KeyboardInterrupt", "SignalException", "death signal", "closing signal"):
+        assert noise not in out, f"{noise!r} in the output:\n{out[-4000:]}"
+
+
+def _saved_by_ctrl_c(out: str, run_dir: Path) -> int:
+    lines = [ln for ln in out.splitlines() if "interrupted" in ln and "megarank launch" not in ln]
+    assert len(lines) == 1, out[-4000:]  # one line, on the logging rank only
+    step = int(lines[0].split("saved step ", 1)[1].split()[0])
+    assert lines[0].endswith(f"megarank train: interrupted: saved step {step} to {run_dir / f'step-{step}'}; "
+                             "run the same command to resume"), lines[0]
+    assert _latest(run_dir) == f"step-{step}" and (run_dir / f"step-{step}" / "megarank_checkpoint.json").is_file()
+    assert not list(run_dir.glob(".step-*")), sorted(os.listdir(run_dir))
+    return step
+
+
+@pytest.mark.parametrize("how", ["one process", "megarank launch NPROC=2"])
+def test_ctrl_c_saves_the_next_step_in_one_line_exits_130_and_resumes_bit_identical(straight, tmp_path, how):
+    """The uninterrupted runs are `straight`'s (plain `megarank train` and `megarank launch` train as torchrun does)."""
+    layout = "1-rank" if how == "one process" else "dp2-distributed-optimizer"
+    nproc, extra = LAYOUTS[layout]
+    run_dir = tmp_path / "run"
+    args = [*ARGS, *extra, f"checkpoint.dir={run_dir}"]
+    cmd = train_cmd(1, *args) if nproc == 1 else _launch(*args)
+    env = run_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE_S), NPROC=str(nproc))
+    rc, out, took = _ctrl_c(cmd, tmp_path, tmp_path / "ctrl-c.log", after=f"step {SAVE + 1}/{STEPS}", env=env)
+    assert rc == 130, out[-4000:]
+    _no_traceback(out)
+    step = _saved_by_ctrl_c(out, run_dir)
+    print(f"{how}: Ctrl-C after step {SAVE + 1}; saved step {step}; exited {took:.1f}s later")
+    assert SAVE + 1 < step < STEPS and max(log_lines(out)) == step, out[-3000:]
+    if nproc > 1:  # the launcher's own line ends the output: the agent's SignalException, without its traceback
+        assert out.rstrip().splitlines()[-1] == "megarank launch: interrupted", out[-2000:]
+
+    resumed = run(cmd, cwd=tmp_path, env=env).stdout
+    assert f"resumed from {run_dir / f'step-{step}'} at step {step}" in resumed
+    assert min(log_lines(resumed)) == step + 1 and _latest(run_dir) == f"step-{STEPS}"
+    for part in ("model", "optimizer"):
+        assert_bit_identical(_final(straight / layout, part), _final(run_dir, part), f"{how} {part}")
+
+
+@pytest.mark.parametrize("how", ["one process", "megarank launch NPROC=2"])
+def test_a_second_ctrl_c_stops_at_once_unsaved_in_one_line(tmp_path, how):
+    nproc = 1 if how == "one process" else 2
+    run_dir = tmp_path / "run"
+    args = ["train.steps=400", "train.log_interval=1", "checkpoint.save_interval=0", *SLOW, f"checkpoint.dir={run_dir}"]
+    cmd = train_cmd(1, *args) if nproc == 1 else _launch(*args)
+    rc, out, took = _ctrl_c(cmd, tmp_path, tmp_path / "twice.log", after="step 1/400", presses=2,
+                            env=run_env(NPROC=str(nproc)))
+    print(f"{how}: exited {took:.2f}s after the second Ctrl-C")
+    assert rc == 130, out[-4000:]
+    _no_traceback(out)
+    shown = [ln for ln in out.splitlines() if "interrupted" in ln]
+    if nproc == 1:  # the trainer's own line
+        assert shown == [f"megarank train: interrupted again: stopped at once, without saving ({run_dir} keeps its "
+                         "last complete step)"], out[-3000:]
+    else:  # the launcher SIGKILLs the workers (and their writer processes) and says so
+        assert shown == ["megarank launch: interrupted again: stopped the workers at once, without saving"], out[-3000:]
+    assert took < 5, f"{took:.1f}s"
+    assert max(log_lines(out)) < 3 and not (run_dir / "latest").exists(), sorted(os.listdir(run_dir))
+
+
+@pytest.mark.skipif(not (CRANFIELD / "corpus.jsonl").is_file(), reason=f"Cranfield is not at {CRANFIELD}")
+def test_ctrl_c_to_evaluate_prints_one_line_and_leaves_no_partial_run_file(straight, tmp_path):
+    out_file = tmp_path / "run.trec"
+    parts = tmp_path / "run.trec.parts"
+    cmd = [sys.executable, "-m", "megarank", "evaluate", str(straight / "1-rank" / f"step-{STEPS}"),
+           "--data", str(CRANFIELD), "--max-queries", "30", "--queries-per-part", "2", "--batch-size", "8",
+           "--batch-tokens", "0", "--dtype", "fp32", "--out", str(out_file)]
+    log_path = tmp_path / "evaluate.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: (parts / "part-000000.trec").exists(), 240, "the first saved part", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    out = log_path.read_text()
+    assert proc.returncode == 130, out[-4000:]
+    _no_traceback(out)
+    assert out.rstrip().splitlines()[-1] == "megarank evaluate: interrupted", out[-2000:]
+    # no run file, no temp file beside it; the saved parts stay for the next run (each written atomically)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluate.log", "run.trec.parts"]
+    names = sorted(p.name for p in parts.iterdir())
+    assert names[0] == "job.json" and all(n.startswith("part-") and n.endswith(".trec") for n in names[1:]), names
+    assert len(names) - 1 < 15, "the job finished before the Ctrl-C"

@@ -1,6 +1,5 @@
 """Teacher scores, graded labels and several positives on the way from the data files to a micro-batch."""
 import json
-import math
 
 import pytest
 import torch

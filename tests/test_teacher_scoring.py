@@ -1,6 +1,5 @@
 """`megarank rerank --out` as a teacher-scoring job: the same scores at DP=2 and TP=2 as in one process, saved in
 parts as it goes, and a SIGKILLed job that scores only the rest when run again (real processes, gloo, fp32)."""
-import signal
 import subprocess
 
 import pytest

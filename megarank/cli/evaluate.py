@@ -6,12 +6,11 @@ torch and megatron-core are imported, so that a typo fails in a second and not a
 outputs are written to temporary files and renamed, so an existing --out is replaced whole or not at all.
 """
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from megarank.cli.preflight import UsageError, beir_problem, check_input, check_output_file
+from megarank.files import atomic_write_text
 
 
 def check_evaluation_args(args) -> None:
@@ -28,19 +27,6 @@ def check_evaluation_args(args) -> None:
     check_output_file(args.metrics_out, "--metrics-out")
     if args.out and args.metrics_out and Path(args.out).resolve() == Path(args.metrics_out).resolve():
         raise UsageError(f"--out and --metrics-out are the same file ({args.out})")
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parts_folder(out: str) -> Path:
@@ -77,6 +63,6 @@ def run_evaluation(args) -> int:
             write_trec_run(args.out, result.scores, tag="megarank")
             shutil.rmtree(parts_dir, ignore_errors=True)  # the merged run is in place: the parts served their turn
         if args.metrics_out:
-            _write_text_atomically(args.metrics_out, json.dumps(report, indent=1))
+            atomic_write_text(args.metrics_out, json.dumps(report, indent=1) + "\n")  # mode 0666 & ~umask, as --out
     reranker.close()
     return 0

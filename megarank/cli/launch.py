@@ -21,6 +21,7 @@ import dataclasses
 import inspect
 import os
 import shlex
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -211,6 +212,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. checkpoint.dir) and exit")
     p.add_argument("--script", help="run this Python script under torchrun instead of the trainer (e.g. launch/allreduce_check.py)")
     p.add_argument("--no-validate", action="store_true", help="skip the config check (e.g. megarank.config unavailable)")
+    p.add_argument("--verbose", action="store_true", help="show the upstream warnings megarank hides, in the agent and "
+                   "every worker [MEGARANK_VERBOSE=1]")
     return p
 
 
@@ -231,14 +234,21 @@ def layout_from(args: argparse.Namespace) -> Layout:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of `megarank launch ARGS` (argv excludes the word `launch`); returns the exit code on
-    --dry-run/--get or errors, otherwise replaces this process with torchrun."""
-    args = parser().parse_intermixed_args(argv)
+    """Entry point of `megarank launch ARGS` (argv excludes the word `launch`); returns the exit code (of
+    --dry-run/--get, an error, or the torchrun agent this process then runs: ``run_agent``)."""
     try:
+        args = parser().parse_intermixed_args(argv)
+        if args.verbose:  # the agent and every worker show the upstream warnings (megarank/warnings_filter.py)
+            from megarank.warnings_filter import show_known_warnings
+
+            show_known_warnings(export=True)
         return _run(args)
     except LaunchError as e:
         print(f"megarank launch: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the agent runs (e.g. while torch imports); `python -m megarank.cli.launch`
+        print("megarank launch: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -289,12 +299,111 @@ def _run(args: argparse.Namespace) -> int:
         print(shlex.join(cmd))
         return 0
     env = worker_env()
-    os.environ.update(env)  # inherited by torchrun and its workers through execv
+    os.environ.update(env)  # inherited by the torchrun agent (this process) and its workers
     shown = "".join(f"{k}={v} " for k, v in env.items())
     print(f"megarank launch: {shown}{shlex.join(cmd)}", file=sys.stderr, flush=True)  # the log says what ran
     sys.stdout.flush()
-    os.execv(cmd[0], cmd)  # exec: SLURM's and the shell's signals reach the torchrun agent directly
-    return 0  # not reached
+    return run_agent(cmd[3:])  # cmd = [python, -m, torch.distributed.run, ARGS...]
+
+
+# ----------------------------------------------------------------------------------------------- the agent
+
+# torch's agent installs its own handler (SignalException) for these when it starts the workers; torchrun's
+# --signals-to-handle sets them (torch/distributed/launcher/api.py:306, multiprocessing/api.py:536-546). SIGINT is
+# left to AgentSignals. Default: "SIGTERM,SIGINT,SIGHUP,SIGQUIT".
+AGENT_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT"
+
+
+class AgentSignals:
+    """Ctrl-C for the torchrun agent that `megarank launch` runs in its own process.
+
+    torchrun starts each worker in a session of its own, so a terminal's Ctrl-C reaches the agent only. The
+    first one is torch's SIGINT path: ``SignalException`` in the agent, which forwards SIGINT to every worker's
+    process group and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) before SIGKILL
+    (torch/distributed/elastic/agent/server/api.py:752-756); the workers save at their next step boundary and
+    exit 130 (megarank/training/preemption.py). On a second Ctrl-C torch's agent would send SIGTERM and wait the
+    grace period again; this one SIGKILLs the workers' process groups (their per-save writer processes
+    included) at once, so the run stops now: a save cut short leaves only a hidden temp folder, never a
+    ``latest`` that names it. torch registers its own SIGINT handler when it starts the workers unless SIGINT
+    is left out of torchrun's --signals-to-handle, which ``torchrun_args`` does (SIGTERM, SIGHUP and SIGQUIT
+    stay torch's; a torch without that option keeps SIGINT too: then a second Ctrl-C is torch's SIGTERM, which
+    the workers, already saving, let finish).
+    """
+
+    def __init__(self):
+        self.interrupts = 0
+        self._previous = None
+
+    @staticmethod
+    def torchrun_args(args: Sequence[str]) -> list[str]:
+        """torchrun's arguments with SIGINT taken out of the signals torch's agent handles."""
+        from torch.distributed.launcher.api import LaunchConfig
+
+        if any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in args):
+            return list(args)  # chosen by hand (`megarank launch` never does)
+        if "signals_to_handle" not in {f.name for f in dataclasses.fields(LaunchConfig)}:
+            return list(args)  # an older torch: its agent handles SIGINT
+        return [f"--signals-to-handle={AGENT_SIGNALS}", *args]
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handler(self, signum, frame) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            from torch.distributed.elastic.multiprocessing.api import SignalException
+
+            raise SignalException(f"Process {os.getpid()} got signal: {signal.SIGINT}", sigval=signal.SIGINT)
+        kill_workers()
+
+    def line(self, sigval) -> str:
+        if self.interrupts > 1:
+            return "interrupted again: stopped the workers at once, without saving"
+        if sigval == signal.SIGINT:
+            return "interrupted"
+        return f"stopped by {signal.Signals(sigval).name}"
+
+
+def kill_workers() -> None:
+    """SIGKILL every child of this process and its process group (a torchrun worker leads its own)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            if os.getpgid(child.pid) == child.pid:
+                os.killpg(child.pid, signal.SIGKILL)
+            else:
+                child.kill()
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+
+
+def run_agent(torchrun_args: Sequence[str]) -> int:
+    """Run the torchrun agent in this process (``python -m torch.distributed.run ARGS``), so SLURM's and the
+    shell's signals reach it directly and a stop ends in one line: ``megarank launch: interrupted`` (Ctrl-C) or
+    ``megarank launch: stopped by SIGTERM``, exit code 128 + the signal, instead of the agent's traceback. The
+    workers say what they saved. The agent's two routine shutdown log lines are dropped unless verbose
+    (megarank/warnings_filter.py)."""
+    from megarank.warnings_filter import quiet_agent_log_lines
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # a Ctrl-C before: KeyboardInterrupt
+    from torch.distributed.run import main as torchrun_main
+
+    quiet_agent_log_lines()
+    signals = AgentSignals()
+    signals.install()
+    try:
+        torchrun_main(signals.torchrun_args(torchrun_args))
+    except SignalException as e:
+        print(f"megarank launch: {signals.line(e.sigval)}", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    finally:
+        signals.restore()
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@
 
 Bad input (config, data, paths, checkpoints) ends in one line, ``megarank CMD: error: <what, naming the file,
 line, key or flag>``, exit code 2, no traceback (MEGARANK_TRACEBACK=1 shows it); see `run_reporting_errors`.
+Ctrl-C ends any command in one line, ``megarank CMD: interrupted``, exit code 130 (`megarank train` saves first:
+megarank/training/preemption.py). Known upstream warnings are hidden unless ``--verbose`` or MEGARANK_VERBOSE=1
+(megarank/warnings_filter.py).
 """
 import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 
@@ -21,14 +25,21 @@ def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for noisy in ("megatron", "torch.distributed", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if level == "DEBUG":  # logging.level=DEBUG in a training config: the upstream warnings too (before they fire)
+        from megarank.warnings_filter import show_known_warnings
+
+        show_known_warnings(export=False)
 
 
-def _quiet_warnings() -> None:
-    import warnings
+def _quiet_warnings(verbose: bool = False) -> None:
+    """The known upstream warnings (megarank/warnings_filter.py) hidden, or shown with --verbose /
+    MEGARANK_VERBOSE=1 (exported, so torchrun workers and quickstart steps show them too)."""
+    from megarank.warnings_filter import quiet_known_warnings, show_known_warnings
 
-    # megatron-core warns at import that TE/apex are absent: expected on CPU, noisy in every process.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    if verbose:
+        show_known_warnings(export=True)
+    else:
+        quiet_known_warnings()
 
 
 def cmd_train(args) -> int:
@@ -135,6 +146,9 @@ def cmd_init_tiny(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megarank", description="Train and evaluate bidirectional Llama rerankers.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the upstream warnings megarank hides (listed in megarank/warnings_filter.py); "
+                             "accepted anywhere on the line, same as MEGARANK_VERBOSE=1")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (or resume) a reranker")
     p.add_argument("config", help="YAML config (see configs/)")
@@ -187,14 +201,75 @@ def _one_line(e: BaseException) -> tuple[str, int] | None:
     return None
 
 
-def run_reporting_errors(command: str, fn, *args) -> int:
-    """Run one command; a user-facing error becomes ``megarank <command>: error: <sentence>`` on stderr.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
+
+def _interrupted(command: str, e: BaseException) -> int:
+    """Ctrl-C: ``megarank <command>: interrupted`` (or the command's own line, e.g. train's saved step), exit 130.
+
+    A further Ctrl-C while the process ends exits at once, so clean-up never shows a second traceback."""
+    try:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
+    except ValueError:  # not the main thread
+        pass
+    message = getattr(e, "message", "interrupted")
+    if message:  # None: a rank that does not report (train under torchrun)
+        # train's line ends its log, on stdout (under torchrun each stream is relayed on its own: same order)
+        stream = getattr(e, "stream", None) or sys.stderr
+        print(f"{' '.join(['megarank', command]).strip()}: {message}", file=stream, flush=True)
+    return getattr(e, "exit_code", EXIT_INTERRUPTED)
+
+
+class _ForegroundChildren:
+    """While a child process runs, leave the first Ctrl-C to it, as a shell does with its foreground job: the
+    terminal sends SIGINT to the whole foreground process group, so the step `megarank quickstart` runs gets it
+    too, and `megarank train` saves before it exits 130. Python's default would raise KeyboardInterrupt in
+    ``subprocess.run``, which then kills that step in the middle of its save. With no child running, or on the
+    second Ctrl-C, KeyboardInterrupt is raised as usual (``subprocess.run`` kills the step, which got the same
+    second Ctrl-C and stops at once anyway)."""
+
+    def __init__(self):
+        self.count = 0
+        self._previous = None
+
+    def __enter__(self):
+        import psutil
+
+        self._me = psutil.Process()
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1 and self._me.children():
+            return
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def run_reporting_errors(command: str, fn, *args, foreground_children: bool = False) -> int:
+    """Run one command; a user-facing error becomes ``megarank <command>: error: <sentence>`` on stderr, and
+    Ctrl-C ``megarank <command>: interrupted`` with exit code 130 (no traceback).
+
+    ``foreground_children``: the command runs its steps as child processes in this process group (quickstart);
+    the first Ctrl-C is theirs to handle, and the step's failure it causes is reported as the interruption.
     MEGARANK_TRACEBACK=1 shows the traceback as well (debugging).
     """
+    deferred = _ForegroundChildren() if foreground_children else None
     try:
-        return fn(*args)
+        if deferred is None:
+            return fn(*args)
+        with deferred:
+            return fn(*args)
+    except KeyboardInterrupt as e:
+        if os.environ.get("MEGARANK_TRACEBACK") == "1":
+            raise
+        return _interrupted(command, e)
     except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised untouched
+        if deferred is not None and deferred.count and os.environ.get("MEGARANK_TRACEBACK") != "1":
+            return _interrupted(command, KeyboardInterrupt())  # the step ended because of the Ctrl-C
         shown = _one_line(e)
         if shown is None or os.environ.get("MEGARANK_TRACEBACK") == "1":
             raise
@@ -202,23 +277,39 @@ def run_reporting_errors(command: str, fn, *args) -> int:
         return shown[1]
 
 
+def _pop_verbose(argv: list) -> bool:
+    """Remove ``--verbose`` from the command line (any position; for `launch --script` only before the
+    script, whose own arguments are left alone); -> whether it was there."""
+    end = len(argv)
+    if argv[:1] == ["launch"] and "--script" in argv:
+        end = argv.index("--script")
+    found = "--verbose" in argv[:end]
+    argv[:end] = [a for a in argv[:end] if a != "--verbose"]
+    return found
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_warnings()
-    if argv[:1] == ["launch"]:
-        return run_reporting_errors("launch", cmd_launch, argv[1:])
-    if argv[:1] == ["quickstart"]:
-        from megarank.cli.quickstart import main as quickstart_main
+    verbose = _pop_verbose(argv)
+    _quiet_warnings(verbose)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    try:
+        if argv[:1] == ["launch"]:
+            return run_reporting_errors("launch", cmd_launch, argv[1:])
+        if argv[:1] == ["quickstart"]:
+            from megarank.cli.quickstart import main as quickstart_main
 
-        return run_reporting_errors("quickstart", quickstart_main, argv[1:])
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # Dotted overrides may come after options too (`evaluate CKPT --data X parallel.tensor_model_parallel_size=2`).
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return run_reporting_errors(args.command, args.fn, args)
+            return run_reporting_errors("quickstart", quickstart_main, argv[1:], foreground_children=True)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # Dotted overrides may come after options too (`evaluate CKPT --data X parallel.tensor_model_parallel_size=2`).
+        if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return run_reporting_errors(args.command, args.fn, args)
+    except KeyboardInterrupt as e:  # before the command started (argument parsing, imports)
+        return _interrupted(command or "", e)
 
 
 if __name__ == "__main__":

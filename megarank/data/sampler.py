@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from .errors import DataError
+
 
 class GroupSampler:
     """An endless iterator of optimizer steps; each step yields this DP rank's ``[(group_index, epoch), ...]``.
@@ -11,6 +13,9 @@ class GroupSampler:
     Every epoch is a permutation of all groups (seeded by (seed, epoch); identity when shuffle=False) cut into
     global batches of `global_batch` groups; the incomplete last batch is dropped. A global batch is split into
     `dp_size` contiguous equal slices, so concatenating the ranks' slices gives the dp_size=1 batch.
+
+    Too few groups for one global batch is a ``DataError`` (``megarank.training.data.make_sampler`` says which file
+    and key, before the model is built).
     """
 
     def __init__(self, num_groups: int, global_batch: int, dp_rank: int, dp_size: int, seed: int = 0,
@@ -20,7 +25,7 @@ class GroupSampler:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank ({dp_rank}) must be in [0, {dp_size})")
         if num_groups < global_batch:
-            raise ValueError(f"{num_groups} training groups cannot fill one global batch of {global_batch}")
+            raise DataError(f"{num_groups} training groups cannot fill one global batch of {global_batch}")
         self.num_groups = num_groups
         self.global_batch = global_batch
         self.dp_rank = dp_rank
@@ -67,9 +72,13 @@ class GroupSampler:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after the saved position. An epoch now shorter than the saved step (a larger global batch, or
+        fewer groups: changes a resume allows, see docs/checkpoints.md) is over: the next epoch starts."""
         if state["seed"] != self.seed:
-            raise ValueError(f"sampler state was saved with seed {state['seed']} but this run uses seed {self.seed}")
-        if state["epoch"] < 0 or not 0 <= state["step_in_epoch"] <= self.steps_per_epoch:
-            raise ValueError(f"sampler state {state} does not fit {self.steps_per_epoch} steps per epoch")
-        self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
+            raise DataError(f"sampler state was saved with seed {state['seed']} but this run uses seed {self.seed}")
+        epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+        if epoch < 0 or step < 0:
+            raise DataError(f"sampler state {state} is not a position (negative epoch or step)")
+        if step > self.steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        self.epoch, self.step_in_epoch = epoch, step

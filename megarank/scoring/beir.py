@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from megarank.data import Run, candidate_pairs, find_run_file, read_beir, read_run
 from megarank.scoring.batched import score_batches, scores_by_query, scoring_batcher
-from megarank.scoring.metrics import evaluate_run
+from megarank.scoring.metrics import evaluate_run, metrics_for_depth
 from megarank.scoring.parts import ScoringParts, pairs_digest
 from megarank.scoring.progress import ScoringProgress
 
@@ -37,7 +37,8 @@ def evaluate_beir(
     batch_tokens: int = 0, parts_dir=None, queries_per_part: int = 1000, model_id: Optional[dict] = None,
     progress: bool = True,
 ):
-    """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank.
+    """Returns (model_metrics, first_stage_metrics, model_scores {qid: {docid: score}}) on every rank; the metrics
+    are ``metrics_for_depth(top_k)`` (nDCG@10, MRR@10, R@10 and R@100 with recall cut-offs capped at ``top_k``).
 
     Scoring batches hold ``batch_size`` pairs, or with ``batch_tokens`` > 0 as many pairs as keep the tokens the
     model runs (padding included; the stream length when ``packing``) within it, at most ``batch_size`` (if set):
@@ -89,5 +90,6 @@ def evaluate_beir(
         scores.update(part)
     reporter.finish()
     scores = {q: scores[q] for q in qids if q in scores}  # run order
-    ours = evaluate_run(qrels, nan_ranked_last(scores) if nan_last else scores)
-    return ours, evaluate_run(qrels, first_stage_scores(run, top_k)), scores
+    names = metrics_for_depth(top_k)  # recall cut-offs capped at top_k: named after what was measured
+    ours = evaluate_run(qrels, nan_ranked_last(scores) if nan_last else scores, names)
+    return ours, evaluate_run(qrels, first_stage_scores(run, top_k), names), scores

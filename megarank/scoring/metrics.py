@@ -12,13 +12,18 @@ What is averaged: the mean over the queries of `qrels` that have at least one do
 Such a query missing from `scores` (or with no candidates) counts 0; queries without qrels are ignored.
 Relevance: nDCG uses the graded judgements as linear gains (trec_eval's ndcg_cut); RR and R count any
 score >= 1 as relevant.
+
+Names match what was measured: a reranked top-k holds k documents per query, and recall at a deeper cut-off is
+recall at k, so `metrics_for_depth(top_k)` names the recall cut-offs 10 and 100 after k when k is smaller
+(`rerank --top-k 20` reports R@10 and R@20, `--top-k 5` reports R@5). nDCG@10 and RR@10 keep their cut-off:
+a ranking shorter than 10 counts as it is (its missing ranks hold nothing relevant).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import ir_measures
 
@@ -27,6 +32,14 @@ from megarank.data.readers import iter_run_rows
 from megarank.files import atomic_write
 
 DEFAULT_METRICS = ("nDCG@10", "RR@10", "R@10", "R@100")
+RECALL_CUTOFFS = (10, 100)
+
+
+def metrics_for_depth(top_k: Optional[int] = None) -> tuple[str, ...]:
+    """The metrics reported for rankings of ``top_k`` documents per query: nDCG@10, RR@10 and recall at 10 and 100,
+    each recall cut-off capped at ``top_k`` (duplicates dropped); DEFAULT_METRICS when ``top_k`` is None or >= 100."""
+    recall = [f"R@{c if top_k is None else min(c, top_k)}" for c in RECALL_CUTOFFS]
+    return ("nDCG@10", "RR@10", *dict.fromkeys(recall))
 
 Scores = Mapping[str, Mapping[str, float]]
 

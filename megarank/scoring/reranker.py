@@ -39,7 +39,7 @@ class Ranked(NamedTuple):
 class EvaluationResult(NamedTuple):
     """``evaluate_beir``'s outcome (the same on every rank); unpacks as ``metrics, first_stage, scores``.
 
-    metrics: the reranked run's IR metrics ({"nDCG@10": ..., "MRR@10": ..., "RR@10": ..., "R@10": ..., "R@100": ...});
+    metrics: the reranked run's IR metrics ({"nDCG@10": ..., "MRR@10": ..., "RR@10": ..., "R@10": ..., "R@100": ...}; recall cut-offs above top_k are named at top_k: R@20 for top_k=20);
     first_stage: the same metrics of the first-stage run at the same depth;
     scores: {qid: {docid: score}} of every reranked candidate (NaN scores kept as NaN).
     """

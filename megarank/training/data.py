@@ -1,11 +1,13 @@
 """Build the training data pipeline (group source, DP-sharded sampler, pair tokenizer, micro-batcher) from the config."""
 import functools
+from pathlib import Path
 from typing import Callable
 
 from megarank.config import TEACHER_LOSSES, Config
 from megarank.data import (
     Batcher,
     BeirGroupSource,
+    DataError,
     GroupSampler,
     JsonlGroupSource,
     find_run_file,
@@ -18,7 +20,8 @@ from megarank.data import (
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 from megarank.training.loss import group_loss
 
-__all__ = ["make_group_source", "make_loss", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir"]
+__all__ = ["make_group_source", "make_loss", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir",
+           "training_groups_file"]
 
 
 def make_group_source(cfg: Config):
@@ -46,8 +49,24 @@ def make_loss(cfg: Config) -> Callable:
                              distill_weight=t.distill_weight)
 
 
+def training_groups_file(cfg: Config) -> str:
+    """The file whose lines or judgements are the training groups: the JSONL file, or the BEIR split's qrels."""
+    d = cfg.data
+    if d.format == "jsonl":
+        return str(d.train_path)
+    return str(Path(d.train_path or sample_data_dir()) / "qrels" / f"{d.train_split}.tsv")
+
+
 def make_sampler(cfg: Config, num_groups: int, dp_rank: int, dp_size: int) -> GroupSampler:
-    return GroupSampler(num_groups, cfg.train.global_batch_size, dp_rank, dp_size, seed=cfg.train.seed)
+    """The DP-sharded sampler; too few groups for one global batch is a DataError naming the file and the key
+    (raised before the model is built: the loop builds the source and the sampler first)."""
+    gb = cfg.train.global_batch_size
+    if num_groups < gb:
+        what = "training groups" if cfg.data.format == "jsonl" else \
+            "training groups (queries with a judged-relevant document and candidates)"
+        raise DataError(f"{training_groups_file(cfg)}: {num_groups} {what} cannot fill one global batch "
+                        f"(train.global_batch_size={gb}); lower it or add groups")
+    return GroupSampler(num_groups, gb, dp_rank, dp_size, seed=cfg.train.seed)
 
 
 def make_micro_batcher(cfg: Config, pair_tokenizer) -> Callable[[list], list]:

@@ -87,7 +87,7 @@ def train(cfg: Config) -> dict:
     init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed)
     validate(cfg, world_size=dist.get_world_size())
     checkpoints = RunCheckpoints(cfg)  # the run lock, `latest` resolved once, architecture checked
-    tokenizer_dir = resolve_tokenizer_dir(cfg)
+    tokenizer_dir = resolve_tokenizer_dir(cfg, checkpoints.resume_from)  # a resumed step's own tokenizer first
     pair_tokenizer = make_pair_tokenizer(cfg, tokenizer_dir)
     source = make_group_source(cfg)
     micro_batches = make_micro_batcher(cfg, pair_tokenizer)
@@ -110,9 +110,9 @@ def train(cfg: Config) -> dict:
     run_dir = checkpoints.dir
     tb_dir = cfg.logging.tensorboard_dir or (str(run_dir / "tensorboard") if run_dir else None)
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
-    watcher = PreemptionWatcher(str(run_dir) if run_dir else None)
+    watcher = PreemptionWatcher(str(run_dir) if run_dir else None, reports=_is_logging_rank())
     peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
-    metrics, start_step, saved_step = {}, step, None
+    metrics, start_step, saved_step, interrupted = {}, step, None, None
     while step < t.steps:
         tic = time.time()
         groups = [source.get(i, epoch) for i, epoch in next(sampler)]
@@ -136,7 +136,9 @@ def train(cfg: Config) -> dict:
             saved = checkpoints.save(step, {"nonfinite": nonfinite})
             if saved is not None:
                 watcher.clear()
-            if _is_logging_rank():
+            if watcher.interrupted:  # Ctrl-C: one line and exit 130 once everything is closed (below)
+                interrupted = watcher.interruption(step, saved)
+            elif _is_logging_rank():
                 if saved is not None:
                     log.info("preempted: saved step %d", step)
                 else:
@@ -144,10 +146,12 @@ def train(cfg: Config) -> dict:
             break
         if checkpoints.maybe_save(step, t.steps, {"nonfinite": nonfinite}) is not None:
             saved_step = step
-    if step >= t.steps and cfg.data.eval_path:
+    if step >= t.steps and cfg.data.eval_path and interrupted is None:
         _evaluate(cfg, ddp, pair_tokenizer, logger, step)
     watcher.restore()
     logger.close()
     checkpoints.close()
+    if interrupted is not None:
+        raise interrupted
     metrics.update(step=step, saved_step=saved_step)
     return metrics
