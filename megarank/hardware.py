@@ -115,7 +115,7 @@ def resolve_inference_dtype(requested: str, model_dtype: str, device: str | torc
 
 
 @functools.lru_cache(maxsize=8)
-def measured_gemm_flops(dtype: str, threads: int, size: int = 1024, seconds: float = 0.5, repeats: int = 5) -> float:
+def measured_gemm_flops(dtype: str, threads: int, size: int = 2048, seconds: float = 0.5, repeats: int = 5) -> float:
     """The sustained FLOP/s of ``size``³ matmuls in ``dtype`` on the CPU with torch's current threads: the median
     over ``repeats`` rounds of the wall-clock rate of back-to-back matmuls (each round about ``seconds`` /
     ``repeats`` long, after a warm-up that also sizes the rounds).

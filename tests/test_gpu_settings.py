@@ -474,13 +474,12 @@ def test_launcher_gives_workers_cuda_device_max_connections_1(monkeypatch, capsy
 
     seen = {}
 
-    def fake_exec(path, argv):
-        seen.update(env=dict(launch.os.environ), argv=argv)
-        raise SystemExit(0)
+    def fake_agent(torchrun_args):  # the launcher runs torchrun's agent in its own process
+        seen.update(env=dict(launch.os.environ), argv=list(torchrun_args))
+        return 0
 
-    monkeypatch.setattr(launch.os, "execv", fake_exec)
-    with pytest.raises(SystemExit):
-        launch.main(["--nproc", "2", TINY])
+    monkeypatch.setattr(launch, "run_agent", fake_agent)
+    assert launch.main(["--nproc", "2", TINY]) == 0
     assert seen["env"]["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"  # inherited by torchrun and every worker
     assert cuda_max_connections_problem(2) is None
 
