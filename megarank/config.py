@@ -556,13 +556,17 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def validate(cfg: Config, world_size: Optional[int] = None, check_environment: bool = True) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None, check_environment: bool = True,
+             training: bool = True) -> None:
     """Check the whole config at once; raise ConfigError listing every problem, each naming its key.
 
     ``check_environment=False`` skips the checks about this machine (Transformer Engine, CUDA), so a GPU
-    config can be checked on a login node (``megarank launch --dry-run``).
+    config can be checked on a login node (``megarank launch --dry-run``). ``training=False`` (scoring a
+    checkpoint) skips what only a training step needs: the split of train.global_batch_size over the data-parallel
+    ranks (a model trained at one layout scores at any).
     """
-    errors = (_model_errors(cfg.model, check_environment) + _parallel_errors(cfg, world_size, check_environment)
+    errors = (_model_errors(cfg.model, check_environment)
+              + _parallel_errors(cfg, world_size, check_environment, training)
               + _train_errors(cfg, check_environment) + _gpu_layout_errors(cfg, check_environment))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
@@ -591,7 +595,7 @@ def _model_errors(m: ModelConfig, env: bool = True) -> list[str]:
     return errs
 
 
-def _parallel_errors(cfg: Config, world_size: Optional[int], env: bool = True) -> list[str]:
+def _parallel_errors(cfg: Config, world_size: Optional[int], env: bool = True, training: bool = True) -> list[str]:
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     errs = []
@@ -618,7 +622,7 @@ def _parallel_errors(cfg: Config, world_size: Optional[int], env: bool = True) -
         else:
             dp = world_size // (tp * pp)
             t = cfg.train
-            if t.global_batch_size % (t.micro_batch_size * dp):
+            if training and t.global_batch_size % (t.micro_batch_size * dp):
                 errs.append(
                     f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})"
                 )

@@ -166,3 +166,12 @@ def test_validate_names_the_key(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(load_config(None, overrides))
+
+
+def test_scoring_does_not_need_the_training_batch_split():
+    from megarank.config import validate
+
+    cfg = load_config(None, ["train.global_batch_size=4", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(4\) must be divisible"):
+        validate(cfg, world_size=2)
+    validate(cfg, world_size=2, training=False)  # a model trained at one layout scores at any

@@ -45,7 +45,8 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scored(teacher, tmp_path_factory):
     work = tmp_path_factory.mktemp("scored")
-    layouts = {"one": (1, []), "dp2": (2, []), "tp2": (2, ["parallel.tensor_model_parallel_size=2"])}
+    # dp2: the teacher's training split (global batch 4 of micro-batches of 4) cannot run at DP=2; scoring can.
+    layouts = {"one": (1, []), "dp2": (2, ["train.global_batch_size=4", "train.micro_batch_size=4"]), "tp2": (2, ["parallel.tensor_model_parallel_size=2"])}
     outputs = run_many({name: (n, megarank_cmd(n, "rerank", str(teacher), *extra, *ARGS, "--out", f"{name}.trec"))
                         for name, (n, extra) in layouts.items()}, cwd=work)
     return work, outputs

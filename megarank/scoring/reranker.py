@@ -217,7 +217,7 @@ class Reranker:
         run_dtype, reason = resolve_inference_dtype(dtype, cfg.model.dtype, device())
         cfg.model.dtype = run_dtype
         _padded_where_packing_cannot_run(cfg)
-        validate(cfg, world_size=dist.get_world_size())
+        validate(cfg, world_size=dist.get_world_size(), training=False)
         if dist.get_rank() == 0:
             log.info("scoring in %s (%s)", run_dtype, reason)
         model = build_model(cfg.model, cfg.parallel, init_weights=False)  # every weight is loaded (strictly) below
@@ -255,7 +255,7 @@ class Reranker:
         else:
             cfg = load_config(None if config is None else str(config), list(overrides))
         owns = _start_parallel(cfg, seed=True)
-        validate(cfg, world_size=dist.get_world_size())
+        validate(cfg, world_size=dist.get_world_size(), training=False)
         model = build_model(cfg.model, cfg.parallel).eval()
         reranker = cls(model, None, cfg, dtype_reason="the config's model.dtype")
         reranker._owns_process_group = owns
