@@ -34,7 +34,6 @@ agent's ``SignalException`` traceback (about 25 lines; two chained ones after a 
 A torchrun worker whose agent died (SIGKILL) must not save at all: ``should_stop`` ends such a process
 before any save can start (megarank/training/watchdog.py).
 """
-import multiprocessing
 import os
 import signal
 import sys
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from megarank.parallel.init import any_rank
-from megarank.training.watchdog import start_agent_watchdog, stop_if_agent_gone
+from megarank.training.watchdog import kill_child_processes, start_agent_watchdog, stop_if_agent_gone
 
 STOP_FILE = ".save_and_exit"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
@@ -108,15 +107,7 @@ class PreemptionWatcher:
                 os.write(2, line.encode())
             except OSError:
                 pass
-        try:
-            children = multiprocessing.active_children()  # the per-save writer processes, if a save is under way
-        except Exception:  # noqa: BLE001
-            children = []
-        for child in children:
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+        kill_child_processes()  # the per-save writer processes, if a save is under way
         os._exit(EXIT_INTERRUPTED)
 
     def should_stop(self) -> bool:

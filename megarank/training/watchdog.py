@@ -70,15 +70,7 @@ class AgentWatchdog:
                   "without saving (the checkpoint folder keeps its last complete step)", file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 -- the console may have gone with the agent; stopping matters more
             pass
-        try:
-            children = multiprocessing.active_children()
-        except Exception:  # noqa: BLE001 -- the main thread may be changing that set right now
-            children = []
-        for child in children:
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+        kill_child_processes()
         os._exit(EXIT_CODE)
 
 
@@ -101,3 +93,17 @@ def stop_if_agent_gone() -> None:
     """If this torchrun worker's agent is gone, end the process now, without saving."""
     if _watchdog is not None:
         _watchdog.check()
+
+
+def kill_child_processes() -> None:
+    """SIGKILL this process's multiprocessing children (the per-save checkpoint writers, if a save is under way)
+    before an ``os._exit``, so none outlives the worker."""
+    try:
+        children = multiprocessing.active_children()
+    except Exception:  # noqa: BLE001 -- the main thread may be changing that set right now
+        children = []
+    for child in children:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, TypeError):
+            pass
