@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="BM25 candidates per train query the teacher scores (>= --negatives-top-k)")
     p.add_argument("--top-k", type=int, default=100, help="BM25 candidates reranked per test query")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate on the first N test queries only")
+    p.add_argument("--queries-per-part", type=int, default=8,
+                   help="megarank evaluate --queries-per-part: scores saved every N queries, so that with --reuse a "
+                        "killed evaluation resumes where it stopped")
     p.add_argument("--eval-dtype", default="fp32", choices=("auto", "fp32", "bf16"), help="--dtype of megarank evaluate")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--throughput-runs", type=int, default=3, help="runs per layout")
@@ -303,7 +306,7 @@ def throughput(ckpt: Path, data: Path, work: Path, args) -> dict:
         "one process": (lambda out: megarank(*base, "--out", out), args.threads),
         "DP=2 torchrun": (lambda out: torchrun_cmd(2, "-m", "megarank", *base, "--out", out), 1),
     }
-    result = {name: {"pairs_per_s": [], "wall_s": []} for name in layouts}
+    result = {name: {"pairs_per_s": [], "wall_s": [], "load_average_before": []} for name in layouts}
     outs = {name: [] for name in layouts}
     for i in range(args.throughput_runs):
         for name, (cmd, threads) in layouts.items():  # alternating, so machine load hits both alike
@@ -311,6 +314,7 @@ def throughput(ckpt: Path, data: Path, work: Path, args) -> dict:
             out = work / "throughput" / f"{tag}-{i + 1}.trec"
             shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
             out.unlink(missing_ok=True)
+            result[name]["load_average_before"].append(round(os.getloadavg()[0], 2))
             wall, log = run_logged(cmd(out), work / "logs" / f"throughput-{tag}-{i + 1}.log", threads)
             n, rate = rerank_rate(log)
             result[name]["pairs"] = n
@@ -389,9 +393,11 @@ def main(argv=None) -> int:
             h, m, sec = (int(x or 0) for x in FINAL_TIME.findall(log)[-1])
             arm["eval_s"], arm["eval_reused"] = 3600 * h + 60 * m + sec, True
         else:
-            shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+            if not args.reuse:  # a fresh job; with --reuse the parts a killed job saved are kept and not scored again
+                shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
             cmd = megarank("evaluate", arm["run"], "--data", data, "--split", "test", "--top-k", args.top_k,
-                           "--dtype", args.eval_dtype, "--out", out, "--metrics-out", metrics_out)
+                           "--dtype", args.eval_dtype, "--out", out, "--metrics-out", metrics_out,
+                           "--queries-per-part", args.queries_per_part)
             if args.max_queries:
                 cmd += ["--max-queries", args.max_queries]
             arm["eval_s"], log = run_logged(cmd, log_path, args.threads)

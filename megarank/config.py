@@ -174,9 +174,9 @@ class DataConfig:
     template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
     packing: bool = _f(True, "Pack each micro-batch / scoring batch into one token stream of whole sequences (no padding; "
                        "attention stays inside each sequence): same scores and gradients as padded batches (fp32 "
-                       "rounding). On by default because it is faster: 1.35-1.40x the padded real tokens/s (1.37-1.38x "
-                       "a transformers cross-encoder's) in fp32 and 1.23-1.32x in bf16 on SciFact training "
-                       "micro-batches, SmolLM2-135M shape, quiet CPU (benchmarks/RESULTS.md). Needs "
+                       "rounding). On by default because it is faster: 1.33-1.40x the padded real tokens/s (1.31-1.38x "
+                       "a transformers cross-encoder's) in fp32 and 1.23-1.32x (1.26-1.31x) in bf16 on SciFact "
+                       "training micro-batches, SmolLM2-135M shape, AVX512-BF16 CPU, 5 runs (benchmarks/RESULTS.md). Needs "
                        "model.attention_backend sdpa on the local spec (megatron's DotProductAttention cannot pack).")
     skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")

@@ -71,9 +71,8 @@ def test_gpu_peak_comes_from_the_datasheet_table(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_measured_gemm_peak_is_what_a_directly_timed_sustained_matmul_reaches(dtype):
-    """The MFU denominator against a 2048³ matmul timed here by the wall clock (median of 3): within 0.5-1.6x (a
+    """The MFU denominator against a 2048³ matmul timed here by the wall clock (best of 3): within 0.5-1.6x (a
     loaded machine slows either), so a peak counted twice (a one-thread call credited with every thread's rate, as CPU-time rates did) fails."""
-    import statistics
     import time
 
     import torch
@@ -92,5 +91,5 @@ def test_measured_gemm_peak_is_what_a_directly_timed_sustained_matmul_reaches(dt
         tic = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - tic)
-    direct = 2 * 2048**3 / statistics.median(times)
+    direct = 2 * 2048**3 / min(times)
     assert 0.5 <= peak / direct <= 1.6, (peak / 1e9, direct / 1e9)
