@@ -275,6 +275,33 @@ def mean_kendall_tau(scores: dict, reference: dict) -> tuple[float, int]:
     return (sum(taus) / len(taus) if taus else float("nan")), len(taus)
 
 
+def per_query(qrels: dict, scores: dict, teacher: dict) -> dict:
+    """{qid: (nDCG@10, Kendall tau vs the teacher)} of one ranker."""
+    from megarank.scoring.metrics import evaluate_run
+
+    out = {}
+    for qid, docs in scores.items():
+        if qid in qrels and any(r > 0 for r in qrels[qid].values()):
+            out[qid] = (float(evaluate_run({qid: qrels[qid]}, {qid: docs}, ("nDCG@10",))["nDCG@10"]),
+                        float(mean_kendall_tau({qid: docs}, teacher)[0]))
+    return out
+
+
+def paired(a: dict, b: dict) -> dict:
+    """b against a, query by query (nDCG@10 and tau): mean difference, wins / ties / losses of b, and the two-sided
+    Wilcoxon signed-rank p (zero differences dropped; scipy.stats.wilcoxon)."""
+    from scipy.stats import wilcoxon
+
+    result = {}
+    for i, metric in enumerate(("nDCG@10", "tau")):
+        diffs = [float(b[q][i] - a[q][i]) for q in a if q in b and not math.isnan(a[q][i]) and not math.isnan(b[q][i])]
+        nonzero = [d for d in diffs if d != 0]
+        result[metric] = {"mean_diff": sum(diffs) / len(diffs), "wins": int(sum(d > 0 for d in diffs)),
+                          "ties": len(diffs) - len(nonzero), "losses": int(sum(d < 0 for d in diffs)),
+                          "wilcoxon_p": float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 10 else None}
+    return result
+
+
 def bm25_scores(data: Path, split: str, qids, top_k: int) -> dict:
     """BM25's ranking at depth ``top_k`` as scores (higher = better), as megarank's first-stage metrics."""
     from megarank.data import find_run_file, read_run
@@ -297,11 +324,6 @@ def throughput(ckpt: Path, data: Path, work: Path, args) -> dict:
     base = ["rerank", ckpt, "--data", data, "--split", "test", "--top-k", args.top_k, "--dtype", args.throughput_dtype]
     if args.throughput_max_queries:
         base += ["--max-queries", args.throughput_max_queries]
-    # Workaround: `megarank rerank` validates the checkpoint's *training* batch keys against the scoring world, so a
-    # checkpoint trained in one process with global batch = micro batch (8 = 8) is refused at DP=2 ("global_batch_size
-    # (8) must be divisible by train.micro_batch_size x data-parallel size (8 x 2)"). These keys do not affect scoring;
-    # both layouts get the same overrides.
-    base += ["train.micro_batch_size=1", "train.global_batch_size=2"]
     layouts = {
         "one process": (lambda out: megarank(*base, "--out", out), args.threads),
         "DP=2 torchrun": (lambda out: torchrun_cmd(2, "-m", "megarank", *base, "--out", out), 1),
@@ -405,6 +427,7 @@ def main(argv=None) -> int:
         scores = read_trec_run(out)
         tau, n_tau = mean_kendall_tau(scores, teacher_test)
         rows[f"student {name}"] = {**evaluate_run(qrels, scores, metrics), "tau": tau}
+        arm["per_query"] = per_query(qrels, {q: scores[q] for q in qids if q in scores}, teacher_test)
         arm["metrics_out"] = str(metrics_out)
         arm["tau_queries"] = n_tau
 
@@ -414,6 +437,9 @@ def main(argv=None) -> int:
         arm = args.throughput_arm or next((a for a in report["arms"] if a.startswith("kl")), next(iter(report["arms"])))
         report["throughput"] = {"arm": arm, **throughput(Path(report["arms"][arm]["run"]), data, work, args)}
 
+    if "hard" in report["arms"]:  # each distilled student against the hard-label one, query by query
+        report["paired_vs_hard"] = {name: paired(report["arms"]["hard"]["per_query"], arm["per_query"])
+                                    for name, arm in report["arms"].items() if name != "hard"}
     report["rows"] = rows
     report["total_s"] = time.perf_counter() - started
     report["load_average_after"] = os.getloadavg()
@@ -427,6 +453,11 @@ def main(argv=None) -> int:
     for name, arm in report["arms"].items():
         print(f"{name}: train {arm['train_s']:.0f} s ({arm['s_per_step']:.2f} s/step), loss {arm['loss_first_logged']} -> "
               f"{arm['loss_last_logged']}; evaluate {arm['eval_s']:.0f} s ({arm['eval_pairs_per_s']} pairs/s)")
+    for name, cmp in report.get("paired_vs_hard", {}).items():
+        print(f"{name} vs hard, per query: " + "; ".join(
+            f"{m} mean diff {c['mean_diff']:+.4f}, {c['wins']} better / {c['ties']} equal / {c['losses']} worse, "
+            f"Wilcoxon p {c['wilcoxon_p']:.3g}" if c["wilcoxon_p"] is not None else f"{m} mean diff {c['mean_diff']:+.4f}"
+            for m, c in cmp.items()))
     if "throughput" in report:
         tp = report["throughput"]
         for name, r in tp["layouts"].items():

@@ -149,6 +149,18 @@ def test_a_latest_marker_that_names_a_missing_step_is_a_named_error(tmp_path):
         resolve_checkpoint(str(tmp_path))
 
 
+def test_a_runs_latest_file_passes_the_checkpoint_checks_a_stray_file_does_not(tmp_path):
+    from megarank.checkpoint.run_folder import run_dir_of_pointer
+    from megarank.cli.preflight import checkpoint_problem
+
+    (tmp_path / "latest").write_text("step-7\n")
+    (tmp_path / "notes.txt").write_text("x")
+    assert checkpoint_problem(tmp_path / "latest") is None and run_dir_of_pointer(tmp_path / "latest") == tmp_path
+    assert checkpoint_problem(tmp_path / "notes.txt") == "is a file, expected a folder"
+    assert checkpoint_problem(tmp_path / "gone" / "latest") == "does not exist"
+    assert run_dir_of_pointer(tmp_path / "notes.txt") == tmp_path / "notes.txt"
+
+
 def test_rerank_top_k_20_names_recall_after_its_depth_and_outputs_get_the_usual_file_mode(evaluated):
     import os
     import stat

@@ -93,6 +93,15 @@ def test_step_run_and_hf_folders_load_the_same_weights_and_score_like_transforme
     assert (rerankers["step"].dtype, rerankers["step"].dtype_reason) == ("fp32", "requested")
 
 
+def test_a_run_folders_latest_file_means_the_run_folder(folders, rerankers, one_rank):
+    """`runs/x/latest` (what a user tab-completes to) loads the step it names, not an error about a file."""
+    from megarank import Reranker
+
+    r = Reranker.from_checkpoint(folders["run"] / "latest", dtype="fp32")
+    assert r.checkpoint == folders["run"] / "step-3"
+    assert torch.equal(r.score(PAIRS), rerankers["run"].score(PAIRS))
+
+
 def test_scores_come_in_input_order_whatever_the_batching(rerankers):
     from megarank import Reranker
 

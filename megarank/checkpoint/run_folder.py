@@ -21,9 +21,16 @@ from megarank.checkpoint.layout import (
 log = logging.getLogger("megarank.checkpoint")
 
 
+def run_dir_of_pointer(path) -> Path:
+    """``runs/x/latest`` (the pointer file a run directory keeps) means the run directory ``runs/x``; any other
+    path is itself."""
+    path = Path(path)
+    return path.parent if path.name == LATEST and path.is_file() else path
+
+
 def model_folder(checkpoint_dir) -> Path:
-    """A checkpoint folder from itself, its ``model/`` or a run directory (via ``latest``)."""
-    path = Path(checkpoint_dir)
+    """A checkpoint folder from itself, its ``model/``, a run directory (via ``latest``) or its ``latest`` file."""
+    path = run_dir_of_pointer(checkpoint_dir)
     if path.name == MODEL_DIR and (path / "metadata.json").is_file() and not (path / MODEL_DIR).is_dir():
         return path.parent
     if not path.exists():
@@ -95,9 +102,10 @@ def latest_checkpoint(run_dir, parts=None) -> Optional[Path]:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder itself, or the step folder that a run directory's ``latest`` names; its weights'
-    files are checked against the manifest (a damaged ``latest`` step falls back, see latest_checkpoint)."""
-    path = Path(path)
+    """A checkpoint folder itself, or the step folder that a run directory's ``latest`` names (the run directory
+    or its ``latest`` file given); its weights' files are checked against the manifest (a damaged ``latest`` step
+    falls back, see latest_checkpoint)."""
+    path = run_dir_of_pointer(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} does not exist or is not a folder")
     if not (path / MODEL_DIR).is_dir() and (path / LATEST).is_file():

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from megarank.cli.preflight import UsageError, beir_problem, check_input, check_output_file
+from megarank.cli.preflight import UsageError, beir_problem, check_input, check_output_file, checkpoint_problem
 from megarank.files import atomic_write_text
 
 
@@ -19,7 +19,8 @@ def check_evaluation_args(args) -> None:
     from megarank.config import apply_overrides
 
     apply_overrides({}, list(args.overrides))  # keys and types only: the values land on the checkpoint's config
-    check_input(args.checkpoint, "checkpoint", "folder")
+    if problem := checkpoint_problem(args.checkpoint):
+        raise UsageError(f"checkpoint {args.checkpoint} {problem}")
     if problem := beir_problem(args.data, args.split):
         raise UsageError(f"--data {args.data} {problem}")
     check_input(args.run, "--run", "file")

@@ -84,6 +84,13 @@ def input_problem(path: str | os.PathLike, kind: str) -> Optional[str]:
     return None
 
 
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why `path` is neither a folder nor a run directory's ``latest`` file (which names its newest step), or None."""
+    from megarank.checkpoint.layout import LATEST
+
+    return None if Path(path).name == LATEST and Path(path).is_file() else input_problem(path, "folder")
+
+
 def check_input(path: Optional[str], name: str, kind: str, error=UsageError, hint: str = "") -> None:
     if path is not None and (problem := input_problem(path, kind)):
         raise error(f"{name} {path} {problem}{hint}")
@@ -120,8 +127,8 @@ def check_train_config(cfg) -> None:
     if d.eval_path is not None and (problem := beir_problem(d.eval_path, d.eval_split)):
         errors.append(f"data.eval_path {d.eval_path} {problem}")
     for key, path, kind in (("data.train_run", d.train_run, "file"), ("data.eval_run", d.eval_run, "file"),
-                            ("data.tokenizer", d.tokenizer, "folder"), ("checkpoint.load", c.load, "folder")):
-        if path is not None and (problem := input_problem(path, kind)):
+                            ("data.tokenizer", d.tokenizer, "folder"), ("checkpoint.load", c.load, "checkpoint")):
+        if path is not None and (problem := checkpoint_problem(path) if kind == "checkpoint" else input_problem(path, kind)):
             errors.append(f"{key} {path} {problem}")
     for key, path in (("checkpoint.dir", c.dir), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
         if path is not None and (problem := output_dir_problem(path)):
