@@ -158,6 +158,8 @@ def test_train_sbatch_tiny(reference_run):
     assert f"step {STEPS}/{STEPS}" in log, log  # the logging rank's lines reach the job log
     assert "--- pip freeze" in log and "megarank" in log, log
     assert "TP 1 x PP 1 x DP 2" in log, log  # the pre-flight validated the layout
+    last = log.strip().splitlines()[-1]  # launch/slurm/job_status.sh: the log's last line says how the job ended
+    assert last.endswith(f": FINISHED (latest checkpoint: step {STEPS} ({ckpt}/step-{STEPS}))"), last
 
 
 def test_preemption_saves_requeues_and_resumes_bit_exact(cluster, reference_run):
@@ -192,6 +194,8 @@ def test_preemption_saves_requeues_and_resumes_bit_exact(cluster, reference_run)
     saved_step = int(saved[0].rsplit(" ", 1)[1])
     assert 1 <= saved_step < STEPS, f"preempted at step {saved_step} of {STEPS}: too late to test a resume\n{log}"
     assert f"requeueing job {job[0]}" in log and "restart 1" in log, log
+    assert f"megarank job {job[0]}: PREEMPTED at the time-limit warning (USR1); saved and requeued" in log, log
+    assert log.strip().splitlines()[-1].startswith(f"=== megarank job {job[0]}: FINISHED (latest checkpoint: step {STEPS}")
     assert f"resumed from {ckpt / f'step-{saved_step}'}" in log, log
     assert (ckpt / "latest").read_text().strip() == f"step-{STEPS}", log
     assert not (ckpt / ".save_and_exit").exists()
