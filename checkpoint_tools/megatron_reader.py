@@ -3,7 +3,8 @@
 A ``torch_dist`` checkpoint stores global tensors (layers stacked on dim 0), split into whatever chunks the saving
 ranks held. Reading ``[i]`` of a stacked tensor through ``dist_checkpointing.load`` with a one-layer ShardedTensor
 lets DCP gather exactly that slice from the overlapping chunks, so memory stays at about one layer. Only
-``model/`` is read: a training checkpoint's ``optimizer/`` and ``train_state/`` are skipped.
+``model/`` is read: a training checkpoint's ``optimizer/`` and ``train_state/`` are skipped. Its pickles are read
+through the allow-lists of megarank/checkpoint/safe_pickle.py (a checkpoint never runs code it carries).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.keymap import EMBEDDING, LAYER_MAPPINGS, megatron_keys, megatron_shapes
+from megarank.checkpoint import safe_pickle
 from megarank.checkpoint.layout import CONFIG_FILE, MODEL_DIR
 
 
@@ -39,11 +41,11 @@ class MegatronWeights:
     """Stored tensor metadata of ``<ckpt>/model`` and one-layer reads."""
 
     def __init__(self, ckpt: Path):
-        from megatron.core import dist_checkpointing
-
         self.dir = Path(ckpt) / MODEL_DIR
         try:
-            meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
+            meta = safe_pickle.load_tensors_metadata(self.dir)
+        except safe_pickle.RefusedPickle as e:
+            raise ConversionError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - unreadable metadata is a bad checkpoint
             raise ConversionError(f"{self.dir} could not be read as a torch_dist checkpoint ({e})") from None
         self.shapes = {k: tuple(v.global_shape) for k, v in meta.items()}
@@ -67,13 +69,15 @@ class MegatronWeights:
                 )
 
     def _load(self, sharded: dict) -> dict:
-        from megatron.core import dist_checkpointing
+        from megarank.checkpoint import CheckpointError, check_finite
 
         ensure_process_group()
         with warnings.catch_warnings():  # megatron 0.16 calls DCP's deprecated load_state_dict: not ours to fix
             warnings.filterwarnings("ignore", message=".*load_state_dict.* is deprecated", category=FutureWarning)
-            loaded = dist_checkpointing.load(sharded, str(self.dir), validate_access_integrity=False)
-        from megarank.checkpoint import CheckpointError, check_finite
+            try:
+                loaded = safe_pickle.load(sharded, self.dir, validate_access_integrity=False)
+            except safe_pickle.RefusedPickle as e:
+                raise ConversionError(str(e)) from None
 
         try:  # NaN/Inf weights (a damaged or diverged checkpoint) must not reach an export
             check_finite(loaded.items(), self.dir)

@@ -19,6 +19,7 @@ from typing import Optional, Protocol
 import torch
 import torch.distributed as dist
 
+import megarank.checkpoint.safe_pickle as safe_pickle
 from megarank.checkpoint.collective import barrier, is_rank0, rank
 from megarank.checkpoint.integrity import verify_checkpoint_files, write_manifest
 from megarank.checkpoint.layout import (
@@ -145,7 +146,9 @@ def load_train_state(step_dir: Path) -> dict:
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing: {step_dir} is incomplete")
     try:
-        return torch.load(state_file, weights_only=True)
+        return safe_pickle.torch_load(state_file)
+    except safe_pickle.RefusedPickle:
+        raise
     except Exception as e:  # noqa: BLE001 - an unreadable file is a damaged checkpoint, whatever torch raises
         raise CheckpointError(f"{state_file} is damaged and cannot be read ({type(e).__name__})") from None
 
@@ -159,15 +162,13 @@ def load_training_checkpoint(step_dir, model, optimizer_state: Optional[Optimize
     layout reads its part of. A checkpoint saved without optimizer state (``checkpoint.save_optimizer:
     false``) resumes with a fresh optimizer, and that is logged.
     """
-    from megatron.core import dist_checkpointing
-
     step_dir = Path(step_dir)
     verify_checkpoint_files(step_dir)
     load_model_weights(model, step_dir)
     if optimizer_state is not None and (step_dir / OPTIMIZER_DIR).is_dir():
-        opt_dir = str(step_dir / OPTIMIZER_DIR)
-        saved_keys = set(dist_checkpointing.load_tensors_metadata(opt_dir))
-        loaded = dist_checkpointing.load(optimizer_state.sharded_state_dict(is_loading=True, saved_keys=saved_keys), opt_dir)
+        opt_dir = step_dir / OPTIMIZER_DIR
+        saved_keys = set(safe_pickle.load_tensors_metadata(opt_dir))
+        loaded = safe_pickle.load(optimizer_state.sharded_state_dict(is_loading=True, saved_keys=saved_keys), opt_dir)
         optimizer_state.restore(loaded)
     elif optimizer_state is not None:
         optimizer_state.reload_model_params()  # bf16/fp16: fp32 master weights from the loaded model, not the build-time ones

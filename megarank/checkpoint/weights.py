@@ -4,13 +4,15 @@ FP8 ``_extra_state`` beside them, the shape and architecture checks, and the sav
 FP8 ``_extra_state`` is saved beside the weights, not in ``model/``, so ``model/`` stays the same for the
 local and the TE spec (and for converted checkpoints, which have none). It is loaded when the checkpoint and
 the model both have it; otherwise the reason it is not is logged. Every load checks the manifest first and
-names the damaged file; loaded weights must be finite.
+names the damaged file; loaded weights must be finite. Every pickle in the folder is read through the
+allow-lists of megarank/checkpoint/safe_pickle.py (a checkpoint never runs code it carries).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import megarank.checkpoint.safe_pickle as safe_pickle
 from megarank.checkpoint.collective import any_rank, first_error
 from megarank.checkpoint.integrity import check_finite, verify_checkpoint_files
 from megarank.checkpoint.layout import CONFIG_FILE, EXTRA_DIR, MODEL_DIR, MODEL_PARTS, CheckpointError
@@ -62,13 +64,11 @@ def save_extra_state(model, directory: Path) -> None:
 
 def load_extra_state(model, folder: Path) -> None:
     """Collective: load ``extra_state/`` into a model that has ``_extra_state``; log why not otherwise."""
-    from megatron.core import dist_checkpointing
-
     extra = extra_state_sharded_state_dict(model)
     saved = (folder / EXTRA_DIR / "metadata.json").is_file()
     has = _has_extra_state(extra)
     if saved and any_rank(has):
-        loaded = dist_checkpointing.load(extra, str(folder / EXTRA_DIR))
+        loaded = safe_pickle.load(extra, folder / EXTRA_DIR)
         model.load_state_dict(loaded, strict=False)
         log.info("loaded FP8 scaling state (_extra_state) from %s", folder / EXTRA_DIR)
     elif saved:
@@ -102,9 +102,7 @@ def _expected_shapes(sharded: dict) -> dict:
 
 def _check_tensor_shapes(sharded: dict, model_dir: Path, folder: Path) -> None:
     """Every tensor the model needs is in ``model/`` with the global shape the config implies."""
-    from megatron.core import dist_checkpointing
-
-    stored = {k: tuple(v.global_shape) for k, v in dist_checkpointing.load_tensors_metadata(str(model_dir)).items()}
+    stored = {k: tuple(v.global_shape) for k, v in safe_pickle.load_tensors_metadata(model_dir).items()}
     for key, (shape, rows_may_differ) in _expected_shapes(sharded).items():
         if key not in stored:
             raise CheckpointError(f"{model_dir} has no tensor {key}, which this model needs; "
@@ -118,7 +116,6 @@ def load_model_weights(model, checkpoint_dir, strict: bool = True) -> None:
     """Collective: load the weights of a megarank checkpoint folder (or its ``model/``, or a run directory's
     ``latest`` step) into ``model``, after checking the folder's checksums; the loaded weights must be finite.
     FP8 ``_extra_state`` is loaded too where both sides have it."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     folder = model_folder(checkpoint_dir)
@@ -130,7 +127,7 @@ def load_model_weights(model, checkpoint_dir, strict: bool = True) -> None:
     if strict:
         _check_tensor_shapes(sharded, model_dir, folder)
     handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL
-    loaded = dist_checkpointing.load(sharded, str(model_dir), strict=handling)
+    loaded = safe_pickle.load(sharded, model_dir, strict=handling)
     model.load_state_dict(loaded, strict=False)
     missing = [k for k in model.state_dict() if k not in loaded and not _is_extra_state(k)]
     if strict and missing:
