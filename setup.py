@@ -35,7 +35,7 @@ setup(
     extras_require={
         # Transformer Engine (FP8 on Hopper). apex comes from the NGC PyTorch container; it has no usable wheel.
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "sentence-transformers", "accelerate", "gguf"],
+        "test": ["pytest", "sentence-transformers", "accelerate", "gguf", "wandb"],
     },
     entry_points={
         "console_scripts": [

@@ -261,6 +261,16 @@ class LoggingConfig:
 
     tensorboard_dir: Optional[str] = _f(None, "TensorBoard event files; null = <checkpoint.dir>/tensorboard when saving.")
     level: Literal["DEBUG", "INFO", "WARNING"] = _f("INFO", "Python logging level.")
+    wandb_project: Optional[str] = _f(None, "Weights & Biases project; null = no W&B logging (off by default). Needs "
+                                      "`pip install wandb`; logs what TensorBoard gets, plus the resolved config.")
+    wandb_entity: Optional[str] = _f(None, "W&B entity (team or user); null = your W&B default.")
+    wandb_name: Optional[str] = _f(None, "W&B run name; null = <SLURM job name>-<SLURM job id> under SLURM, else the "
+                                   "checkpoint folder's name.")
+    wandb_group: Optional[str] = _f(None, "W&B group; null = the SLURM job name under SLURM, else none.")
+    wandb_mode: Literal["online", "offline"] = _f("online", "offline: W&B writes the run under logging.wandb_dir only "
+                                                  "(no network; upload later with `wandb sync DIR`).")
+    wandb_dir: Optional[str] = _f(None, "W&B's files; null = <checkpoint.dir>/wandb when saving, else ./wandb. A "
+                                  "resumed or requeued run with the same checkpoint.dir continues the same W&B run.")
 
 
 @dataclass
@@ -567,7 +577,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_environment: b
     """
     errors = (_model_errors(cfg.model, check_environment)
               + _parallel_errors(cfg, world_size, check_environment, training)
-              + _train_errors(cfg, check_environment) + _gpu_layout_errors(cfg, check_environment))
+              + _train_errors(cfg, check_environment) + _gpu_layout_errors(cfg, check_environment)
+              + _logging_errors(cfg.logging, check_environment))
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -675,6 +686,19 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
     if d.format == "jsonl" and d.train_path is None:
         errs.append("data.train_path must name a JSONL file when data.format=jsonl")
     return errs
+
+
+def _logging_errors(lg: LoggingConfig, env: bool = True) -> list[str]:
+    if lg.wandb_project is None:  # the other wandb_* keys may stay set: null here turns W&B off
+        return []
+    if not lg.wandb_project.strip():
+        return ["logging.wandb_project must not be empty (null turns W&B off)"]
+    if env:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            return ["logging.wandb_project is set but wandb is not installed (pip install wandb)"]
+    return []
 
 
 def _gpu_layout_errors(cfg: Config, env: bool = True) -> list[str]:

@@ -28,11 +28,15 @@ def _fmt_mfu(value) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, enabled: bool, total_steps: int, tensorboard_dir: Optional[str] = None):
+    """The log line, TensorBoard and (when given) a W&B run (megarank/training/wandb_run.py); all only where
+    ``enabled`` (the logging rank)."""
+
+    def __init__(self, enabled: bool, total_steps: int, tensorboard_dir: Optional[str] = None, wandb=None):
         self.enabled = enabled
         self.total_steps = total_steps
         self.start = time.time()
         self.writer = None
+        self.wandb = wandb if enabled else None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -57,7 +61,11 @@ class MetricsLogger:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(prefix, step, values)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()

@@ -60,6 +60,16 @@ def _mfu_peak(cfg: Config) -> float:
     return peak
 
 
+def _wandb_run(cfg, run_dir):
+    """A W&B run on the logging rank when logging.wandb_project is set, else None."""
+    if cfg.logging.wandb_project is None or not _is_logging_rank():
+        return None
+    from megarank.config import config_to_dict
+    from megarank.training.wandb_run import WandbRun
+
+    return WandbRun(cfg.logging, run_dir, config_to_dict(cfg))
+
+
 def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
     """Evaluate on data.eval_* through the public scorer (batching from data.eval_batch_tokens / eval_batch_size /
     packing); NaN scores rank their candidates last (megarank/scoring/beir.py) with a warning, so a diverging
@@ -109,7 +119,7 @@ def train(cfg: Config) -> dict:
     step, nonfinite = progress["step"], progress["nonfinite"]
     run_dir = checkpoints.dir
     tb_dir = cfg.logging.tensorboard_dir or (str(run_dir / "tensorboard") if run_dir else None)
-    logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir)
+    logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir, _wandb_run(cfg, run_dir))
     watcher = PreemptionWatcher(str(run_dir) if run_dir else None, reports=_is_logging_rank())
     peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
     metrics, start_step, saved_step, interrupted = {}, step, None, None
