@@ -148,3 +148,40 @@ def test_core_rope_under_activation_recompute(recompute):
     GPU only: megatron's checkpointing forks the CUDA RNG tracker (tensor_parallel/random.py)."""
     model = _build(*recompute).train()
     _compare(model, padded_batch([16, 13, 7, 1, 24]))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed_bucket"])
+def test_masked_gqa_repeats_kv_as_cuda_needs_and_scores_the_same(monkeypatch, layout):
+    """On CUDA, SDPA with a mask and enable_gqa falls back to the math kernel (transformers' use_gqa_in_sdpa), so the
+    core attention repeats K/V there. The CUDA rule is forced here on the CPU: same scores and gradients, and every
+    masked call really ran without enable_gqa on repeated K/V."""
+    import torch.nn.functional as F
+
+    import megarank.model.attention as attention
+    from megarank.data.packing import pack_padded
+
+    assert attention.gqa_natively("cpu", masked=True) and attention.gqa_natively("cuda", masked=False)
+    assert not attention.gqa_natively("cuda", masked=True)
+    monkeypatch.setattr(attention, "PACKED_ATTENTION", "bucket")  # packed buckets pass a mask too
+    batch = padded_batch([16, 13, 7, 1, 24])
+    if layout == "packed_bucket":
+        batch = pack_padded(batch, PAD_ID, 8)
+    model = _build()
+    heads, groups = model.config.num_attention_heads, model.config.num_query_groups
+    assert groups < heads, "the tiny config must use GQA for this test to mean anything"
+    ref_scores, ref_grads = _scores_and_grads(model, batch)
+
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((attn_mask is not None, kw.get("enable_gqa", False), k.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(attention, "gqa_natively", lambda device_type, masked: not masked)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    scores, grads = _scores_and_grads(model, batch)
+    masked = [c for c in calls if c[0]]
+    assert masked and all(not gqa and kv_heads == heads for _, gqa, kv_heads in masked), calls
+    assert_rel_close(scores, ref_scores, "scores", RTOL)
+    for name, g in ref_grads.items():
+        assert_rel_close(grads[name], g, f"grad {name}", RTOL)

@@ -72,24 +72,24 @@ class SDPACoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         keep = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=keep,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=attention_mask is None and mask_type == AttnMaskType.causal,
-            scale=self.softmax_scale,
-            enable_gqa=self.heads_per_partition != self.groups_per_partition,
-        )
+        out = self._sdpa(q, k, v, keep, is_causal=attention_mask is None and mask_type == AttnMaskType.causal)
         # [b, n, s, d] -> [s, b, n * d]
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
-    def _sdpa(self, q, k, v, keep=None):
+    def _sdpa(self, q, k, v, keep=None, is_causal=False):
+        """SDPA on [b, n, s, d]. Grouped-query attention: SDPA's own ``enable_gqa``, except on CUDA with a mask,
+        where the flash and memory-efficient kernels refuse GQA and SDPA falls back to the math kernel
+        (transformers repeats K/V there for this reason: integrations/sdpa_attention.py ``use_gqa_in_sdpa``, "CUDA
+        ... require no mask"); there K/V are repeated per query head, the same attention."""
+        gqa = self.heads_per_partition != self.groups_per_partition
+        if gqa and not gqa_natively(q.device.type, masked=keep is not None):
+            repeat = self.heads_per_partition // self.groups_per_partition
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+            gqa = False
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
-            enable_gqa=self.heads_per_partition != self.groups_per_partition,
+            q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0, is_causal=is_causal,
+            scale=self.softmax_scale, enable_gqa=gqa,
         )
 
     def _rope_packed(self, query, key, packed):
@@ -133,6 +133,11 @@ class SDPACoreAttention(MegatronModule):
             o = self._sdpa(q, k, v, keep).transpose(1, 2).reshape(-1, *query.shape[1:])
             out[index[rows]] = o[rows]
         return out.reshape(t, -1)
+
+
+def gqa_natively(device_type: str, masked: bool) -> bool:
+    """Whether SDPA's ``enable_gqa`` keeps a fast kernel: not on CUDA with a mask (see SDPACoreAttention._sdpa)."""
+    return not (masked and device_type == "cuda")
 
 
 # "loop": one SDPA call per sequence (default); "bucket": length-bucketed SDPA. Module-level
