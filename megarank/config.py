@@ -109,6 +109,21 @@ class ModelConfig:
     apply_rope_fusion: bool = _f(
         True, "Transformer Engine's fused RoPE kernel for q and k. Used only with Transformer Engine on CUDA."
     )
+    lora_rank: int = _f(
+        0,
+        "LoRA: rank r of the low-rank adapters added to the frozen base linears (model/adapters.py); 0 = off (full "
+        "fine-tuning). With LoRA only the adapters and the score head train, the base comes from checkpoint.load, "
+        "and checkpoints hold the trained tensors only. Must be a multiple of parallel.tensor_model_parallel_size.",
+    )
+    lora_alpha: float = _f(32.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank.")
+    lora_dropout: float = _f(0.0, "LoRA: dropout on each adapter's input, in [0, 1).")
+    lora_targets: list[Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]] = _f(
+        ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+        "LoRA: the base linears that get adapters: linear_qkv (fused q/k/v), linear_proj (attention output), "
+        "linear_fc1 (fused gate/up), linear_fc2 (down).",
+    )
+    lora_train_final_norm: bool = _f(False, "LoRA: also train the final RMSNorm in full (the score head always trains).")
+
 
     # Derived values, defined once here (litgpt's Config.__post_init__ plays this part): properties, so a dotted
     # override or a YAML change can never leave them stale, and they are never written to config.yaml.
@@ -579,6 +594,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_environment: b
               + _parallel_errors(cfg, world_size, check_environment, training)
               + _train_errors(cfg, check_environment) + _gpu_layout_errors(cfg, check_environment)
               + _logging_errors(cfg.logging, check_environment))
+    if training and cfg.model.lora_rank > 0 and not cfg.checkpoint.load:
+        errors.append("model.lora_rank > 0 trains adapters on a frozen base: set checkpoint.load to the base model's "
+                      "checkpoint (e.g. from megarank-convert hf-to-megatron)")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
 
@@ -601,8 +619,26 @@ def _model_errors(m: ModelConfig, env: bool = True) -> list[str]:
             errs.append("model.fp8 needs Transformer Engine and CUDA: pip install 'megarank[gpu]' (or use an NGC PyTorch container) on a GPU machine, or set model.fp8=null")
         if m.dtype == "fp32":
             errs.append("model.fp8 needs model.dtype bf16 (FP8 GEMMs with bf16 elsewhere)")
+    errs += _lora_errors(m)
     if env and m.transformer_impl == "transformer_engine" and not transformer_engine_available():
         errs.append("model.transformer_impl=transformer_engine needs Transformer Engine and CUDA: pip install 'megarank[gpu]', or set model.transformer_impl=local")
+    return errs
+
+
+def _lora_errors(m: ModelConfig) -> list[str]:
+    if m.lora_rank < 0:
+        return [f"model.lora_rank must be >= 0 (got {m.lora_rank}; 0 = no LoRA)"]
+    if m.lora_rank == 0:
+        return []
+    errs = []
+    if not m.lora_alpha > 0:
+        errs.append(f"model.lora_alpha must be > 0 (got {m.lora_alpha})")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        errs.append(f"model.lora_dropout must be in [0, 1) (got {m.lora_dropout})")
+    if not m.lora_targets:
+        errs.append("model.lora_targets must name at least one of linear_qkv, linear_proj, linear_fc1, linear_fc2")
+    elif len(set(m.lora_targets)) != len(m.lora_targets):
+        errs.append(f"model.lora_targets lists a target twice ({', '.join(m.lora_targets)})")
     return errs
 
 
@@ -618,6 +654,9 @@ def _parallel_errors(cfg: Config, world_size: Optional[int], env: bool = True, t
         errs.append(f"model.num_query_groups ({m.num_query_groups}) must be divisible by parallel.tensor_model_parallel_size ({tp})")
     if m.ffn_hidden_size % tp:
         errs.append(f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor_model_parallel_size ({tp})")
+    if m.lora_rank > 0 and m.lora_rank % tp:
+        errs.append(f"model.lora_rank ({m.lora_rank}) must be divisible by parallel.tensor_model_parallel_size ({tp}): "
+                    "the adapters of column-parallel linears split their rank over TP")
     if m.num_layers % pp:
         errs.append(f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline_model_parallel_size ({pp})")
     if p.sequence_parallel and tp == 1:

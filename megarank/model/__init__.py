@@ -47,6 +47,10 @@ def build_model(model_cfg, parallel_cfg, *, init_weights: bool = True, ddp_train
     )
     if not init_weights:
         _mark_tensor_parallel_weights(model)
+    if model_cfg.lora_rank > 0:
+        from megarank.model.adapters import add_lora
+
+        add_lora(model, model_cfg)  # adapters on the frozen base linears; only adapters and head train
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
