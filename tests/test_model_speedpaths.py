@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_packing import PAD_ID, _build, assert_rel_close, padded_batch
+from tests.test_packing import PAD_ID, TINY, _build, assert_rel_close, padded_batch
 
 RTOL = 1e-6  # fp32; in practice the paths agree bit for bit
 
@@ -185,3 +185,45 @@ def test_masked_gqa_repeats_kv_as_cuda_needs_and_scores_the_same(monkeypatch, la
     assert_rel_close(scores, ref_scores, "scores", RTOL)
     for name, g in ref_grads.items():
         assert_rel_close(grads[name], g, f"grad {name}", RTOL)
+
+
+@pytest.mark.parametrize("overrides, forks", [([], 0), (["model.attention_dropout=0.1"], 1)])
+def test_attention_dropout_draws_from_megatrons_model_parallel_rng(monkeypatch, overrides, forks):
+    """As megatron's DotProductAttention: dropout inside get_cuda_rng_tracker().fork() (TP ranks hold different
+    heads) unless sequence parallel; no fork when there is no dropout or in eval."""
+    from megatron.core import tensor_parallel
+
+    from megarank.config import load_config
+    from megarank.model import build_model
+
+    cfg = load_config(TINY, overrides)
+    torch.manual_seed(1234)
+    model = build_model(cfg.model, cfg.parallel)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    count, fork = [0], tracker.fork
+
+    def counting_fork(*a, **kw):
+        count[0] += 1
+        return fork(*a, **kw)
+
+    monkeypatch.setattr(tracker, "fork", counting_fork)
+    batch = padded_batch([16, 13, 7])
+    model.train()
+    _scores_and_grads(model, batch)
+    assert count[0] == forks * cfg.model.num_layers, count
+    count[0] = 0
+    model.eval()
+    with torch.no_grad():
+        from megarank.model.inputs import model_inputs
+
+        args, kwargs = model_inputs(batch, "cpu")
+        model(*args, **kwargs)
+    assert count[0] == 0
+    # Sequence parallel (needs TP > 1 to build): megatron drops out with the default generator there too.
+    import contextlib
+
+    from megarank.model.attention import SDPACoreAttention
+
+    core = next(m for m in model.modules() if isinstance(m, SDPACoreAttention))
+    monkeypatch.setattr(core.config, "sequence_parallel", True)
+    assert isinstance(core._dropout_rng(0.1), contextlib.nullcontext)

@@ -24,6 +24,7 @@ tables computed once (``RotaryTables``), with the same products and sums (x1*c -
 roundings as megatron's x*cos + rotate_half(x)*sin, since -(a*b) is exact) and the exact gradient of that
 rotation (``RotateHalf``), so scores and gradients match megatron's RoPE bit for bit in fp32 (and bf16).
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -87,10 +88,24 @@ class SDPACoreAttention(MegatronModule):
             repeat = self.heads_per_partition // self.groups_per_partition
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
             gqa = False
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0, is_causal=is_causal,
-            scale=self.softmax_scale, enable_gqa=gqa,
-        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        with self._dropout_rng(dropout_p):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
+                enable_gqa=gqa,
+            )
+
+    def _dropout_rng(self, dropout_p: float):
+        """Attention dropout draws from megatron's model-parallel RNG, as DotProductAttention does
+        (megatron/core/transformer/dot_product_attention.py:216-220: ``get_cuda_rng_tracker().fork()`` unless
+        sequence parallel): tensor-parallel ranks hold different heads and must drop different elements, while the
+        default generator is seeded alike on every TP rank. On CPU the tracker is megatron's inference tracker, whose
+        fork uses the CPU generator (megarank/parallel/init.py set_seed)."""
+        if dropout_p == 0.0 or self.config.sequence_parallel:
+            return contextlib.nullcontext()
+        from megatron.core import tensor_parallel
+
+        return tensor_parallel.get_cuda_rng_tracker().fork()
 
     def _rope_packed(self, query, key, packed):
         """RoPE on a packed [t, n, d] stream: positions restart at 0 in every segment, as megatron's THD RoPE
