@@ -31,11 +31,13 @@ setup(
         "pytrec-eval-terrier>=0.5.11",
         "tensorboard",
         "matplotlib",  # megarank mine: the audit plot (Agg backend, no display)
+        "pyarrow",  # data.format parquet / hf_disk / nemo_corpus: Arrow tables, memory-mapped where the file allows
     ],
     extras_require={
         # Transformer Engine (FP8 on Hopper). apex comes from the NGC PyTorch container; it has no usable wheel.
         "gpu": ["transformer-engine[pytorch]"],
-        "test": ["pytest", "sentence-transformers", "accelerate", "gguf", "wandb"],
+        "test": ["pytest", "sentence-transformers", "accelerate", "gguf", "wandb",
+                 "datasets"],  # tests/test_formats.py writes real save_to_disk folders and checks load_dataset's split
     },
     entry_points={
         "console_scripts": [

@@ -168,12 +168,40 @@ DEFAULT_EVAL_BATCH_TOKENS = 16384
 
 
 @dataclass
+class ColumnsConfig:
+    """Column names of a Parquet / datasets training table (data.format parquet or hf_disk)."""
+
+    query: str = _f("query", "The query: a string.")
+    pos_doc: str = _f("pos_doc", "The positives: a list of documents (strings or {title, text} structs) or one.")
+    neg_doc: str = _f("neg_doc", "The negatives: a list of documents or one.")
+    pos_scores: str = _f("pos_scores", "Optional: the teacher's logit per positive (read when the column exists).")
+    neg_scores: str = _f("neg_scores", "Optional: the teacher's logit per negative (read when the column exists).")
+    pos_labels: str = _f("pos_labels", "Optional: the graded relevance per positive, > 0 (read when the column exists).")
+
+
+# data.format values whose groups come from one file or folder of groups (megarank/data/formats); beir is the other.
+GROUP_FILE_FORMATS = ("jsonl", "nemo_corpus", "parquet", "hf_disk", "triples")
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data."""
 
-    format: Literal["jsonl", "beir"] = _f("beir", "Training groups from a JSONL file or a BEIR folder + first-stage run.")
-    train_path: Optional[str] = _f(None, "JSONL groups file (format=jsonl) or BEIR folder (format=beir); null = built-in sample.")
-    train_split: str = _f("train", "BEIR qrels split used for training.")
+    format: Literal["jsonl", "beir", "nemo_corpus", "parquet", "hf_disk", "triples"] = _f(
+        "beir", "Training groups from: jsonl (NeMo AutoModel inline or FlagEmbedding JSONL), beir (a BEIR folder + "
+        "first-stage run), nemo_corpus (NeMo AutoModel corpus-id JSON + corpus folders), parquet (a file or folder), "
+        "hf_disk (a datasets save_to_disk folder), triples (MS MARCO query/positive/negative TSV). docs/data.md.")
+    train_path: Optional[str] = _f(None, "The training groups file or folder of data.format; a BEIR folder for "
+                                   "format=beir (null = built-in sample).")
+    train_split: str = _f("train", "BEIR qrels split used for training; the split of an hf_disk DatasetDict folder.")
+    columns: ColumnsConfig = _f(ColumnsConfig(), "format=parquet / hf_disk: the column of each field "
+                                "(e.g. {query: question, pos_doc: positive, neg_doc: negative}).")
+    rotate_positives: bool = _f(True, "Groups files: the positives a group holds move by positives_per_group each "
+                                "epoch; false = always the first ones (NeMo AutoModel without cycle_positive_docs).")
+    sample_negatives: bool = _f(True, "Groups files: a group's negatives are a random sample of its record's, drawn "
+                                "anew each epoch; false = the first ones in file order (NeMo AutoModel).")
+    repeat_negatives: bool = _f(False, "Groups files: a record with fewer negatives than a group needs repeats them "
+                                "cyclically (NeMo AutoModel) instead of being an error.")
     train_run: Optional[str] = _f(None, "First-stage run for hard negatives; null = <train_path>/candidates/<split>.*.tsv.")
     n_passages: int = _f(5, "Passages per query group: data.positives_per_group positives + hard negatives.")
     positives_per_group: int = _f(1, "Positives per group (rotating over a query's positives each epoch; a query with "
@@ -193,7 +221,8 @@ class DataConfig:
                        "a transformers cross-encoder's) in fp32 and 1.23-1.32x (1.26-1.31x) in bf16 on SciFact "
                        "training micro-batches, SmolLM2-135M shape, AVX512-BF16 CPU, 5 runs (benchmarks/RESULTS.md). Needs "
                        "model.attention_backend sdpa on the local spec (megatron's DotProductAttention cannot pack).")
-    skip_bad_lines: bool = _f(False, "Count and report malformed JSONL lines instead of failing on the first.")
+    skip_bad_lines: bool = _f(False, "Groups files: count, report and skip malformed lines / rows / records instead "
+                              "of failing on the first.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
     eval_split: str = _f("test", "Qrels split for evaluation.")
     eval_run: Optional[str] = _f(None, "First-stage run to rerank; null = <eval_path>/candidates/<split>.*.tsv.")
@@ -251,8 +280,8 @@ class TrainConfig:
         "Resume a run folder although what it trains on changed. A resume compares the config with the saved "
         "config.yaml of the step it resumes and refuses, before the model is built, any change of the training "
         "data (data.format, train_path, train_split, train_run, teacher_run, n_passages, positives_per_group, "
-        "negatives_top_k), the input (data.template, max_length), the objective (train.loss, teacher_temperature, "
-        "distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
+        "negatives_top_k, columns, rotate_positives, sample_negatives, repeat_negatives), the input (data.template, "
+        "max_length), the objective (train.loss, teacher_temperature, distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
         "the changes. Free to change on resume: steps, the lr schedule, optimizer settings, intervals, batch split, "
         "parallel layout, dtype, checkpoint and logging keys (docs/checkpoints.md). train.seed and the architecture "
         "cannot change.",
@@ -722,8 +751,15 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
         errs.append(f"data.max_length must be >= 8 (got {d.max_length})")
     if "{query}" not in d.template or "{passage}" not in d.template:
         errs.append("data.template must contain {query} and {passage}")
-    if d.format == "jsonl" and d.train_path is None:
-        errs.append("data.train_path must name a JSONL file when data.format=jsonl")
+    if d.format != "beir" and d.train_path is None:
+        errs.append(f"data.train_path must name the training groups when data.format={d.format}")
+    if d.format not in ("parquet", "hf_disk") and d.columns != ColumnsConfig():
+        errs.append(f"data.columns maps Parquet / datasets columns; data.format={d.format} has fixed field names")
+    changed = [k for k in ("rotate_positives", "sample_negatives", "repeat_negatives")
+               if getattr(d, k) != getattr(DataConfig, k)]
+    if d.format == "beir" and changed:
+        errs.append(f"data.{changed[0]} applies to groups files (data.format {', '.join(GROUP_FILE_FORMATS)}), "
+                    "not to format=beir")
     return errs
 
 

@@ -227,7 +227,8 @@ def test_config_help_is_yaml_that_loads_as_the_defaults_and_lists_allowed_values
     assert not [v for v in values if re.search(r": (None|True|False|'.*')$", v)], "Python reprs instead of YAML"
     assert "  teacher_run: null  #" in text
     assert "  packing: true  #" in text and "  loss: listwise  # [one of: listwise | pointwise | kl |" in text
-    assert "  fp8: null  # [one of: hybrid | e4m3 | null]" in text and "  format: beir  # [one of: jsonl | beir]" in text
+    assert "  fp8: null  # [one of: hybrid | e4m3 | null]" in text
+    assert "  format: beir  # [one of: jsonl | beir | nemo_corpus | parquet | hf_disk | triples]" in text
 
 
 def test_padded_vocab_size_splits_evenly_over_tp():

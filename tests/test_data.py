@@ -67,7 +67,7 @@ BAD_LINES = [
     ('{"pos_doc": ["p"], "neg_doc": []}', "missing field 'query'"),
     ('{"query": 5, "pos_doc": ["p"], "neg_doc": []}', "'query' must be a string, got int"),
     ('{"query": " ", "pos_doc": ["p"], "neg_doc": []}', "'query' is empty"),
-    ('{"query": "q", "pos_doc": "p", "neg_doc": []}', "'pos_doc' must be a list, got str"),
+    ('{"query": "q", "pos_doc": 5, "neg_doc": []}', "'pos_doc' must be a document or a list of documents, got int"),
     ('{"query": "q", "pos_doc": [], "neg_doc": ["n"]}', "'pos_doc' is empty"),
     ('{"query": "q", "pos_doc": ["p"], "neg_doc": [5]}',
      "neg_doc[0] must be a string or an object with 'text', got int"),

@@ -1,11 +1,15 @@
 """docs/data.md: every example file on the page is read by the reader that megarank uses for it."""
+import dataclasses
 import re
+import runpy
 from pathlib import Path
 
 import pytest
 
-from megarank.data import (JsonlGroupSource, iter_run_rows, read_beir, read_jsonl_groups, read_qrels, read_run,
-                           read_scored_run)
+from megarank.config import load_config, validate
+from megarank.data import (DEFAULT_TEMPLATE, JsonlGroupSource, iter_run_rows, read_beir, read_groups,
+                           read_jsonl_groups, read_qrels, read_run, read_scored_run)
+from megarank.data.formats import check_prompts
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 EXAMPLE = re.compile(r"<!-- example: (\S+) -->\n```[a-z]*\n(.*?)```", re.S)
@@ -15,7 +19,7 @@ EXAMPLE = re.compile(r"<!-- example: (\S+) -->\n```[a-z]*\n(.*?)```", re.S)
 def examples(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("docs-data")
     found = EXAMPLE.findall(PAGE.read_text())
-    assert len(found) == 11, [name for name, _ in found]
+    assert len(found) == 19, [name for name, _ in found]
     for name, text in found:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
@@ -46,3 +50,38 @@ def test_the_three_run_layouts_and_a_scored_run(examples):
     assert runs[0] == runs[1] == runs[2] == {"q1": ["d01", "d03"], "q2": ["d02"]}
     assert [row[4] for row in iter_run_rows(examples / "run.msmarco.tsv")] == [None, None, None]
     assert read_scored_run(examples / "teacher.trec")["q1"] == {"d01": 7.5, "d03": -2.25}
+
+
+def test_flagembedding_jsonl_and_its_prompt_in_the_template(examples):
+    groups, _ = read_groups("jsonl", examples / "flag.jsonl")
+    assert groups[0]["pos"] == ["Magma rises through the crust and erupts."] and groups[0]["neg_scores"][3] == 0.2
+    cfg = load_config(str(examples / "flag.yaml"))
+    assert cfg.data.template.startswith(DEFAULT_TEMPLATE)  # the YAML's "\n" are newlines, as in the default
+    check_prompts(groups, cfg.data.template)
+    with pytest.raises(Exception, match=r"flag\.jsonl line 1: 'prompt' .* is not in data\.template"):
+        check_prompts(groups, DEFAULT_TEMPLATE)
+
+
+def test_nemo_corpus_ids_resolve_through_the_corpus_folder(examples):
+    groups, _ = read_groups("nemo_corpus", examples / "nemo" / "train.json")
+    assert [groups[i]["query"] for i in range(2)] == ["how do volcanoes form", "why do honeybees dance"]
+    assert groups[0]["pos"] == ["Magma rises through the crust and erupts at the surface."]
+    assert groups[0]["neg"][1:] == ["Jazz grew out of blues and ragtime.", "Aqueducts carried water to Roman cities."]
+    assert groups[1]["neg"][2] == "Aqueducts carried water to Roman cities."  # "4" and 4 are one id
+
+
+def test_parquet_with_a_column_mapping(examples, monkeypatch):
+    monkeypatch.chdir(examples)
+    runpy.run_path(str(examples / "make_parquet.py"))
+    cfg = load_config(str(examples / "parquet.yaml"))
+    validate(cfg)
+    groups, _ = read_groups("parquet", examples / cfg.data.train_path, columns=dataclasses.asdict(cfg.data.columns))
+    assert [(groups[i]["query"], groups[i]["pos"], len(groups[i]["neg"])) for i in range(2)] == [
+        ("how do volcanoes form", ["Magma rises through the crust."], 2),
+        ("why do honeybees dance", ["Honeybees dance to tell the hive where food is."], 1)]
+
+
+def test_triples_grouped_by_query(examples):
+    groups, _ = read_groups("triples", examples / "triples.tsv")
+    assert [(g["query"], len(g["pos"]), len(g["neg"])) for g in groups] == [("how do volcanoes form", 2, 3),
+                                                                           ("why do honeybees dance", 1, 1)]

@@ -60,6 +60,12 @@ def training_inputs(cfg) -> dict:
                        "data.negatives_top_k": d.negatives_top_k})
         if t.loss in TEACHER_LOSSES:
             inputs["data.teacher_run"] = _absolute(d.teacher_run)
+    else:
+        inputs.update({f"data.{k}": getattr(d, k) for k in ("rotate_positives", "sample_negatives", "repeat_negatives")})
+    if d.format in ("parquet", "hf_disk"):
+        inputs["data.columns"] = dataclasses.asdict(d.columns)
+    if d.format == "hf_disk":
+        inputs["data.train_split"] = d.train_split
     inputs.update({"data.n_passages": d.n_passages, "data.positives_per_group": d.positives_per_group,
                    "data.template": d.template, "data.max_length": d.max_length, "train.loss": t.loss})
     if t.loss == "kl":

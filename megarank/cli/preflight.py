@@ -110,6 +110,30 @@ def beir_problem(folder: str | os.PathLike, split: Optional[str]) -> Optional[st
     return None
 
 
+_EXPECTED = {"jsonl": "a JSONL file", "triples": "a TSV file", "nemo_corpus": "a NeMo AutoModel corpus-id JSON file",
+             "parquet": "a Parquet file or a folder of them", "hf_disk": "a datasets save_to_disk folder",
+             "beir": "a BEIR folder"}
+
+
+def train_path_problem(fmt: str, path: str | os.PathLike, split: str) -> Optional[str]:
+    """Why `path` is not the kind of file or folder `fmt` reads (None if it is): the files, not their contents."""
+    path = Path(path)
+    if fmt == "beir":
+        return beir_problem(path, split)
+    if fmt in ("jsonl", "triples", "nemo_corpus"):
+        return input_problem(path, "file")
+    if not path.exists():
+        return "does not exist"
+    if fmt == "parquet":
+        return None if path.is_file() or any(path.rglob("*.parquet")) else "holds no .parquet file"
+    if not path.is_dir():
+        return "is a file, expected a folder"
+    if (path / "dataset_dict.json").is_file():
+        return None if (path / split / "state.json").is_file() else \
+            f"is a DatasetDict without the split '{split}' (data.train_split)"
+    return None if (path / "state.json").is_file() else "has no state.json or dataset_dict.json"
+
+
 def check_train_config(cfg) -> None:
     """Every path a training config names: inputs exist, outputs can be written. Raises ConfigError naming
     the key (all problems at once, like `validate`)."""
@@ -117,13 +141,9 @@ def check_train_config(cfg) -> None:
 
     d, c = cfg.data, cfg.checkpoint
     errors = []
-    if d.train_path is not None:
-        if d.format == "jsonl":
-            problem = input_problem(d.train_path, "file")
-            if problem:
-                errors.append(f"data.train_path {d.train_path} {problem} (data.format=jsonl expects a JSONL file)")
-        elif problem := beir_problem(d.train_path, d.train_split):
-            errors.append(f"data.train_path {d.train_path} {problem} (data.format=beir expects a BEIR folder)")
+    if d.train_path is not None and (problem := train_path_problem(d.format, d.train_path, d.train_split)):
+        errors.append(f"data.train_path {d.train_path} {problem} (data.format={d.format} expects "
+                      f"{_EXPECTED[d.format]})")
     if d.eval_path is not None and (problem := beir_problem(d.eval_path, d.eval_split)):
         errors.append(f"data.eval_path {d.eval_path} {problem}")
     for key, path, kind in (("data.train_run", d.train_run, "file"), ("data.eval_run", d.eval_run, "file"),

@@ -13,7 +13,7 @@ import os
 import random
 from typing import NamedTuple, Optional, Sequence
 
-from .errors import DataError, data_error
+from .errors import DataError, where
 from .readers import BeirData, ScoredRun
 
 log = logging.getLogger(__name__)
@@ -61,40 +61,64 @@ def rotating_positions(count: int, per_group: int, epoch: int) -> list[int]:
     return [(epoch * per_group + k) % count for k in range(take)]
 
 
-class JsonlGroupSource:
-    """Groups read by `read_jsonl_groups` (dicts with "query", "pos", "neg", "line" and optionally "pos_labels",
-    "pos_scores", "neg_scores").
+def _at(path: str, group: dict) -> str:
+    """Where a group record is, for error messages: its ``at`` (``"f.parquet row 3"``), else the path and line."""
+    return group.get("at") or where(path, group.get("line"))
 
-    A group holds ``n_passages`` passages: ``positives_per_group`` of the line's positives (fewer when it has fewer;
-    the free places go to negatives) and negatives sampled from its ``neg_doc``. ``with_teacher``: every group
-    must carry ``pos_scores``/``neg_scores`` (a line without them is an error naming it) and groups hold them.
+
+class JsonlGroupSource:
+    """Groups whose passages are texts: the group dicts of every `megarank.data.formats` reader (JSONL, corpus-id
+    JSON, Parquet, ``datasets`` folders, TSV triples): "query", "pos", "neg", "at" (or "line") and optionally
+    "pos_labels", "pos_scores", "neg_scores". ``groups`` is any sequence: read by index, never copied.
+
+    A group holds ``n_passages`` passages: ``positives_per_group`` of the record's positives (fewer when it has
+    fewer; the free places go to negatives) and negatives from its ``neg``. The choice, per (seed, epoch, index):
+
+    - ``rotate_positives``: the positives' window moves each epoch (`rotating_positions`); False keeps the first
+      ones (NeMo AutoModel's default, ``cycle_positive_docs: false``);
+    - ``sample_negatives``: a random sample of the negatives; False takes them in file order (NeMo AutoModel);
+    - ``repeat_negatives``: a record with fewer negatives than the group needs repeats them cyclically (NeMo
+      AutoModel; at least one is needed) instead of being an error naming it.
+
+    ``with_teacher``: every group must carry ``pos_scores``/``neg_scores`` (a record without them is an error
+    naming it) and groups hold them.
     """
 
     def __init__(self, groups: Sequence[dict], n_negatives: int, seed: int = 0,
                  path_for_errors: str | os.PathLike = "<groups>", fill_from_corpus: bool = False,
-                 positives_per_group: int = 1, with_teacher: bool = False):
+                 positives_per_group: int = 1, with_teacher: bool = False, rotate_positives: bool = True,
+                 sample_negatives: bool = True, repeat_negatives: bool = False):
         _check_counts(n_negatives, positives_per_group)
-        self.groups = list(groups)
+        if fill_from_corpus and repeat_negatives:
+            raise ValueError("fill_from_corpus and repeat_negatives are two ways to fill a group; pick one")
+        self.groups = groups
         self.n_passages = n_negatives + 1
         self.positives_per_group = positives_per_group
         self.seed = seed
         self.path = os.fspath(path_for_errors)
         self.fill_from_corpus = fill_from_corpus
         self.with_teacher = with_teacher
-        if with_teacher:
-            if fill_from_corpus:
-                raise DataError(f"{self.path}: passages filled in from other groups have no teacher score; "
-                                "teacher losses need every group to carry enough scored negatives")
-            missing = next((g for g in self.groups if g.get("pos_scores") is None or g.get("neg_scores") is None), None)
-            if missing is not None:
-                raise data_error(self.path, missing.get("line"), "has no 'pos_scores'/'neg_scores' but the loss needs "
-                                 "a teacher score for every passage (megarank mine --teacher writes them)")
-        if not fill_from_corpus:
-            for group in self.groups:
-                need = self.n_passages - min(positives_per_group, len(group["pos"]))
-                if len(group["neg"]) < need:
-                    raise data_error(self.path, group.get("line"), f"the group has {len(group['neg'])} negatives but "
-                                     f"n_negatives={need} are needed (or enable fill_from_corpus)")
+        self.rotate_positives = rotate_positives
+        self.sample_negatives = sample_negatives
+        self.repeat_negatives = repeat_negatives
+        if with_teacher and fill_from_corpus:
+            raise DataError(f"{self.path}: passages filled in from other groups have no teacher score; "
+                            "teacher losses need every group to carry enough scored negatives")
+        for group in self.groups:
+            self._check(group)
+
+    def _check(self, group: dict) -> None:
+        if self.with_teacher and (group.get("pos_scores") is None or group.get("neg_scores") is None):
+            raise DataError(f"{_at(self.path, group)}: has no 'pos_scores'/'neg_scores' but the loss needs a teacher "
+                            "score for every passage (megarank mine --teacher writes them)")
+        need = self.n_passages - min(self.positives_per_group, len(group["pos"]))
+        have = len(group["neg"])
+        if self.repeat_negatives and need and not have:
+            raise DataError(f"{_at(self.path, group)}: the group has no negatives to repeat but n_negatives={need} "
+                            "are needed")
+        if not (self.fill_from_corpus or self.repeat_negatives) and have < need:
+            raise DataError(f"{_at(self.path, group)}: the group has {have} negatives but n_negatives={need} are "
+                            "needed (or set data.repeat_negatives=true)")
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -109,18 +133,19 @@ class JsonlGroupSource:
         return self.n_passages - 1
 
     def get(self, index: int, epoch: int) -> TrainingGroup:
-        """Group ``index`` in ``epoch``: its positives, then sampled negatives, with labels and teacher scores."""
+        """Group ``index`` in ``epoch``: its positives, then its negatives, with labels and teacher scores."""
         group = self.groups[index]
-        pos_at = rotating_positions(len(group["pos"]), self.positives_per_group, epoch)
+        pos_at = rotating_positions(len(group["pos"]), self.positives_per_group, epoch if self.rotate_positives else 0)
         want = self.n_passages - len(pos_at)
         rng = group_rng(self.seed, epoch, index)
         negatives = group["neg"]
-        if len(negatives) >= want:
-            neg_at = rng.sample(range(len(negatives)), want)
-            filled: list[str] = []
-        else:
-            neg_at = rng.sample(range(len(negatives)), len(negatives))
-            filled = self._fill(index, want - len(negatives), rng)
+        take = min(want, len(negatives))
+        neg_at = rng.sample(range(len(negatives)), take) if self.sample_negatives else list(range(take))
+        filled: list[str] = []
+        if take < want and self.repeat_negatives:
+            neg_at = [neg_at[k % take] for k in range(want)]
+        elif take < want:
+            filled = self._fill(index, want - take, rng)
         pos_labels = group.get("pos_labels") or [1.0] * len(group["pos"])
         passages = [group["pos"][i] for i in pos_at] + [negatives[i] for i in neg_at] + filled
         labels = [float(pos_labels[i]) for i in pos_at] + [0.0] * (len(neg_at) + len(filled))
@@ -145,8 +170,8 @@ class JsonlGroupSource:
                 found.append(passage)
                 if len(found) == count:
                     return found
-        raise data_error(self.path, group.get("line"),
-                         f"could not find {count} passages in other groups to fill the group's negatives")
+        raise DataError(f"{_at(self.path, group)}: could not find {count} passages in other groups to fill the "
+                        "group's negatives")
 
 
 class BeirGroupSource:

@@ -1,4 +1,5 @@
-"""Readers for training groups (JSONL) and BEIR collections (corpus, queries, qrels, first-stage runs).
+"""Readers for BEIR collections (corpus, queries, qrels, first-stage runs) and the text-file helpers every reader
+uses (training groups files are read by `megarank.data.formats`).
 
 Every malformed line raises DataError naming the file and its 1-based line.
 """
@@ -6,7 +7,6 @@ Every malformed line raises DataError naming the file and its 1-based line.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,11 +15,6 @@ from typing import Any, Iterator
 
 from .errors import DataError, data_error, where
 from .template import doc_to_text
-
-log = logging.getLogger(__name__)
-
-_MAX_LOGGED_BAD_LINES = 5
-
 
 class Run(dict):
     """``{qid: [docid, ...]}`` in rank order; `path` names the run file for error messages."""
@@ -70,7 +65,7 @@ def _check_readable(path: Path) -> None:
         raise DataError(f"{path}: file not found")
 
 
-def _lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its end) for the non-blank lines of a UTF-8 text file.
 
     Lines are decoded one at a time so that a non-UTF-8 byte is reported with its line; with a `bad` list
@@ -93,7 +88,7 @@ def _lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, str]
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
+def json_object(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -103,91 +98,11 @@ def _json_object(path: Path, number: int, line: str) -> dict[str, Any]:
     return obj
 
 
-def _doc_text(path: Path, number: int, name: str, doc: Any) -> str:
-    """Text of one training document (str or {"text", "title"}), rejecting wrong types and empty text."""
-    if isinstance(doc, dict):
-        if not isinstance(doc.get("text"), str) or not isinstance(doc.get("title", ""), str):
-            raise data_error(path, number, f"{name} must have a string 'text' (and optional string 'title')")
-    elif not isinstance(doc, str):
-        raise data_error(path, number, f"{name} must be a string or an object with 'text', got {type(doc).__name__}")
-    text = doc_to_text(doc)
-    if not text.strip():
-        raise data_error(path, number, f"{name} is empty")
-    return text
-
-
-def _parse_group(path: Path, number: int, line: str) -> dict[str, Any]:
-    obj = _json_object(path, number, line)
-    for key in ("query", "pos_doc", "neg_doc"):
-        if key not in obj:
-            raise data_error(path, number, f"missing field '{key}'")
-    if not isinstance(obj["query"], str):
-        raise data_error(path, number, f"'query' must be a string, got {type(obj['query']).__name__}")
-    if not obj["query"].strip():
-        raise data_error(path, number, "'query' is empty")
-    for key in ("pos_doc", "neg_doc"):
-        if not isinstance(obj[key], list):
-            raise data_error(path, number, f"'{key}' must be a list, got {type(obj[key]).__name__}")
-    if not obj["pos_doc"]:
-        raise data_error(path, number, "'pos_doc' is empty")
-    pos = [_doc_text(path, number, f"pos_doc[{i}]", d) for i, d in enumerate(obj["pos_doc"])]
-    neg = [_doc_text(path, number, f"neg_doc[{i}]", d) for i, d in enumerate(obj["neg_doc"])]
-    group = {"query": obj["query"], "pos": pos, "neg": neg, "line": number}
-    for key, docs, positive in (("pos_scores", "pos_doc", False), ("neg_scores", "neg_doc", False),
-                                ("pos_labels", "pos_doc", True)):
-        if obj.get(key) is not None:
-            group[key] = _numbers(path, number, key, obj[key], len(obj[docs]), docs, positive)
-    if ("pos_scores" in group) != ("neg_scores" in group):
-        raise data_error(path, number, "has only one of 'pos_scores' and 'neg_scores'; teacher scores need both")
-    return group
-
-
-def _numbers(path: Path, number: int, key: str, values: Any, length: int, docs: str, positive: bool) -> list[float]:
-    """A list of finite numbers, one per entry of ``docs`` (and > 0 when ``positive``), or a DataError naming it."""
-    if not isinstance(values, list):
-        raise data_error(path, number, f"'{key}' must be a list of numbers, got {type(values).__name__}")
-    if len(values) != length:
-        raise data_error(path, number, f"'{key}' has {len(values)} entries but '{docs}' has {length}")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise data_error(path, number, f"{key}[{i}] must be a number, got {type(v).__name__}")
-        if not math.isfinite(v):
-            raise data_error(path, number, f"{key}[{i}] is {v}, not a finite number")
-        if positive and v <= 0:
-            raise data_error(path, number, f"{key}[{i}] is {v}; a positive's label must be > 0")
-    return [float(v) for v in values]
-
-
-def read_jsonl_groups(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
-    """Training groups from lines ``{"query": str, "pos_doc": [doc, ...], "neg_doc": [doc, ...]}`` with optional
-    ``"pos_scores"``/``"neg_scores"`` (teacher logits, one per document: FlagEmbedding's field names) and
-    ``"pos_labels"`` (graded relevance of the positives, > 0; 1 each by default). Other fields are ignored.
-
-    Returns ``(groups, n_skipped)``; each group is ``{"query", "pos", "neg", "line"}`` with texts in pos/neg, plus
-    the optional fields present.
-    With `skip_bad_lines`, bad lines are counted and logged (the first few) instead of raising.
-    """
-    path = Path(path)
-    groups, bad = [], []
-    for number, line in _lines(path, bad if skip_bad_lines else None):
-        try:
-            groups.append(_parse_group(path, number, line))
-        except DataError as e:
-            if not skip_bad_lines:
-                raise
-            bad.append(str(e))
-    if bad:
-        log.warning("skipped %d bad lines in %s, first: %s", len(bad), path, "; ".join(bad[:_MAX_LOGGED_BAD_LINES]))
-    if not groups:
-        raise DataError(f"{path}: no training groups found" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
-    return groups, len(bad)
-
-
 def _read_id_texts(path: Path, kind: str, to_text) -> dict[str, str]:
     """``{_id: to_text(obj)}`` from a BEIR JSONL file (corpus or queries)."""
     out: dict[str, str] = {}
-    for number, line in _lines(path):
-        obj = _json_object(path, number, line)
+    for number, line in text_lines(path):
+        obj = json_object(path, number, line)
         doc_id = obj.get("_id")
         if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool) or str(doc_id) == "":
             raise data_error(path, number, f"{kind} needs a string '_id'")
@@ -223,7 +138,7 @@ def _is_int(text: str) -> bool:
 
 def _iter_qrels_rows(path: Path) -> Iterator[tuple[int, str, str, int]]:
     """(line, qid, docid, score) per judgement; a first line whose score is not an integer is a header."""
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         cols = _columns(line)
         if len(cols) not in (3, 4):
             raise data_error(path, number,
@@ -253,7 +168,7 @@ def iter_run_rows(path: str | os.PathLike) -> Iterator[tuple[int, str, str, int,
     (header optional) and MS MARCO ``qid docid rank``.
     """
     path = Path(path)
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         cols = _columns(line)
         if len(cols) == 6:
             qid, docid, rank, score = cols[0], cols[2], cols[3], cols[4]

@@ -1,4 +1,5 @@
 """Build the training data pipeline (group source, DP-sharded sampler, pair tokenizer, micro-batcher) from the config."""
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Callable
@@ -12,11 +13,12 @@ from megarank.data import (
     JsonlGroupSource,
     find_run_file,
     read_beir,
-    read_jsonl_groups,
+    read_groups,
     read_run,
     read_scored_run,
     sample_data_dir,
 )
+from megarank.data.formats import check_prompts
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 from megarank.training.loss import group_loss
 
@@ -25,14 +27,20 @@ __all__ = ["make_group_source", "make_loss", "make_micro_batcher", "make_pair_to
 
 
 def make_group_source(cfg: Config):
-    """The training groups the config names, carrying teacher scores when ``train.loss`` reads them."""
+    """The training groups the config names, carrying teacher scores when ``train.loss`` reads them. Every bad
+    line, row or record is a DataError naming it, raised here, before the model is built."""
     d = cfg.data
     n_neg = d.n_passages - 1
     with_teacher = cfg.train.loss in TEACHER_LOSSES
-    if d.format == "jsonl":
-        groups, _ = read_jsonl_groups(d.train_path, skip_bad_lines=d.skip_bad_lines)
+    if d.format != "beir":
+        groups, _ = read_groups(d.format, d.train_path, columns=dataclasses.asdict(d.columns), split=d.train_split,
+                                skip_bad=d.skip_bad_lines)
+        if d.format == "jsonl":
+            check_prompts(groups, d.template)  # FlagEmbedding's per-line prompt must be in the one template
         return JsonlGroupSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=d.train_path,
-                                positives_per_group=d.positives_per_group, with_teacher=with_teacher)
+                                positives_per_group=d.positives_per_group, with_teacher=with_teacher,
+                                rotate_positives=d.rotate_positives, sample_negatives=d.sample_negatives,
+                                repeat_negatives=d.repeat_negatives)
     folder = d.train_path or str(sample_data_dir())
     run_path = d.train_run or find_run_file(folder, d.train_split)
     beir = read_beir(folder, d.train_split)
@@ -50,9 +58,10 @@ def make_loss(cfg: Config) -> Callable:
 
 
 def training_groups_file(cfg: Config) -> str:
-    """The file whose lines or judgements are the training groups: the JSONL file, or the BEIR split's qrels."""
+    """The file whose records or judgements are the training groups: the groups file or folder, or the BEIR
+    split's qrels."""
     d = cfg.data
-    if d.format == "jsonl":
+    if d.format != "beir":
         return str(d.train_path)
     return str(Path(d.train_path or sample_data_dir()) / "qrels" / f"{d.train_split}.tsv")
 
@@ -62,7 +71,7 @@ def make_sampler(cfg: Config, num_groups: int, dp_rank: int, dp_size: int) -> Gr
     (raised before the model is built: the loop builds the source and the sampler first)."""
     gb = cfg.train.global_batch_size
     if num_groups < gb:
-        what = "training groups" if cfg.data.format == "jsonl" else \
+        what = "training groups" if cfg.data.format != "beir" else \
             "training groups (queries with a judged-relevant document and candidates)"
         raise DataError(f"{training_groups_file(cfg)}: {num_groups} {what} cannot fill one global batch "
                         f"(train.global_batch_size={gb}); lower it or add groups")

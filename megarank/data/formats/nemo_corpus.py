@@ -1,0 +1,212 @@
+"""NeMo AutoModel's corpus-id retrieval data (``docs/guides/llm/retrieval-dataset.mdx``, "Corpus ID-Based JSON";
+``nemo_automodel/components/datasets/llm/retrieval_dataset.py`` ``load_datasets``): one JSON file
+
+    {"corpus": [{"path": "wiki_corpus"}], "data": [{"question_id": ..., "question": ..., "corpus_id": ...,
+                                                    "pos_doc": [{"id": ...} or id, ...], "neg_doc": [...]}]}
+
+whose documents are ids resolved through corpus folders (a relative path is relative to the JSON file). A corpus
+folder holds ``merlin_metadata.json`` (``{"class": "TextQADataset", "corpus_id": ...}``) and the ``train`` split
+that ``datasets.load_dataset(folder)`` finds, with ``id`` and ``text`` columns (Parquet or JSON Lines files).
+
+Every record is checked when the file is read (fields, types, a non-empty ``pos_doc``, every id in its corpus);
+its texts are looked up when a group is built. Records are named ``<file> data[i]`` (i from 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import DataError, data_error, where
+from ..readers import json_object, text_lines
+from .jsonl import report_skipped
+from .records import query_text, record_error
+
+REQUIRED = ("question_id", "question", "corpus_id", "pos_doc", "neg_doc")
+_DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+_SPLIT_WORDS = {"train": {"train", "training"}, "other": {"validation", "valid", "dev", "val", "test", "testing",
+                                                          "eval", "evaluation"}}
+_NON_WORD = re.compile(r"[-._ 0-9/]+")
+
+
+class Corpus:
+    """One corpus folder's ``train`` split: texts fetched by document id from an Arrow table."""
+
+    def __init__(self, folder: Path, corpus_id: str, table: pa.Table, rows: dict[str, int]):
+        self.folder = folder
+        self.corpus_id = corpus_id
+        self.table = table
+        self.rows = rows
+
+    def text(self, doc_id: str) -> str:
+        return self.table.column("text")[self.rows[doc_id]].as_py()
+
+
+def train_split_files(folder: Path) -> list[Path]:
+    """The data files of the ``train`` split as ``datasets.load_dataset(folder)`` finds them: those with the word
+    train (or training) in their path (``train.parquet``, ``data/train-00000-of-00001.parquet``, ``train/x.jsonl``);
+    every data file when no file names a split."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES)
+    words = {p: set(_NON_WORD.split(str(p.relative_to(folder).with_suffix("")))) for p in files}
+    train = [p for p in files if words[p] & _SPLIT_WORDS["train"]]
+    if not train and not any(w & _SPLIT_WORDS["other"] for w in words.values()):
+        train = files
+    if not train:
+        raise DataError(f"{folder}: has no train split (a .parquet or .jsonl file with 'train' in its name)")
+    return train
+
+
+def _jsonl_table(path: Path) -> pa.Table:
+    ids, texts = [], []
+    for number, line in text_lines(path):
+        obj = json_object(path, number, line)
+        doc_id, text = obj.get("id"), obj.get("text")
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or not isinstance(text, str):
+            raise data_error(path, number, "a corpus document needs an 'id' (string or integer) and a string 'text'")
+        ids.append(str(doc_id))
+        texts.append(text)
+    return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+
+
+def _read_table(path: Path) -> pa.Table:
+    if path.suffix != ".parquet":
+        return _jsonl_table(path)
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: is not a readable Parquet file ({e})") from None
+    missing = [c for c in ("id", "text") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: has no column '{missing[0]}'; a corpus needs 'id' and 'text'")
+    if not pa.types.is_string(table.schema.field("text").type) and \
+            not pa.types.is_large_string(table.schema.field("text").type):
+        raise DataError(f"{path}: column 'text' is {table.schema.field('text').type}, expected a string")
+    return table.select(["id", "text"]).cast(pa.schema([("id", pa.string()), ("text", pa.string())]))
+
+
+def load_corpus(folder: Path) -> Corpus:
+    """A corpus folder: its metadata (class TextQADataset, corpus_id) and its train split's ids and texts."""
+    meta_path = folder / "merlin_metadata.json"
+    if not meta_path.is_file():
+        raise DataError(f"{folder}: has no merlin_metadata.json (a NeMo AutoModel corpus folder needs one)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{meta_path}: is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("corpus_id"), str):
+        raise DataError(f"{meta_path}: needs a string 'corpus_id'")
+    if meta.get("class") != "TextQADataset":
+        raise DataError(f"{meta_path}: class {meta.get('class')!r} is not TextQADataset, the text corpus class "
+                        "(image corpora are not read)")
+    files = train_split_files(folder)
+    table = pa.concat_tables([_read_table(f) for f in files])
+    rows: dict[str, int] = {}
+    for row, doc_id in enumerate(table.column("id").to_pylist()):
+        if doc_id is None or table.column("text")[row].as_py() is None:
+            raise DataError(f"{folder}: row {row} of the train split has a null 'id' or 'text'")
+        if rows.setdefault(doc_id, row) != row:
+            raise DataError(f"{folder}: document id '{doc_id}' appears twice in the train split (rows {rows[doc_id]} "
+                            f"and {row})")
+    return Corpus(folder, meta["corpus_id"], table, rows)
+
+
+class NemoCorpusGroups(Sequence):
+    """The records of a corpus-id file as group dicts ``{"query", "pos", "neg", "at"}``, texts looked up on
+    access. ``records``: ``(at, question, corpus_id, pos ids, neg ids)``."""
+
+    def __init__(self, records: list[tuple[str, str, str, list[str], list[str]]], corpora: dict[str, Corpus]):
+        self.records = records
+        self.corpora = corpora
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        at, question, corpus_id, pos, neg = self.records[index]
+        corpus = self.corpora[corpus_id]
+        return {"query": question, "pos": [corpus.text(d) for d in pos], "neg": [corpus.text(d) for d in neg],
+                "at": at}
+
+
+def _corpus_paths(path: Path, value: Any) -> list[Path]:
+    entries = [value] if isinstance(value, dict) else value
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("path"), str)
+                                                for e in entries):
+        raise DataError(f"{path}: 'corpus' must be a list of objects with a string 'path'")
+    return [Path(os.path.normpath(path.parent / e["path"])) for e in entries]
+
+
+def _load_corpora(path: Path, top: dict) -> dict[str, Corpus]:
+    corpora: dict[str, Corpus] = {}
+    for folder in _corpus_paths(path, top["corpus"]):
+        corpus = load_corpus(folder)
+        other = corpora.setdefault(corpus.corpus_id, corpus)
+        if other.folder != folder:
+            raise DataError(f"{path}: corpus_id '{corpus.corpus_id}' names two corpora ({other.folder} and {folder})")
+    return corpora
+
+
+def _doc_ids(at: str, key: str, docs: Any, corpus: Corpus) -> list[str]:
+    """The ids of a record's ``pos_doc`` / ``neg_doc`` (``{"id": x}`` or a bare id), each in the corpus."""
+    if not isinstance(docs, list):
+        raise record_error(at, f"'{key}' must be a list of ids, got {type(docs).__name__}")
+    ids = []
+    for i, doc in enumerate(docs):
+        doc_id = doc.get("id") if isinstance(doc, dict) else doc
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+            raise record_error(at, f"{key}[{i}] must be an id (a string, an integer or {{\"id\": ...}}), got "
+                               f"{json.dumps(doc)[:60]}")
+        if str(doc_id) not in corpus.rows:
+            raise record_error(at, f"{key}[{i}] id '{doc_id}' is not in corpus '{corpus.corpus_id}' ({corpus.folder})")
+        ids.append(str(doc_id))
+    return ids
+
+
+def _record(at: str, item: Any, corpora: dict[str, Corpus]) -> tuple[str, str, str, list[str], list[str]]:
+    if not isinstance(item, dict):
+        raise record_error(at, f"expected a JSON object, got {type(item).__name__}")
+    missing = [k for k in REQUIRED if k not in item]
+    if missing:
+        raise record_error(at, f"missing field '{missing[0]}'")
+    question = query_text(at, "question", item["question"])
+    corpus = corpora.get(str(item["corpus_id"]))
+    if corpus is None:
+        raise record_error(at, f"corpus_id '{item['corpus_id']}' is not one of the file's corpora "
+                           f"({', '.join(sorted(corpora))})")
+    pos = _doc_ids(at, "pos_doc", item["pos_doc"], corpus)
+    if not pos:
+        raise record_error(at, "'pos_doc' is empty")
+    return at, question, corpus.corpus_id, pos, _doc_ids(at, "neg_doc", item["neg_doc"], corpus)
+
+
+def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
+                            ) -> tuple[NemoCorpusGroups, int]:
+    """The groups of a corpus-id JSON file: ``(groups, n_skipped)``; with `skip_bad_records`, bad records are
+    counted and skipped (a bad file or corpus is always an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        top = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: is not valid JSON ({e}); the corpus-id form is one JSON object with 'corpus' "
+                        "and 'data'") from None
+    if not isinstance(top, dict) or "corpus" not in top or not isinstance(top.get("data"), list):
+        raise DataError(f"{path}: expected one JSON object with 'corpus' and a 'data' list")
+    corpora = _load_corpora(path, top)
+    records, bad = [], []
+    for i, item in enumerate(top["data"]):
+        try:
+            records.append(_record(f"{where(path)} data[{i}]", item, corpora))
+        except DataError as e:
+            if not skip_bad_records:
+                raise
+            bad.append(str(e))
+    groups = NemoCorpusGroups(records, corpora)
+    return groups, report_skipped(path, groups, bad, "records")
