@@ -251,7 +251,8 @@ sec_te() {
     # The CUDA-only tests that need no TE still run; those that need TE skip themselves (needs_te).
     echo "Transformer Engine is not importable here: the TE spec and FP8 tests skip (that path is checked against upstream source only); the other CUDA tests run." >>"$FRAG"
   fi
-  t_run "$PYTHON" -m pytest -q -rA -p no:cacheprovider -m gpu "${files[@]}"
+  # fp32 comparisons: NGC's TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 would make fp32 matmuls TF32 (torch reads it at import)
+  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0 t_run "$PYTHON" -m pytest -q -rA -p no:cacheprovider -m gpu "${files[@]}"
   local rc=$?
   {
     echo '```'
@@ -264,7 +265,8 @@ sec_te() {
 sec_numerics() {
   local dry=()
   [[ $DRY == 1 ]] && dry=(--dry-run)
-  t_run_md "$PYTHON" "$REPO/benchmarks/gpu_check.py" numerics --work "$WORK/numerics" "${dry[@]}"
+  # fp32 must be fp32 on the GPU side (TF32 override off; torch reads it at import, so allow_tf32=False alone is not enough)
+  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=0 t_run_md "$PYTHON" "$REPO/benchmarks/gpu_check.py" numerics --work "$WORK/numerics" "${dry[@]}"
 }
 
 train_data() { # the real collection if it travelled, else the sample shipped in the repo

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from checkpoint_tools.errors import ConversionError
+from checkpoint_tools.tf32 import TF32_OVERRIDE, clear_tf32_override
 from megarank.warnings_filter import quiet_known_warnings, show_known_warnings, verbose_requested
 
 DESCRIPTION = """Convert between Hugging Face Llama checkpoints and megarank (megatron-core torch_dist) checkpoints.
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     else:
         quiet_known_warnings()
     command = next((a for a in argv if not a.startswith("-")), "")
+    if command == "verify" and clear_tf32_override():  # before torch is imported: checkpoint_tools/tf32.py
+        print(f"verify: {TF32_OVERRIDE}=1 ignored: fp32 scores are compared, TF32 would round them", flush=True)
     try:
         args = build_parser().parse_args(argv)
         return run(args)

@@ -13,6 +13,7 @@ import torch
 
 from checkpoint_tools import keymap
 from checkpoint_tools.configs import check_agreement, load_saved_config
+from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import (
     HF_ARCHITECTURE_KEYS,
     detect_format,
@@ -23,6 +24,7 @@ from checkpoint_tools.hf_config import (
 )
 from checkpoint_tools.hf_reader import HFWeights
 from checkpoint_tools.megatron_reader import MegatronWeights, resolve_checkpoint
+from checkpoint_tools.tf32 import TF32_OVERRIDE
 from checkpoint_tools.tokenizer_files import copy_tokenizer, tokenizer_files
 
 PAIRS = [
@@ -91,18 +93,34 @@ def megarank_scores(ckpt: Path, cfg, ids, mask) -> torch.Tensor:
     """megarank's scores [b, num_labels] of the encoded pairs: the checkpoint (whose saved config is ``cfg``)
     loaded by ``megarank.Reranker`` on one rank, TP=PP=1, the local spec, fp32, run on ``ids`` / ``mask``."""
     from megarank import Reranker
+    from megarank.checkpoint import CheckpointError
     from megarank.parallel.init import device
 
     layout = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
               "parallel.sequence_parallel=false", "model.transformer_impl=local", "model.attention_dropout=0.0",
               "model.hidden_dropout=0.0"]
-    reranker = Reranker.from_checkpoint(ckpt, dtype="fp32", overrides=layout)
+    try:
+        reranker = Reranker.from_checkpoint(ckpt, dtype="fp32", overrides=layout)
+    except CheckpointError as e:  # a damaged or refused checkpoint file: one line, like the other commands
+        raise ConversionError(str(e)) from None
     with torch.no_grad():
         return reranker.model(ids.to(device()), mask.to(device())).float().cpu()
 
 
+def verify_tf32_note() -> str:
+    """Empty, or why this process's fp32 CUDA matmuls may be TF32 despite ``allow_tf32 = False``."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # the torch default; verify compares fp32 scores
+    if torch.cuda.is_available() and torch.backends.cuda.matmul.allow_tf32:  # latched by the override at import
+        return (f"warning: {TF32_OVERRIDE} was set when torch was imported, so CUDA fp32 matmuls run in TF32 and "
+                f"the scores may differ by ~1e-3; run verify with {TF32_OVERRIDE}=0")
+    return ""
+
+
 def verify(src_hf, dst_megatron, tol: float = 1e-4, quiet: bool = False) -> float:
     """Max |score_hf - score_megarank| over the built-in pairs; prints a table; raises nothing on a large diff."""
+    note = verify_tf32_note()
+    if note and not quiet:
+        print(note)
     src = Path(src_hf)
     hf = read_hf_config(src)
     fmt = detect_format(hf, where=str(src / "config.json"))

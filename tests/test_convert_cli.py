@@ -65,3 +65,28 @@ def test_converters_do_not_import_training():
         "bad = [m for m in sys.modules if m.startswith('megarank.training')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_verify_clears_ngcs_tf32_override_before_torch_reads_it(tmp_path):
+    """NGC images export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1; torch latches it at import and it beats allow_tf32=False
+    (checkpoint_tools/tf32.py), so fp32 verify would compare TF32 scores on a GPU. `verify` clears it first; other
+    commands leave the user's setting alone. Observable on CPU: torch's allow_tf32 getter reports the override."""
+    import os
+    import subprocess
+    import sys
+
+    # The CLI module must not import torch itself, or the override would be latched before main() runs.
+    script = ("import sys\nfrom checkpoint_tools.cli import main\nassert 'torch' not in sys.modules\n"
+              "rc = main(sys.argv[1:])\nimport torch\nprint('rc', rc, 'tf32', torch.backends.cuda.matmul.allow_tf32)\n")
+    env = {**os.environ, "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"}
+    missing = [str(tmp_path / "no-hf"), str(tmp_path / "no-mg")]
+
+    def run_cli(*args):
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                              cwd=tmp_path)
+
+    verify = run_cli("verify", *missing)
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 ignored" in verify.stdout, verify.stdout + verify.stderr
+    assert "rc 2 tf32 False" in verify.stdout, verify.stdout + verify.stderr  # a missing folder: error, exit 2
+    other = run_cli("megatron-to-hf", *missing)
+    assert "rc 2 tf32 True" in other.stdout, other.stdout + other.stderr
