@@ -33,13 +33,14 @@ PART_BYTES=$((60 * 1024 * 1024)) # part 1 of the GGUF travels alone in a first c
 # pyyaml, psutil, tensorboard and pytest, so those never travel (and torch must never be reinstalled there).
 WHEEL_SPECS=(megatron-core==0.16.1 ir-measures==0.4.3 pytrec-eval-terrier==0.5.11 gguf==0.19.0)
 
-SECTIONS=(env install te numerics train quality rerank_bench model_bench)
-declare -A CAP=([env]=30 [install]=90 [te]=150 [numerics]=120 [train]=120 [quality]=240 [rerank_bench]=90 [model_bench]=150)
+SECTIONS=(env install te numerics verify train quality rerank_bench model_bench)
+declare -A CAP=([env]=30 [install]=90 [te]=150 [numerics]=120 [verify]=60 [train]=120 [quality]=240 [rerank_bench]=90 [model_bench]=150)
 declare -A WHAT=(
   [env]="versions, GPU, whether Transformer Engine is importable"
   [install]="megatron-core + ir-measures + pytrec-eval + gguf from carried wheels into a --target folder on PYTHONPATH, megarank from the checkout; torch untouched"
   [te]="the tests marked gpu (pytest -m gpu): with Transformer Engine, TE spec == local spec (bf16) and FP8 forward+backward; without it, the CUDA-only tests that need no TE"
   [numerics]="local spec on CUDA (fp32, bf16) vs the same checkpoint in fp32 on the CPU"
+  [verify]="megarank-convert hf-to-megatron + verify on CUDA (the tiny model, fp32), run with NGC's TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, which verify must clear"
   [train]="megarank train under torchrun (NCCL, 1 GPU), bf16, SmolLM2-135M shape, Cranfield, with evaluation (TE spec where TE exists)"
   [quality]="SmolLM2-135M fine-tuned on Cranfield+SciFact train, nDCG@10 on Cranfield test vs BM25"
   [rerank_bench]="reranking throughput vs sentence-transformers CrossEncoder (bf16)"
@@ -271,6 +272,17 @@ sec_numerics() {
 
 train_data() { # the real collection if it travelled, else the sample shipped in the repo
   if [[ $DRY != 1 && -d $PAYLOAD/data/cranfield ]]; then echo "$PAYLOAD/data/cranfield"; else echo "$REPO/megarank/resources/sample"; fi
+}
+
+sec_verify() {
+  local dir=$WORK/verify
+  rm -rf "$dir" && mkdir -p "$dir"
+  t_run "$PYTHON" -m megarank init-tiny "$dir/hf" --overwrite || return
+  t_run "$PYTHON" -m checkpoint_tools hf-to-megatron "$dir/hf" "$dir/mg" --quiet || return
+  TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 t_run "$PYTHON" -m checkpoint_tools verify "$dir/hf" "$dir/mg"
+  local rc=$?
+  { echo '```'; grep -E "ignored|max abs diff|warning" "$SECLOG" | tail -n 5; echo '```'; } >>"$FRAG"
+  return $rc
 }
 
 sec_train() {

@@ -325,6 +325,38 @@ def test_fp8_hybrid_forward_backward_runs(recipe):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.gpu
+@needs_te
+def test_fp8_backward_with_24_real_tokens_runs_once_packed_to_a_multiple_of_16():
+    """24 tokens (an odd multiple of 8) pass TE's forward-only check but crash the FP8 weight-gradient GEMM on Hopper
+    (its leading dimension is the token count; cublaslt_gemm.cu asserts lda % 16). validate() requires
+    data.pad_to_multiple_of to be a multiple of 16 with FP8, and the packed stream is padded to it (packing.py)."""
+    from megarank.config import ConfigError, validate
+    from megarank.data.packing import pack_rows, packing_multiple
+    from megarank.model.inputs import model_inputs
+
+    overrides = ["model.transformer_impl=transformer_engine", "model.dtype=bf16", "model.fp8=hybrid",
+                 "model.fp8_recipe=tensorwise", "data.pad_to_multiple_of=16"]
+    cfg = load_config(TINY, overrides)
+    validate(cfg)
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of"):
+        validate(load_config(TINY, overrides[:-1] + ["data.pad_to_multiple_of=8"]))
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (10, 9, 5)]  # 24 real tokens
+    batch = pack_rows(rows, PAD_ID, packing_multiple(cfg.data.pad_to_multiple_of, 1))
+    assert batch["input_ids"].shape == (1, 32)
+    model = build(*overrides).train()
+    args, kwargs = model_inputs(batch, device_of(model))
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        scores = model(*args, **kwargs)
+        loss = F.cross_entropy(scores.float().view(1, -1), torch.zeros(1, dtype=torch.long, device=scores.device))
+        loss.backward()
+    assert scores.shape[0] == 3 and torch.isfinite(scores).all() and torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
 def test_swiglu_function_matches_megatron_glu():
     """The local spec's single-function SwiGLU (megarank/model/mlp.py) equals upstream's chunk/silu/mul."""
     from megarank.model.mlp import SwiGLUActivation
