@@ -23,6 +23,9 @@ The pickles in a megarank checkpoint folder (a training step's or a converted on
   ``_extra_state``) goes to ``DefaultLoadPlanner.load_bytes``, which reads it with ``torch.load(weights_only=False)``
   (torch/distributed/checkpoint/default_planner.py:382-392). :class:`SafeFileSystemReader` reads objects with
   :func:`torch_load` first and hands the planner only bytes that passed.
+- ``extra_state/`` -- the objects above are Transformer Engine's FP8 ``_extra_state``: byte tensors that TE
+  itself unpickles with a plain ``pickle.loads`` when they are put into the model; ``megarank.checkpoint.weights``
+  first reads each through :class:`ExtraStateUnpickler` (:func:`check_extra_state`).
 - ``train_state/rank-*.pt`` -- step, scheduler, data position and RNG states, read by
   ``megarank.checkpoint.train_state.load_train_state`` with :func:`torch_load`.
 
@@ -136,6 +139,53 @@ def torch_load(source, where=None):
         if found is None:
             raise
         raise _refused(where, found.group(1)) from None
+
+
+_TE_RECIPE_MODULE = "transformer_engine.common.recipe"
+
+
+class ExtraStateUnpickler(pickle.Unpickler):
+    """An Unpickler for Transformer Engine's ``_extra_state`` (FP8 scales, amax history and the recipe), which TE
+    reads back with a plain ``pickle.loads`` in ``set_extra_state`` (transformer_engine/pytorch/module/base.py,
+    ``TransformerEngineBaseModule.set_extra_state``, v2.9). The state is a dict of builtins, CPU tensors and the
+    FP8 recipe. A tensor pickled outside ``torch.save`` names ``torch._utils._rebuild_tensor_v2``,
+    ``collections.OrderedDict`` (its hooks) and ``torch.storage._load_from_bytes``, which would run a
+    ``torch.load(weights_only=False)`` of the storage bytes (torch/storage.py): here those bytes go through
+    :func:`torch_load` instead. The recipe is one of the dataclasses, enums and named tuples of
+    ``transformer_engine.common.recipe``; anything else that module defines, and every other global, is refused."""
+
+    _TORCH = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")}
+
+    def __init__(self, file, where):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        import dataclasses
+        import enum
+        import importlib
+
+        if (module, name) in self._TORCH:
+            return super().find_class(module, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return lambda data: torch_load(io.BytesIO(data), where=self.where)
+        if module == _TE_RECIPE_MODULE:
+            cls = getattr(importlib.import_module(module), name, None)
+            if isinstance(cls, type) and (dataclasses.is_dataclass(cls) or issubclass(cls, (enum.Enum, tuple))):
+                return cls
+        raise _refused(self.where, f"{module}.{name}")
+
+
+def check_extra_state(value, where) -> None:
+    """Read one loaded ``_extra_state`` value the way Transformer Engine will (a byte tensor holding a pickle, or
+    the deprecated ``io.BytesIO`` holding a ``torch.save``), through the allow-lists; raise :class:`RefusedPickle`
+    naming ``where`` and the global if TE's own unpickling would resolve anything else."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.numel() > 0:
+        ExtraStateUnpickler(io.BytesIO(value.detach().cpu().numpy().tobytes()), where).load()
+    elif isinstance(value, io.BytesIO):
+        torch_load(io.BytesIO(value.getvalue()), where=where)
 
 
 def _fs_reader_base():

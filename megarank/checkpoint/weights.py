@@ -69,6 +69,15 @@ def load_extra_state(model, folder: Path) -> None:
     has = _has_extra_state(extra)
     if saved and any_rank(has):
         loaded = safe_pickle.load(extra, folder / EXTRA_DIR)
+        try:  # Transformer Engine unpickles each with plain pickle: only what the allow-list reads gets there
+            for key, value in loaded.items():
+                safe_pickle.check_extra_state(value, f"{folder / EXTRA_DIR} ({key})")
+            error = None
+        except CheckpointError as e:
+            error = str(e)
+        error = first_error(error)  # every rank stops, whichever rank holds the refused object
+        if error:
+            raise CheckpointError(error)
         model.load_state_dict(loaded, strict=False)
         log.info("loaded FP8 scaling state (_extra_state) from %s", folder / EXTRA_DIR)
     elif saved:
