@@ -78,7 +78,8 @@ def write_nemo_corpus(folder):
     (corpus / "merlin_metadata.json").write_text(json.dumps({"class": "TextQADataset", "corpus_id": "wiki"}))
     texts = [t for g in GROUPS for t in g["pos"] + g["neg"]]
     ids = {t: f"d{n}" for n, t in enumerate(texts)}
-    pq.write_table(pa.table({"id": list(ids.values()), "text": texts}), corpus / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"id": list(ids.values()), "text": texts}),
+                   corpus / "data" / "train-00000-of-00001.parquet")
     pq.write_table(pa.table({"id": ["t0"], "text": ["a test-split document"]}),
                    corpus / "data" / "test-00000-of-00001.parquet")
     data = [{"question_id": f"q{i}", "question": g["query"], "corpus_id": "wiki",
@@ -188,9 +189,10 @@ def test_hf_disk_reads_the_split_memory_mapped(tmp_path):
 
 def test_hf_disk_rows_stay_in_the_memory_mapped_file(tmp_path):
     n = 20000  # ~4 MB of text: a copy into Arrow memory would show in the pool's allocations
-    datasets.Dataset.from_dict({"query": [f"query {i:06d} " * 4 for i in range(n)],
-                                "pos_doc": [[f"positive {i:06d} " * 6] for i in range(n)],
-                                "neg_doc": [[f"negative {i:06d} " * 6] for i in range(n)]}).save_to_disk(tmp_path / "big")
+    big = datasets.Dataset.from_dict({"query": [f"query {i:06d} " * 4 for i in range(n)],
+                                      "pos_doc": [[f"positive {i:06d} " * 6] for i in range(n)],
+                                      "neg_doc": [[f"negative {i:06d} " * 6] for i in range(n)]})
+    big.save_to_disk(tmp_path / "big")
     before = pa.total_allocated_bytes()
     groups, _ = read_groups("hf_disk", tmp_path / "big")
     assert pa.total_allocated_bytes() - before < 256 * 1024
@@ -203,11 +205,12 @@ def _table(**columns):
 
 
 @pytest.mark.parametrize("table, columns, message", [
-    (pa.table({"query": ["q"], "pos_doc": [["p"]]}), {}, r"t\.parquet: has no column 'neg_doc' \(data\.columns\.neg_doc\); "
-                                                        r"its columns are query, pos_doc"),
+    (pa.table({"query": ["q"], "pos_doc": [["p"]]}), {},
+     r"t\.parquet: has no column 'neg_doc' \(data\.columns\.neg_doc\); its columns are query, pos_doc"),
     (_table(), {"pos_scores": "teacher"}, r"has no column 'teacher' \(data\.columns\.pos_scores\)"),
     (_table(query=[1, 2, 3]), {}, r"t\.parquet: column 'query' \(data\.columns\.query\) is int64, expected a string"),
-    (_table(pos_doc=[[1], [2], [3]]), {}, r"column 'pos_doc' \(data\.columns\.pos_doc\) is list<\w+: int64>, expected a list of strings"),
+    (_table(pos_doc=[[1], [2], [3]]), {},
+     r"column 'pos_doc' \(data\.columns\.pos_doc\) is list<\w+: int64>, expected a list of strings"),
     (_table(pos_doc=[["p"], [], ["p"]]), {}, r"t\.parquet row 1: 'pos_doc' is empty"),
     (_table(query=["q0", None, "q2"]), {}, r"t\.parquet row 1: 'query' must be a string, got null"),
     (_table(neg_doc=[["n"], ["n", ""], ["n"]]), {}, r"t\.parquet row 1: neg_doc\[1\] is empty"),
@@ -329,18 +332,57 @@ def test_preflight_checks_the_kind_of_path(tmp_path):
 
 TRAIN_ALL = '''
 import json, sys
+import megarank.training.loop as loop
 from megarank.config import load_config
-from megarank.training.loop import train
+from megarank.data import DataError
 
-for name, overrides in json.loads(sys.argv[1]).items():
-    metrics = train(load_config(sys.argv[2], overrides))
+runs, bad_runs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for name, overrides in runs.items():
+    metrics = loop.train(load_config(sys.argv[3], overrides))
     print("RESULT", json.dumps({"format": name, "loss": float(metrics["loss"])}), flush=True)
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("the model was built before the bad input was found")
+
+
+loop.build_model = no_model
+for name, overrides in bad_runs.items():
+    try:
+        loop.train(load_config(sys.argv[3], overrides))
+    except DataError as e:
+        print("REFUSED", json.dumps({"format": name, "error": str(e)}), flush=True)
 '''
 
 
-def test_each_format_trains(tmp_path):
-    """Two steps of the tiny model from every format in one process (imports paid once), with teacher scores
-    (train.loss=kl) wherever the format carries them."""
+def _bad_inputs(tmp_path) -> dict:
+    """One bad file per format (the format's overrides, the error's expected words)."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    flag = write_flag_jsonl(bad / "flag.jsonl")  # and a fifth line in NeMo AutoModel's spelling
+    flag.write_text(flag.read_text() + json.dumps({"query": "q", "pos_doc": ["p"], "neg_doc": ["n"] * 4}) + "\n")
+    triples = _lines(bad / "t.tsv", ["q\tp\tn"] * 4 + ["q\tp"])
+    pq.write_table(_table(pos_doc=[["p"], [], ["p"]], neg_doc=[["n"] * 4] * 3), bad / "t.parquet")
+    datasets.Dataset.from_dict({"query": ["q"] * 4, "pos_doc": [["p"]] * 4, "neg_doc": [["n"] * 4] * 3 + [["n"]]}
+                               ).save_to_disk(str(bad / "ds"))
+    nemo = _nemo_file(bad, {"neg_doc": ["d0", "d1", "d999"]})
+    return {
+        "jsonl": (["data.format=jsonl", f"data.train_path={flag}"],
+                  f"{flag} line 5: uses NeMo AutoModel's 'pos_doc'/'neg_doc' but line 1 uses FlagEmbedding's"),
+        "triples": (["data.format=triples", f"data.train_path={triples}"], f"{triples} line 5: expected 3"),
+        "parquet": (["data.format=parquet", f"data.train_path={bad / 't.parquet'}"],
+                    f"{bad / 't.parquet'} row 1: 'pos_doc' is empty"),
+        "hf_disk": (["data.format=hf_disk", f"data.train_path={bad / 'ds'}"],
+                    f"{bad / 'ds'} row 3: the group has 1 negatives but n_negatives=4 are needed"),
+        "nemo_corpus": (["data.format=nemo_corpus", f"data.train_path={nemo}"],
+                        f"{nemo} data[1]: neg_doc[2] id 'd999' is not in corpus 'wiki'"),
+    }
+
+
+def test_each_format_trains_and_bad_input_stops_before_the_model(tmp_path):
+    """Two steps of the tiny model from every format, with teacher scores (train.loss=kl) wherever the format
+    carries them; then a bad file of each format, refused with a DataError naming it before the model is built.
+    One process: the imports are paid once."""
     folder, columns = write_parquet(tmp_path / "pq")
     nemo, _ = write_nemo_corpus(tmp_path / "nemo")
     common = ["train.steps=2", "train.log_interval=1", "checkpoint.dir=null", "logging.level=WARNING"]
@@ -353,9 +395,15 @@ def test_each_format_trains(tmp_path):
         "nemo_corpus": ["data.format=nemo_corpus", f"data.train_path={nemo}", "data.rotate_positives=false",
                         "data.sample_negatives=false", "data.repeat_negatives=true", "data.n_passages=7"],
     }
+    bad = _bad_inputs(tmp_path)
     (tmp_path / "train_all.py").write_text(TRAIN_ALL)
-    out = run([sys.executable, "train_all.py", json.dumps({k: v + common for k, v in runs.items()}), TINY],
-              cwd=tmp_path).stdout
+    out = run([sys.executable, "train_all.py", json.dumps({k: v + common for k, v in runs.items()}),
+               json.dumps({k: v + common for k, (v, _) in bad.items()}), TINY], cwd=tmp_path).stdout
     results = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("RESULT ")]
     assert [r["format"] for r in results] == list(runs), out[-3000:]
     assert all(0.0 < r["loss"] < 10.0 for r in results), results
+    refused = {r["format"]: r["error"] for r in (json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
+                                                   if line.startswith("REFUSED "))}
+    assert list(refused) == list(bad), out[-3000:]
+    for name, (_, words) in bad.items():
+        assert refused[name].startswith(words), (name, refused[name])

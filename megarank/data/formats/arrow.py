@@ -5,7 +5,8 @@ one document: a string or a ``{title, text}`` struct), and the optional ``pos_sc
 
 Rows are fetched by index (``ArrowGroups[i]``) from the table, never held as Python objects: a ``save_to_disk``
 folder's Arrow files are memory-mapped (the OS page cache is shared by every rank); Parquet is compressed, so it
-is decoded once into Arrow buffers. Rows are numbered from 0, per file, as pandas and ``datasets`` number them.
+is decoded once into Arrow buffers. Rows are numbered from 0 as pandas and ``datasets`` number them: per Parquet
+file, and over the whole dataset (``dataset[i]``) of a ``save_to_disk`` folder.
 """
 
 from __future__ import annotations
@@ -206,5 +207,7 @@ def read_hf_disk_groups(path: str | os.PathLike, columns: Mapping[str, str], spl
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: is not a folder (a datasets save_to_disk folder is expected)")
-    files = arrow_files(dataset_folder(path, split))
-    return _concat([(str(f), _mapped_stream(f)) for f in files], columns).checked(skip_bad_rows, str(path))
+    folder = dataset_folder(path, split)
+    groups = _concat([(str(f), _mapped_stream(f)) for f in arrow_files(folder)], columns)
+    groups.files = [(str(folder), 0)]  # rows named as the dataset numbers them (dataset[i]), not per shard
+    return groups.checked(skip_bad_rows, str(path))
