@@ -357,6 +357,32 @@ def test_fp8_backward_with_24_real_tokens_runs_once_packed_to_a_multiple_of_16()
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.gpu
+@needs_te
+def test_te_in_fp32_cannot_train_packed_and_scores_padded_with_the_same_scores(tmp_path):
+    """TE in fp32 has no attention backend for packed (THD) input (flash/fused need 16-bit, unfused refuses THD:
+    TE attention/dot_product_attention/utils.py): validate() refuses training that way; a scorer switches to padded
+    batches (megarank/scoring/reranker.py) and gives the scores of the local spec."""
+    from megarank import Reranker
+    from megarank.checkpoint import save_model_weights, write_manifest
+    from megarank.config import ConfigError, save_config, validate
+
+    te_fp32 = ["model.transformer_impl=transformer_engine", "model.dtype=fp32", "data.packing=true"]
+    with pytest.raises(ConfigError, match="data.packing"):
+        validate(load_config(TINY, te_fp32))
+    pairs = [("what is a reranker", "a model that scores query passage pairs"), ("q", "p " * 40), ("long " * 30, "x")]
+    local = Reranker.from_config(TINY, ["model.transformer_impl=local", "model.dtype=fp32"])
+    ckpt = tmp_path / "ckpt"
+    save_model_weights(local.model, ckpt / "model")
+    save_config(local.cfg, ckpt / "config.yaml")
+    write_manifest(ckpt)
+    te = Reranker.from_checkpoint(ckpt, dtype="fp32", overrides=["model.transformer_impl=transformer_engine"])
+    assert "TE" in type(te.model.decoder.layers[0].self_attention.linear_qkv).__name__
+    assert te.cfg.data.packing is False, "the scorer falls back to padded batches"
+    assert Reranker.from_config(TINY, te_fp32).cfg.data.packing is False  # random weights: the same fallback
+    torch.testing.assert_close(te.score(pairs), local.score(pairs), rtol=1e-4, atol=1e-4)
+
+
 def test_swiglu_function_matches_megatron_glu():
     """The local spec's single-function SwiGLU (megarank/model/mlp.py) equals upstream's chunk/silu/mul."""
     from megarank.model.mlp import SwiGLUActivation

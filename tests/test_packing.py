@@ -451,6 +451,19 @@ def test_validate_refuses_packing_where_the_attention_cannot_pack():
     validate(load_config(TINY, []), world_size=1)  # the default: packed, SDPA core attention
 
 
+def test_a_scorer_on_attention_that_cannot_pack_scores_padded_batches_with_the_same_scores(one_rank):
+    """Reranker.from_config / from_checkpoint on such a model (here megatron's DotProductAttention; on a GPU,
+    Transformer Engine in fp32) switch to padded batches instead of refusing the config; scores as the SDPA spec's."""
+    from megarank import Reranker
+
+    pairs = [("what is a reranker", "a model that scores pairs"), ("q", "p " * 40), ("long " * 30, "x")]
+    megatron = Reranker.from_config(TINY, ["model.attention_backend=megatron", "data.packing=true"])
+    assert megatron.cfg.data.packing is False
+    sdpa = Reranker.from_config(TINY, ["data.packing=true"])
+    assert sdpa.cfg.data.packing is True
+    assert_rel_close(megatron.score(pairs), sdpa.score(pairs), "scores", 1e-5)
+
+
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True), (4, True)])
 def test_packed_streams_meet_the_sp_and_fp8_divisibility_that_validate_checks(tp, sp):
     """Whenever validate() accepts a layout, every packed stream the data code can make (a multiple of

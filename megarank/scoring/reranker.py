@@ -255,6 +255,7 @@ class Reranker:
         else:
             cfg = load_config(None if config is None else str(config), list(overrides))
         owns = _start_parallel(cfg, seed=True)
+        _padded_where_packing_cannot_run(cfg)
         validate(cfg, world_size=dist.get_world_size(), training=False)
         model = build_model(cfg.model, cfg.parallel).eval()
         reranker = cls(model, None, cfg, dtype_reason="the config's model.dtype")
