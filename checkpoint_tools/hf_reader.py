@@ -5,7 +5,8 @@ validated against the file size before any tensor is read, so a truncated or cor
 name. A tensor is read with a plain ``readinto`` into a fresh buffer (no mmap), so memory stays at about one tensor.
 
 PyTorch ``.bin`` files are pickles (loading one can run arbitrary code): they are refused unless ``allow_pickle``,
-and even then read with ``torch.load(weights_only=True, mmap=True)``.
+and even then read with ``torch.load(weights_only=True, mmap=True)`` and torch's own allow-list only
+(``megarank.checkpoint.safe_pickle.torch_load``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoint_tools.errors import ConversionError
+from megarank.checkpoint import safe_pickle
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -127,7 +129,9 @@ class HFWeights:
             )
         for path in bins:
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                sd = safe_pickle.torch_load(path, mmap=True)
+            except safe_pickle.RefusedPickle as e:
+                raise ConversionError(str(e)) from None
             except Exception as e:  # noqa: BLE001 - any load failure is a bad input file
                 raise ConversionError(f"{path} could not be read as a weights-only PyTorch file ({e})") from None
             self._pickled.update(sd)

@@ -11,6 +11,7 @@ non-zero without a traceback where it is a command, and the marker must not exis
   ``weights_only`` default megatron's own reader relies on;
 - a resume: ``optimizer/common.pt`` (``megarank train``, with that variable too), ``optimizer/.metadata`` and
   ``train_state/rank-0.pt`` (``load_training_checkpoint`` in this process);
+- a Hugging Face ``pytorch_model.bin`` given ``--allow-pickle``;
 - an object stored inside a ``.distcp`` file (how Transformer Engine's ``_extra_state`` is saved), and the bytes
   TE itself unpickles from it.
 
@@ -165,6 +166,17 @@ def test_the_converters_refuse_a_hostile_pickle_in_one_line_without_running_it(w
         _one_line_refusal(err, f"megarank-convert {args[0]}", path)
         assert not marker.exists(), args[0]
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_hostile_hf_bin_is_refused_even_with_allow_pickle(work, tmp_path, capsys):
+    hf = _copy(work / "hf", tmp_path / "hf")
+    for f in hf.glob("*.safetensors*"):
+        f.unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": Payload(marker)}, hf / "pytorch_model.bin")
+    assert convert(["hf-to-megatron", str(hf), str(tmp_path / "mg"), "--allow-pickle", "--quiet"]) == 2
+    _one_line_refusal(capsys.readouterr().err, "megarank-convert hf-to-megatron", hf / "pytorch_model.bin")
+    assert not marker.exists() and not (tmp_path / "mg").exists()
 
 
 def test_reranker_refuses_a_hostile_checkpoint_and_still_loads_a_normal_one(work, tmp_path, one_rank):

@@ -79,8 +79,8 @@ class RefusedPickle(CheckpointError):
 
 
 def _refused(where, global_name: str) -> RefusedPickle:
-    return RefusedPickle(f"{where} refers to {global_name}, which a megarank checkpoint never holds: refused "
-                         "without running it (loading a checkpoint must not run code it carries)")
+    return RefusedPickle(f"{where} refers to {global_name}, which is not on megarank's allow-list for checkpoint "
+                         "files: refused without running it (loading a checkpoint must not run code it carries)")
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -122,15 +122,15 @@ def _torch_allow_list_only():
 _GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+\w)")
 
 
-def torch_load(source, where=None):
-    """``torch.load(source, map_location="cpu", weights_only=True)`` with torch's own allow-list only; a global
-    it refuses becomes a :class:`RefusedPickle` naming ``where`` (default: ``source``) and the global."""
+def torch_load(source, where=None, mmap: bool = False):
+    """``torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)`` with torch's own allow-list only; a
+    global it refuses becomes a :class:`RefusedPickle` naming ``where`` (default: ``source``) and the global."""
     import torch
 
     where = source if where is None else where
     try:
         with _torch_allow_list_only():
-            return torch.load(source, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # torch's weights-only unpickler names the global: "Unsupported global: GLOBAL types.SimpleNamespace was
         # not an allowed global ..." / "Trying to load unsupported GLOBAL posix.system whose module ..."
