@@ -114,6 +114,8 @@ def ctx(tmp_path_factory) -> Ctx:
     c.bad["groups"] = work / "groups.jsonl"
     shutil.copy(SAMPLE / "train_groups.jsonl", c.bad["groups"])
     _replace_line(c.bad["groups"], 2, _latin1)
+    c.bad["triples"] = work / "triples.tsv"  # MS MARCO triples with a line of two columns
+    c.bad["triples"].write_text("q\tp\tn\nq\tp\n")
     eval_run = (SAMPLE / "candidates" / "test.run.tsv").read_text().splitlines()
     eval_run[4] = eval_run[4].replace("\td", "\tmissing-d", 1)
     (work / "eval-unknown-doc.tsv").write_text("\n".join(eval_run) + "\n")
@@ -214,6 +216,8 @@ CASES = [
          ["data.train_path", "no-such-beir", "does not exist"], not_names=["run file", "candidates"]),
     Case("train-jsonl-missing", train("data.format=jsonl", lambda c: f"data.train_path={c.work / 'no.jsonl'}"),
          ["data.train_path", "no.jsonl", "does not exist"]),
+    Case("train-parquet-missing", train("data.format=parquet", lambda c: f"data.train_path={c.work / 'no.parquet'}"),
+         ["data.train_path", "no.parquet", "does not exist", "data.format=parquet expects a Parquet file or a folder"]),
     Case("train-path-not-beir", train(lambda c: f"data.train_path={c.run_dir}"), ["data.train_path", "not a BEIR folder"]),
     Case("eval-path-missing", train(lambda c: f"data.eval_path={c.work / 'no-eval'}"), ["data.eval_path", "no-eval"]),
     Case("eval-split-missing", train(f"data.eval_path={SAMPLE}", "data.eval_split=dev"),
@@ -236,6 +240,8 @@ CASES = [
          ["bad-run/candidates/train.run.tsv line 5", "not valid UTF-8"]),
     Case("groups-not-utf8", fresh("groups", "data.format=jsonl", lambda c: f"data.train_path={c.bad['groups']}"),
          ["groups.jsonl line 2", "not valid UTF-8"]),
+    Case("triples-short-line", fresh("triples", "data.format=triples", lambda c: f"data.train_path={c.bad['triples']}"),
+         ["triples.tsv line 2", "expected 3 tab-separated columns (query, positive, negative), got 2"]),
     Case("run-unknown-doc", fresh("unknown-doc", lambda c: f"data.train_path={c.bad['unknown-doc']}"),
          ["bad-unknown-doc/candidates/train.run.tsv line 3", "candidate document 'zz", "not in the corpus"]),
     Case("max-length-below-template", fresh("max-length", "data.max_length=16"),
