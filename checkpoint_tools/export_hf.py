@@ -22,6 +22,7 @@ from checkpoint_tools.configs import DTYPES, check_agreement, dtype_name, load_r
 from checkpoint_tools.errors import ConversionError
 from checkpoint_tools.hf_config import export_config
 from checkpoint_tools.hf_writer import DEFAULT_MAX_SHARD, Planned, write_sharded
+from checkpoint_tools.lora_reader import open_weights
 from checkpoint_tools.megatron_reader import MegatronWeights, resolve_checkpoint
 from checkpoint_tools.progress import Progress
 from checkpoint_tools.tokenizer_files import (
@@ -94,7 +95,7 @@ def megatron_to_hf(src, dst, *, config=None, tokenizer=None, dtype=None, max_sha
         check_requested(cfg, config, ckpt)
     dst = check_destination(ckpt, dst, overwrite)
     m = cfg.model
-    weights = MegatronWeights(ckpt)
+    weights = open_weights(ckpt, m)  # a LoRA checkpoint: its base with the adapters merged (lora_reader.py)
     weights.check_against(m)
     cast = DTYPES[dtype] if dtype else None
     dims = export_dims(m, weights)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from megarank.checkpoint.base_record import check_lora_settings, checked_base, lora_base_of, new_record
 from megarank.checkpoint.collective import is_rank0
 from megarank.checkpoint.layout import CheckpointError
 from megarank.checkpoint.lock import acquire_run_lock
@@ -134,6 +135,7 @@ class RunCheckpoints:
                     check_architecture(cfg.model, source)  # fail before building a model that cannot load it
             if self.resume_from is not None:
                 self._check_training_inputs()
+            self.lora_base = self._lora_base()
         except BaseException:
             self.close()
             raise
@@ -162,6 +164,21 @@ class RunCheckpoints:
             log.warning("resuming %s with what it trains on changed (train.allow_changed_data=true): %s", step,
                         describe_changes(changes))
 
+    def _lora_base(self) -> Optional[dict]:
+        """A LoRA run's base record (megarank/checkpoint/base_record.py): the resumed step's, checked against its
+        base and ``checkpoint.load``, or ``checkpoint.load``'s for a fresh run; None for full fine-tuning. The
+        adapter settings of a resumed step never change (its tensors' shapes and meaning depend on them)."""
+        cfg, step = self._cfg, self.resume_from
+        if step is not None:
+            check_lora_settings(load_checkpoint_config(step).model, cfg.model, step)
+            if cfg.model.lora_rank == 0:
+                return None
+            checked_base(step, cfg.checkpoint.load)
+            return lora_base_of(step)
+        if cfg.model.lora_rank > 0 and cfg.checkpoint.load:
+            return new_record(cfg.checkpoint.load)
+        return None
+
     @property
     def loads_weights(self) -> bool:
         """A resume or ``checkpoint.load`` overwrites every weight right after the build."""
@@ -185,7 +202,7 @@ class RunCheckpoints:
                             "train on)", self.resume_from, state["step"], self._cfg.train.steps)
             return state
         if self._cfg.checkpoint.load:
-            load_model_weights(model, self._cfg.checkpoint.load)
+            load_model_weights(model, self._cfg.checkpoint.load, new_adapters=self.lora_base is not None)
             optimizer_state.reload_model_params()  # bf16/fp16: the fp32 master weights were copied at build
             log.info("initialised weights from %s", self._cfg.checkpoint.load)
         return {"step": 0, "nonfinite": 0}
@@ -216,7 +233,7 @@ class RunCheckpoints:
                  "rng": save_rng_state()}
         optimizer_state = p["optimizer_state"] if self._cfg.checkpoint.save_optimizer else None
         folder = save_training_checkpoint(self.dir, step, p["model"], optimizer_state, state, saved_config(self._cfg),
-                                          p["tokenizer_dir"])
+                                          p["tokenizer_dir"], lora_base=self.lora_base)
         if is_rank0():  # every rank's files are in place (the save ends with a barrier)
             log.info("saved step %d to %s (%s, %.1f s)", step, folder, _human(_size(folder)), time.time() - tic)
         return folder

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 import megarank.checkpoint.safe_pickle as safe_pickle
+from megarank.checkpoint.base_record import RECORD_KEY
 from megarank.checkpoint.collective import barrier, is_rank0, rank
 from megarank.checkpoint.integrity import verify_checkpoint_files, write_manifest
 from megarank.checkpoint.layout import (
@@ -92,11 +93,13 @@ def layout_change(step_dir) -> str:
 
 
 def save_training_checkpoint(run_dir, step: int, model, optimizer_state: Optional[OptimizerState], train_state: dict, cfg,
-                             tokenizer_dir=None) -> Path:
+                             tokenizer_dir=None, lora_base: Optional[dict] = None) -> Path:
     """Collective. Write ``<run_dir>/step-N`` through a hidden temp folder, then publish ``latest``.
 
     ``model`` is the unwrapped LlamaReranker, ``optimizer_state`` the trainer's :class:`OptimizerState` (or None), ``train_state`` this rank's
-    picklable-free dict of tensors/numbers (step, scheduler, sampler, RNG). A kill at any point leaves
+    picklable-free dict of tensors/numbers (step, scheduler, sampler, RNG). ``lora_base``: a LoRA run's base
+    record (megarank/checkpoint/base_record.py): ``model/`` then holds the trainable tensors only and the marker
+    records the base they apply to. A kill at any point leaves
     ``latest`` on the previous complete checkpoint. Rank 0 writes the manifest after every rank's files are
     written, then renames the folder into place, publishes ``latest`` and removes older incomplete folders.
     """
@@ -112,7 +115,7 @@ def save_training_checkpoint(run_dir, step: int, model, optimizer_state: Optiona
         for sub in (STATE_DIR, MODEL_DIR, OPTIMIZER_DIR):
             (tmp / sub).mkdir(parents=True)
     barrier()
-    model_sd = model_sharded_state_dict(model)
+    model_sd = model_sharded_state_dict(model, trainable_only=lora_base is not None)
     keep_writer_in_process()  # no writer helper process for a signal to kill (megarank/checkpoint/writer.py)
     dist_checkpointing.save(model_sd, str(tmp / MODEL_DIR))
     save_extra_state(model, tmp / EXTRA_DIR)
@@ -126,7 +129,8 @@ def save_training_checkpoint(run_dir, step: int, model, optimizer_state: Optiona
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
         if optimizer_state is None:
             (tmp / OPTIMIZER_DIR).rmdir()
-        write_marker(tmp, kind="train", step=step, **current_layout())
+        write_marker(tmp, kind="train", step=step, **current_layout(),
+                     **({RECORD_KEY: lora_base} if lora_base is not None else {}))
         write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)

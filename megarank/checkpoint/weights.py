@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import megarank.checkpoint.safe_pickle as safe_pickle
+from megarank.checkpoint.base_record import checked_base, lora_base_of
 from megarank.checkpoint.collective import any_rank, first_error
 from megarank.checkpoint.integrity import check_finite, verify_checkpoint_files
 from megarank.checkpoint.layout import CONFIG_FILE, EXTRA_DIR, MODEL_DIR, MODEL_PARTS, CheckpointError
@@ -26,10 +27,16 @@ def _is_extra_state(key: str) -> bool:
     return key.endswith("_extra_state")
 
 
-def model_sharded_state_dict(model) -> dict:
+def model_sharded_state_dict(model, trainable_only: bool = False) -> dict:
     """The model's sharded state dict of weights only: TE ``_extra_state`` objects go to ``extra_state/``
-    (see :func:`extra_state_sharded_state_dict`), so ``model/`` loads into the local and the TE spec alike."""
-    return {k: v for k, v in model.sharded_state_dict().items() if not _is_extra_state(k)}
+    (see :func:`extra_state_sharded_state_dict`), so ``model/`` loads into the local and the TE spec alike.
+    ``trainable_only``: only the parameters with ``requires_grad`` (what a LoRA checkpoint's ``model/`` holds:
+    adapters and score head, model/adapters.py)."""
+    sd = {k: v for k, v in model.sharded_state_dict().items() if not _is_extra_state(k)}
+    if trainable_only:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in trainable}
+    return sd
 
 
 def extra_state_sharded_state_dict(model) -> dict:
@@ -121,26 +128,46 @@ def _check_tensor_shapes(sharded: dict, model_dir: Path, folder: Path) -> None:
                                   f"{folder / 'config.yaml'} implies {list(shape)}; the config does not match its tensors")
 
 
-def load_model_weights(model, checkpoint_dir, strict: bool = True) -> None:
+def load_model_weights(model, checkpoint_dir, strict: bool = True, new_adapters: bool = False, base=None) -> None:
     """Collective: load the weights of a megarank checkpoint folder (or its ``model/``, or a run directory's
     ``latest`` step) into ``model``, after checking the folder's checksums; the loaded weights must be finite.
-    FP8 ``_extra_state`` is loaded too where both sides have it."""
+    FP8 ``_extra_state`` is loaded too where both sides have it.
+
+    A LoRA checkpoint (its marker records a base, megarank/checkpoint/base_record.py) is loaded as its base (checked
+    against the record, and against ``base``, a run's ``checkpoint.load``, when given) and then its trained tensors.
+    ``new_adapters``: ``checkpoint.load`` of a LoRA run: the base has no adapters, which keep their fresh values."""
+    folder = model_folder(checkpoint_dir)
+    if lora_base_of(folder) is not None:
+        _load_folder(model, checked_base(folder, base), strict, part="base")
+        _load_folder(model, folder, strict, part="trainable")
+    else:
+        _load_folder(model, folder, strict, part="base" if new_adapters else "all")
+
+
+def _load_folder(model, folder: Path, strict: bool, part: str) -> None:
+    """part: "all" tensors of the model; "trainable" ones only (a LoRA step's ``model/``); "base": every tensor
+    but the adapters, which the folder does not have."""
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    folder = model_folder(checkpoint_dir)
     model_dir = folder / MODEL_DIR
     if not (model_dir / "metadata.json").is_file():
-        raise CheckpointError(f"{checkpoint_dir} is not a megarank checkpoint (no {MODEL_DIR}/metadata.json)")
+        raise CheckpointError(f"{folder} is not a megarank checkpoint (no {MODEL_DIR}/metadata.json)")
     verify_checkpoint_files(folder, parts=MODEL_PARTS)
-    sharded = model_sharded_state_dict(model)
+    sharded = model_sharded_state_dict(model, trainable_only=part == "trainable")
+    if part == "base":
+        stored = set(safe_pickle.load_tensors_metadata(model_dir))
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        sharded = {k: v for k, v in sharded.items() if k not in trainable or v.key in stored}
+    wanted = set(sharded)
     if strict:
         _check_tensor_shapes(sharded, model_dir, folder)
     handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_ALL
     loaded = safe_pickle.load(sharded, model_dir, strict=handling)
     model.load_state_dict(loaded, strict=False)
-    missing = [k for k in model.state_dict() if k not in loaded and not _is_extra_state(k)]
+    missing = [k for k in model.state_dict() if k not in loaded and not _is_extra_state(k)
+               and (part == "all" or k in wanted)]
     if strict and missing:
-        raise CheckpointError(f"{checkpoint_dir}: checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
+        raise CheckpointError(f"{folder}: checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
     try:
         check_finite(((k, v) for k, v in model.state_dict().items() if not _is_extra_state(k)), model_dir)
         error = None

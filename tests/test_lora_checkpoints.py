@@ -1,0 +1,113 @@
+"""LoRA checkpoints with real `megarank train` runs (torchrun, DP=2, gloo, the distributed optimizer) on a random
+tiny base saved as a converted checkpoint:
+
+- a step folder holds the adapters, the score head and their optimizer state only, plus the base's record;
+- SIGKILL after step N, resume to 2N: the same per-step losses and bit-identical adapters, head and optimizer state
+  as 2N steps straight;
+- resuming with another base (``checkpoint.load``), or after the base's weights changed, is a one-line error
+  naming both;
+- `Reranker.from_checkpoint` scores the LoRA step directly, `megarank-convert megatron-to-hf` writes the merged
+  model, and the export under transformers scores the same (<= 1e-5, fp32), unlike the base.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from checkpoint_tools.cli import main as convert
+from tests.test_resume import N, RESUME, _assert_same_run, _complete, _latest, _sigkill_at
+from tests.training_harness import TINY, log_lines, make_init_checkpoint, read_plain_tensors, run, tb_scalars, train_cmd
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+LORA = ["model.lora_rank=4", "model.lora_alpha=8", "train.lr=0.01", "parallel.use_distributed_optimizer=true"]
+TOL = 1e-5
+PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"), ("a b c", "d e f g h i j k")]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_init_checkpoint(tmp_path_factory.mktemp("lora_base"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, base):
+    work = tmp_path_factory.mktemp("lora_straight")
+    run(train_cmd(2, *RESUME, *LORA, f"checkpoint.load={base}", f"checkpoint.dir={work / 'run'}"), cwd=work)
+    return work / "run"
+
+
+def test_a_step_holds_adapters_head_optimizer_state_and_the_base_record(straight, base):
+    step = straight / f"step-{2 * N}"
+    _complete(step, 2 * N)
+    weights = read_plain_tensors(step / "model")
+    adapters = [k for k in weights if "_adapter.lora_" in k]
+    assert sorted(weights) == sorted(adapters + ["score.weight"]) and len(adapters) == 4 * 2
+    assert weights["decoder.layers.self_attention.linear_qkv_adapter.lora_a"].shape == (2, 4, 64)  # [L, r, in]
+    assert weights["decoder.layers.mlp.linear_fc1_adapter.lora_b"].shape == (2, 256, 4)  # [L, 2 x ffn, r]
+    optimizer = read_plain_tensors(step / "optimizer")
+    assert optimizer and all(k.split(".", 3)[-1] in weights for k in optimizer), sorted(optimizer)[:3]
+    record = json.loads((step / "megarank_checkpoint.json").read_text())["lora_base"]
+    assert record["path"] == str(base.resolve()) and len(record["fingerprint"]) == 8
+
+
+def test_sigkill_then_resume_is_bit_identical(straight, base, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*RESUME, *LORA, f"checkpoint.load={base}", f"checkpoint.dir={run_dir}"]
+    _sigkill_at(tmp_path, 2, f"step:{N + 2}", *args, f"logging.tensorboard_dir={tmp_path / 'tb-killed'}")
+    assert sorted(tb_scalars(tmp_path / "tb-killed", "train/loss")) == list(range(1, N + 2))
+    assert _latest(run_dir) == f"step-{N}"
+    out = run(train_cmd(2, *args, f"logging.tensorboard_dir={tmp_path / 'tb-resumed'}"), cwd=tmp_path).stdout
+    assert f"resumed from {run_dir / f'step-{N}'} at step {N}\n" in out
+    assert sorted(log_lines(out)) == list(range(N + 1, 2 * N + 1))
+    _assert_same_run(straight, run_dir, tmp_path / "tb-resumed", list(range(N + 1, 2 * N + 1)))
+
+
+def _resume_error(run_dir, base, cwd) -> str:
+    """The one-line error of resuming ``run_dir`` with ``checkpoint.load=base`` (one process: it fails before
+    anything is built)."""
+    result = run(train_cmd(1, *RESUME, *LORA, f"checkpoint.load={base}", f"checkpoint.dir={run_dir}",
+                           f"train.steps={2 * N + 1}"), cwd=cwd, check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stdout.splitlines() if "LoRA adapters for the base" in line]
+    assert len(errors) == 1, result.stdout[-3000:]
+    return errors[0]
+
+
+def test_another_or_a_changed_base_is_a_one_line_error_naming_both(straight, base, tmp_path):
+    other = tmp_path / "other"
+    run([sys.executable, "make_init.py", TINY, str(other), "train.seed=8"], cwd=base.parent)
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    error = _resume_error(run_dir, other, tmp_path)
+    assert str(base.resolve()) in error and str(other.resolve()) in error and "checkpoint.load" in error
+
+    moved = tmp_path / "base-copy"  # the record names a base whose weights then change
+    shutil.copytree(base, moved)
+    marker = run_dir / f"step-{2 * N}" / "megarank_checkpoint.json"
+    data = json.loads(marker.read_text())
+    data["lora_base"]["path"] = str(moved)
+    marker.write_text(json.dumps(data))
+    (run_dir / f"step-{2 * N}" / "megarank_manifest.json").unlink()  # the edited marker would fail its checksum
+    with open(next((moved / "model").glob("*.distcp")), "ab") as f:
+        f.write(b"\0")
+    error = _resume_error(run_dir, moved, tmp_path)
+    assert str(moved) in error and "changed" in error
+
+
+def test_reranker_and_the_merged_export_score_the_lora_step_like_transformers(straight, base, tmp_path, one_rank):
+    from megarank import Reranker
+    from tests.test_reranker_api import transformers_scores
+
+    step = straight / f"step-{2 * N}"
+    assert convert(["megatron-to-hf", str(step), str(tmp_path / "export"), "--quiet"]) == 0
+    lora = Reranker.from_checkpoint(step, dtype="fp32")
+    ours = lora.score(PAIRS)
+    exported = Reranker.from_checkpoint(tmp_path / "export", dtype="fp32").score(PAIRS)
+    theirs = transformers_scores(tmp_path / "export", lora.pair_tokenizer, PAIRS)
+    base_scores = Reranker.from_checkpoint(base, dtype="fp32").score(PAIRS)
+    assert (ours - base_scores).abs().max().item() > 1e-3, "training changed nothing: the comparison proves nothing"
+    assert (exported - ours).abs().max().item() <= TOL, (exported, ours)
+    assert (theirs - ours).abs().max().item() <= TOL, (theirs, ours)
