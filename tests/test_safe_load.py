@@ -274,6 +274,12 @@ def test_the_allow_lists_read_real_checkpoint_files_and_nothing_else(work):
         with pytest.raises(CheckpointError, match=rf"^f refers to {module}.{name}, "):
             safe_pickle.MetadataUnpickler(io.BytesIO(hostile), "f").load()
 
+    other_backend = shutil.copytree(work / "mg" / "model", work / "zarr_model")  # metadata.json names the backend
+    (other_backend / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1, '
+                                                  '"common_backend": "torch", "common_backend_version": 1}')
+    with pytest.raises(CheckpointError, match="stored by torch_dist, not zarr"):
+        safe_pickle.load_tensors_metadata(other_backend)
+
     for rel in ("model/common.pt", "optimizer/common.pt", "train_state/rank-0.pt"):
         safe_pickle.torch_load(work / "run" / "step-2" / rel)
     # torch's own list only: importing megatron-core adds SimpleNamespace to it (megatron/core/safe_globals.py)

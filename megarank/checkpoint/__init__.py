@@ -4,6 +4,7 @@
 |---|---|
 | ``layout``      | the on-disk format stated once: folder and file names, the marker, the format version (also used by ``checkpoint_tools``) |
 | ``integrity``   | the CRC-32 manifest written at save and checked at every load; finite-weights check |
+| ``safe_pickle`` | every pickle a load reads through an allow-list (a checkpoint never runs code it carries); the torch_dist load |
 | ``weights``     | model weights (+ FP8 ``_extra_state``) saved / loaded at any TP/PP; architecture and shape checks; the saved config |
 | ``run_folder``  | ``step-N`` folders, the atomic ``latest``, fall-back to the newest intact step, prune, incomplete saves |
 | ``lock``        | one live run per run folder (``flock``) |

@@ -31,12 +31,12 @@ The pickles in a megarank checkpoint folder (a training step's or a converted on
 
 :func:`torch_load` is ``torch.load(weights_only=True)`` with torch's own allow-list only: importing megatron-core
 adds its classes to torch's process-wide list (megatron/core/safe_globals.py:19-42, registered at
-megatron/core/__init__.py:51-52: ``SimpleNamespace``, ``argparse.Namespace``, numpy arrays, ``OptimizerConfig``,
+megatron/core/__init__.py:49-52: ``SimpleNamespace``, ``argparse.Namespace``, numpy arrays, ``OptimizerConfig``,
 ...), and no megarank file holds any of them, so they are set aside while a checkpoint file is read.
 
 The allow-lists are what megarank checkpoints hold, found by logging every ``find_class`` of real checkpoints
-(a tiny training step in fp32 and bf16, a converted checkpoint, an object saved through megatron's
-``ShardedObject``): ``.metadata`` names the classes below; ``common.pt`` names none; ``train_state/rank-*.pt``
+(a tiny training step at one rank and at TP=2, converted checkpoints in fp32 and bf16, an object saved through
+megatron's ``ShardedObject``): ``.metadata`` names the classes below; ``common.pt`` names none; ``train_state/rank-*.pt``
 names ``collections.OrderedDict``, ``torch.ByteStorage`` and ``torch._utils._rebuild_tensor_v2``, all in torch's
 own weights-only list. The manifest's CRC-32 (megarank/checkpoint/integrity.py) is no defence here: whoever can
 change a file can rewrite its checksum.
@@ -66,7 +66,7 @@ METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.metadata", "TensorProperties"),
     ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    # megatron keeps every rank's save plan in the metadata (``all_local_plans``, strategies/torch.py:677)
+    # megatron keeps every rank's save plan in the metadata (``all_local_plans``, strategies/state_dict_saver.py:141-144)
     ("torch.distributed.checkpoint.planner", "SavePlan"),
     ("torch.distributed.checkpoint.planner", "WriteItem"),
     ("torch.distributed.checkpoint.planner", "WriteItemType"),
@@ -150,7 +150,7 @@ class ExtraStateUnpickler(pickle.Unpickler):
     ``TransformerEngineBaseModule.set_extra_state``, v2.9). The state is a dict of builtins, CPU tensors and the
     FP8 recipe. A tensor pickled outside ``torch.save`` names ``torch._utils._rebuild_tensor_v2``,
     ``collections.OrderedDict`` (its hooks) and ``torch.storage._load_from_bytes``, which would run a
-    ``torch.load(weights_only=False)`` of the storage bytes (torch/storage.py): here those bytes go through
+    ``torch.load(weights_only=False)`` of the storage bytes (torch/storage.py:534-535): here those bytes go through
     :func:`torch_load` instead. The recipe is one of the dataclasses, enums and named tuples of
     ``transformer_engine.common.recipe``; anything else that module defines, and every other global, is refused."""
 
@@ -306,7 +306,7 @@ def _strategies():
     class SafeTorchCommonLoadStrategy(TorchCommonLoadStrategy):
         """megatron's common-state strategy (strategies/common.py:71-98) reading ``common.pt`` with
         :func:`torch_load`. Its ``load_sharded_objects`` (objects as separate ``.pt`` files) is never reached with
-        the torch_dist strategy, which stores objects itself (``can_handle_sharded_objects``; serialization.py:147)."""
+        the torch_dist strategy, which stores objects itself (``can_handle_sharded_objects``; serialization.py:152)."""
 
         def check_backend_compatibility(self, loaded_backend):
             if loaded_backend != "torch":
