@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megarank.data import (Batcher, BeirData, BeirGroupSource, DataError, GroupSampler, JsonlGroupSource,
+from megarank.data import (Batcher, BeirData, BeirGroupSource, DataError, GroupSampler, GroupsFileSource,
                            PairTokenizer, Run, build_tiny_tokenizer, candidate_pairs, doc_to_text,
                            find_run_file, format_pair, read_beir, read_corpus, read_jsonl_groups, read_qrels,
                            read_queries, read_run, sample_data_dir)
@@ -217,7 +217,7 @@ def test_find_run_file_errors(beir_copy):
 def jsonl_source(n_negatives=3, seed=0, **kwargs):
     groups = [{"query": f"q{i}", "pos": [f"pos{i}a", f"pos{i}b"], "neg": [f"neg{i}_{j}" for j in range(6)],
                "line": i + 1} for i in range(8)]
-    return JsonlGroupSource(groups, n_negatives, seed, "train.jsonl", **kwargs)
+    return GroupsFileSource(groups, n_negatives, seed, "train.jsonl", **kwargs)
 
 
 def test_jsonl_groups_are_deterministic_and_sized():

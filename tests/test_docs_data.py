@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from megarank.config import load_config, validate
-from megarank.data import (DEFAULT_TEMPLATE, JsonlGroupSource, iter_run_rows, read_beir, read_groups,
+from megarank.data import (DEFAULT_TEMPLATE, GroupsFileSource, iter_run_rows, read_beir, read_groups,
                            read_jsonl_groups, read_qrels, read_run, read_scored_run)
 from megarank.data.formats import check_prompts
 
@@ -31,9 +31,9 @@ def test_jsonl_groups_with_and_without_teacher_scores(examples):
     assert skipped == 0 and [len(g["pos"]) for g in groups] == [1, 2]
     assert groups[0]["pos"] == ["How volcanoes form Magma rises through the crust and erupts."]
     assert groups[1]["pos_labels"] == [2.0, 1.0]
-    JsonlGroupSource(groups, n_negatives=4).get(1, 0)  # data.n_passages=5, the default
+    GroupsFileSource(groups, n_negatives=4).get(1, 0)  # data.n_passages=5, the default
     teacher, _ = read_jsonl_groups(examples / "groups-with-teacher.jsonl")
-    assert JsonlGroupSource(teacher, n_negatives=4, with_teacher=True).get(0, 0).teacher[0] == 7.5
+    assert GroupsFileSource(teacher, n_negatives=4, with_teacher=True).get(0, 0).teacher[0] == 7.5
     mined, _ = read_jsonl_groups(examples / "mined.jsonl")
     assert mined[0]["pos_scores"] == [7.5] and mined[0]["pos_labels"] == [2.0]
 

@@ -12,7 +12,7 @@ import pytest
 
 from megarank.cli.preflight import train_path_problem
 from megarank.config import GROUP_FILE_FORMATS, ConfigError, DataConfig, load_config, validate
-from megarank.data import GROUP_FORMATS, DataError, JsonlGroupSource, read_groups
+from megarank.data import GROUP_FORMATS, DataError, GroupsFileSource, read_groups
 from megarank.data.formats import check_prompts
 from megarank.data.formats.nemo_corpus import train_split_files
 from tests.training_harness import TINY, run
@@ -101,7 +101,7 @@ def test_flagembedding_jsonl_reads_pos_neg_and_teacher_scores(tmp_path):
     groups, skipped = read_groups("jsonl", write_flag_jsonl(tmp_path / "flag.jsonl"))
     assert skipped == 0 and [_texts(g) for g in groups] == [_texts(g) for g in GROUPS]
     assert [(g["pos_scores"], g["neg_scores"]) for g in groups] == [(g["pos_scores"], g["neg_scores"]) for g in GROUPS]
-    group = JsonlGroupSource(groups, 4, with_teacher=True).get(2, 1)
+    group = GroupsFileSource(groups, 4, with_teacher=True).get(2, 1)
     assert group.passages[0] == "positive 2.1" and group.teacher[0] == 4.0  # epoch 1: the second positive
 
 
@@ -284,7 +284,7 @@ def test_nemo_corpus_folder_problems(tmp_path):
 def _source(**kwargs):
     groups = [{"query": "q", "pos": ["p0", "p1"], "neg": ["n0", "n1"], "pos_scores": [9.0, 8.0],
                "neg_scores": [0.0, 1.0], "at": "g.json data[0]"}]
-    return JsonlGroupSource(groups, 4, seed=3, **kwargs)
+    return GroupsFileSource(groups, 4, seed=3, **kwargs)
 
 
 def test_nemo_automodel_rules_first_positive_negatives_in_order_repeated():

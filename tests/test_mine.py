@@ -10,7 +10,7 @@ import pytest
 
 from megarank.cli.mine import _number_problems, add_mine_args, audit_paths, run_mine
 from megarank.cli.preflight import UsageError
-from megarank.data import JsonlGroupSource, read_beir, read_jsonl_groups, read_run, read_scored_run
+from megarank.data import GroupsFileSource, read_beir, read_jsonl_groups, read_run, read_scored_run
 from megarank.data.errors import DataError
 from megarank.data.negatives import (MiningParams, NegativeMiner, audit_paths as data_audit_paths, mine_negatives,
                                      param_problems, sigmoid)
@@ -288,7 +288,7 @@ def test_max_queries_and_the_output_trains(beir):
     out = mine(beir, "train.jsonl", "--negatives", 4)
     groups, skipped = read_jsonl_groups(out)
     assert skipped == 0 and len(groups) == 2
-    source = JsonlGroupSource(groups, n_negatives=4, path_for_errors=out, with_teacher=True)
+    source = GroupsFileSource(groups, n_negatives=4, path_for_errors=out, with_teacher=True)
     group = source.get(0, epoch=0)
     assert group.query == "what is alpha" and len(group.passages) == 5
     assert group.passages[0] == "Alpha the alpha positive passage" and group.labels[0] == 2.0  # p1: grade 2

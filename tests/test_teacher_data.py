@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megarank.config import GROUP_LOSSES, TEACHER_LOSSES, ConfigError, load_config
-from megarank.data import (Batcher, BeirGroupSource, DataError, JsonlGroupSource, PairTokenizer, build_tiny_tokenizer,
+from megarank.data import (Batcher, BeirGroupSource, DataError, GroupsFileSource, PairTokenizer, build_tiny_tokenizer,
                            find_run_file, read_beir, read_jsonl_groups, read_run, read_scored_run, sample_data_dir)
 from megarank.training.loss import LOSS_NAMES, NEEDS_TEACHER
 
@@ -39,7 +39,7 @@ def test_jsonl_teacher_scores_and_labels_travel_with_the_sampled_passages(tmp_pa
     path = _write(tmp_path / "g.jsonl", [_group(i, labels=True) for i in range(4)])
     groups, _ = read_jsonl_groups(path)
     assert groups[0]["pos_scores"] == [10.0, 11.0] and groups[0]["pos_labels"] == [2.0, 1.0]
-    source = JsonlGroupSource(groups, 3, seed=5, path_for_errors=path, with_teacher=True)
+    source = GroupsFileSource(groups, 3, seed=5, path_for_errors=path, with_teacher=True)
     for epoch in range(4):
         g = source.get(1, epoch)
         pos = g.passages[0]
@@ -48,7 +48,7 @@ def test_jsonl_teacher_scores_and_labels_travel_with_the_sampled_passages(tmp_pa
         for passage, score in zip(g.passages[1:], g.teacher[1:]):  # each negative keeps its own score
             assert score == -float(passage.split("_")[1])
     # the same sampling as without teacher scores (the positive and negatives do not depend on them)
-    plain = JsonlGroupSource(groups, 3, seed=5, path_for_errors=path)
+    plain = GroupsFileSource(groups, 3, seed=5, path_for_errors=path)
     assert [plain.get(i, e).passages for i in range(4) for e in range(3)] == \
         [source.get(i, e).passages for i in range(4) for e in range(3)]
     assert plain.get(0, 0).teacher is None
@@ -57,7 +57,7 @@ def test_jsonl_teacher_scores_and_labels_travel_with_the_sampled_passages(tmp_pa
 def test_several_positives_per_group_rotate_and_fill_with_negatives(tmp_path):
     rows = [_group(0, n_pos=3, labels=True), _group(1, n_pos=1)]
     groups, _ = read_jsonl_groups(_write(tmp_path / "g.jsonl", rows))
-    source = JsonlGroupSource(groups, 4, seed=0, positives_per_group=2, with_teacher=True)
+    source = GroupsFileSource(groups, 4, seed=0, positives_per_group=2, with_teacher=True)
     assert source.group_size == 5
     seen = [source.get(0, e).passages[:2] for e in range(3)]
     assert seen == [["pos0_0", "pos0_1"], ["pos0_2", "pos0_0"], ["pos0_1", "pos0_2"]]
@@ -85,10 +85,10 @@ def test_a_teacher_loss_on_groups_without_scores_names_the_line(tmp_path):
     path = _write(tmp_path / "g.jsonl", [_group(0), _group(1, scores=False)])
     groups, _ = read_jsonl_groups(path)
     with pytest.raises(DataError, match=r"g\.jsonl line 2: has no 'pos_scores'/'neg_scores' but the loss needs"):
-        JsonlGroupSource(groups, 3, path_for_errors=path, with_teacher=True)
+        GroupsFileSource(groups, 3, path_for_errors=path, with_teacher=True)
     with pytest.raises(DataError, match="filled in from other groups have no teacher score"):
-        JsonlGroupSource(groups[:1], 3, path_for_errors=path, with_teacher=True, fill_from_corpus=True)
-    JsonlGroupSource(groups, 3, path_for_errors=path)  # a loss without a teacher does not need them
+        GroupsFileSource(groups[:1], 3, path_for_errors=path, with_teacher=True, fill_from_corpus=True)
+    GroupsFileSource(groups, 3, path_for_errors=path)  # a loss without a teacher does not need them
 
 
 def _teacher_run(tmp_path, beir, run, skip=None, top_k=10):
@@ -140,7 +140,7 @@ def test_scored_run_rejects_missing_and_non_finite_scores(tmp_path):
 def test_micro_batches_carry_relevance_and_teacher(tmp_path):
     tok = PairTokenizer(build_tiny_tokenizer(tmp_path / "tok"), max_length=64)
     groups, _ = read_jsonl_groups(_write(tmp_path / "g.jsonl", [_group(i, labels=True) for i in range(3)]))
-    source = JsonlGroupSource(groups, 2, seed=1, with_teacher=True)
+    source = GroupsFileSource(groups, 2, seed=1, with_teacher=True)
     picked = [source.get(i, 0) for i in range(3)]
     for packed in (False, True):
         batches = Batcher(tok, packed=packed).micro_batches(picked, micro_batch_size=2)

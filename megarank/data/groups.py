@@ -66,7 +66,7 @@ def _at(path: str, group: dict) -> str:
     return group.get("at") or where(path, group.get("line"))
 
 
-class JsonlGroupSource:
+class GroupsFileSource:
     """Groups whose passages are texts: the group dicts of every `megarank.data.formats` reader (JSONL, corpus-id
     JSON, Parquet, ``datasets`` folders, TSV triples): "query", "pos", "neg", "at" (or "line") and optionally
     "pos_labels", "pos_scores", "neg_scores". ``groups`` is any sequence: read by index, never copied.

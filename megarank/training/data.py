@@ -10,7 +10,7 @@ from megarank.data import (
     BeirGroupSource,
     DataError,
     GroupSampler,
-    JsonlGroupSource,
+    GroupsFileSource,
     find_run_file,
     read_beir,
     read_groups,
@@ -37,7 +37,7 @@ def make_group_source(cfg: Config):
                                 skip_bad=d.skip_bad_lines)
         if d.format == "jsonl":
             check_prompts(groups, d.template)  # FlagEmbedding's per-line prompt must be in the one template
-        return JsonlGroupSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=d.train_path,
+        return GroupsFileSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=d.train_path,
                                 positives_per_group=d.positives_per_group, with_teacher=with_teacher,
                                 rotate_positives=d.rotate_positives, sample_negatives=d.sample_negatives,
                                 repeat_negatives=d.repeat_negatives)

@@ -1,6 +1,6 @@
 """Training groups files, one reader per format (``data.format`` other than ``beir``). Each returns
 ``(groups, n_skipped)``: a sequence of group dicts (``{"query", "pos", "neg", "at"}`` with texts, plus the
-optional ``pos_scores``, ``neg_scores``, ``pos_labels``, ``prompt``) that ``JsonlGroupSource`` turns into
+optional ``pos_scores``, ``neg_scores``, ``pos_labels``, ``prompt``) that ``GroupsFileSource`` turns into
 ``TrainingGroup``s. The Arrow and corpus-id readers build a group when it is indexed, not when the file is read.
 
 - ``jsonl``: JSONL groups in NeMo AutoModel's inline spelling or FlagEmbedding's (`jsonl.py`);

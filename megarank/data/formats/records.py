@@ -1,5 +1,5 @@
 """One training group record, whatever file it came from: checked field by field into the dict that
-``JsonlGroupSource`` reads (``{"query", "pos", "neg", "at"}`` with texts, plus the optional ``pos_scores``,
+``GroupsFileSource`` reads (``{"query", "pos", "neg", "at"}`` with texts, plus the optional ``pos_scores``,
 ``neg_scores``, ``pos_labels`` and ``prompt``).
 
 ``at`` names the record in error messages: ``"train.jsonl line 7"``, ``"train.parquet row 3"``,
