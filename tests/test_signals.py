@@ -181,6 +181,52 @@ def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_
             raise AssertionError(f"the lock is still held: {info} {locks}") from None
 
 
+def test_workers_whose_agent_is_killed_while_they_still_import_stop_unsaved(tmp_path):
+    """The agent SIGKILLed in the first seconds, while its workers import torch and megatron-core: the workers were
+    re-parented before the watchdog module was imported, so the agent's pid is the parent recorded when megarank
+    was first imported (megarank/__init__.py), not the parent at the watchdog's import (then the new one). With the
+    old rule the workers were still alive 120 s after the agent; now they stop ~10 s after it (their imports)."""
+    run_dir = tmp_path / "run"
+    live = _start(torchrun(2, "train.steps=100000", f"checkpoint.dir={run_dir}",
+                           f"logging.tensorboard_dir={tmp_path / 'tb'}"), tmp_path, tmp_path / "live.log")
+    try:
+        def workers():
+            try:
+                return [p for p in psutil.Process(live.pid).children(recursive=True)
+                        if "megarank" in " ".join(p.cmdline())]
+            except psutil.NoSuchProcess:
+                return []
+
+        wait_for(lambda: len(workers()) == 2, 120, "both workers to start", live, interval=0.01)
+        family = workers()
+        live.kill()
+        live.wait()
+        gone_at = time.monotonic()
+        wait_for(lambda: not _alive(family), 120, "every worker to end", None, interval=0.05)
+        print(f"workers ended {time.monotonic() - gone_at:.2f}s after the agent")
+    finally:
+        if live.poll() is None:
+            kill_tree(live)
+        for p in locals().get("family", []):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    out = (tmp_path / "live.log").read_text()
+    assert out.count(f"the torchrun agent (pid {live.pid}) is gone; stopping without saving") == 2, out[-3000:]
+    assert not (run_dir / "latest").exists()
+
+
+def test_agent_pid_comes_from_megarank_launch_else_the_parent_at_megaranks_import(monkeypatch):
+    import megarank
+    from megarank.training import watchdog
+
+    monkeypatch.delenv(watchdog.AGENT_PID_ENV, raising=False)
+    assert watchdog.agent_pid() == megarank._PARENT_PID_AT_START == os.getppid()
+    monkeypatch.setenv(watchdog.AGENT_PID_ENV, "4242")
+    assert watchdog.agent_pid() == 4242
+
+
 def test_run_lock_names_its_holder_and_is_freed_by_release_or_garbage_collection(tmp_path):
     from megarank.checkpoint.lock import LOCK_FILE, try_lock
 

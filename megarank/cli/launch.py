@@ -394,6 +394,8 @@ def run_agent(torchrun_args: Sequence[str]) -> int:
     from torch.distributed.run import main as torchrun_main
 
     quiet_agent_log_lines()
+    # The workers' watchdog compares their parent with this pid (megarank/training/watchdog.py agent_pid).
+    os.environ["MEGARANK_AGENT_PID"] = str(os.getpid())
     signals = AgentSignals()
     signals.install()
     try:

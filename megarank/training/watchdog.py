@@ -5,7 +5,8 @@ torch/distributed/elastic/multiprocessing/subprocess_handler/subprocess_handler.
 the agent, or of the launcher's process group, does not reach the workers: they would train on as
 orphans, write ``latest`` and race the restarted job for the same checkpoint folder.
 
-A daemon thread polls ``os.getppid()`` against the agent's pid recorded at start-up. When the kernel
+A daemon thread polls ``os.getppid()`` against the agent's pid (``agent_pid()``: exported by ``megarank launch``,
+else the parent recorded when megarank was first imported). When the kernel
 re-parents the worker (to init or a subreaper) the agent is gone: the thread kills this worker's own
 child processes (the per-save writer processes of megatron's torch_dist writer, which would otherwise
 finish their files) and ends the process with ``os._exit`` -- no save, no ``latest``, no Python clean-up
@@ -75,16 +76,26 @@ class AgentWatchdog:
 
 
 _watchdog: Optional[AgentWatchdog] = None
-# The agent is the parent this process had when it started; recorded at import (the trainer imports this
-# module before it reads its config or joins the rendezvous), so an agent killed during start-up is noticed.
-_PARENT_AT_IMPORT = os.getppid()
+AGENT_PID_ENV = "MEGARANK_AGENT_PID"  # set by `megarank launch` (cli/launch.py run_agent) for its workers
+
+
+def agent_pid() -> int:
+    """The torchrun agent's pid: what `megarank launch` exported (its own pid: it runs the agent in-process), else
+    this process's parent when megarank was first imported (megarank/__init__.py, before torch and megatron-core:
+    recording it here, after those imports, would miss an agent killed during the ~15 s they take -- the worker
+    would already be re-parented, and its new parent taken for the agent)."""
+    import megarank
+
+    value = os.environ.get(AGENT_PID_ENV, "")
+    return int(value) if value.isdigit() else megarank._PARENT_PID_AT_START
 
 
 def start_agent_watchdog() -> Optional[AgentWatchdog]:
-    """Start the process-wide watchdog if this process is a torchrun worker (idempotent); None otherwise."""
+    """Start the process-wide watchdog if this process is a torchrun worker (idempotent); None otherwise. An agent
+    that died before this call is noticed by the thread's first poll."""
     global _watchdog
     if _watchdog is None and "TORCHELASTIC_RUN_ID" in os.environ:
-        _watchdog = AgentWatchdog(_PARENT_AT_IMPORT, os.environ.get("RANK", "?"))
+        _watchdog = AgentWatchdog(agent_pid(), os.environ.get("RANK", "?"))
         _watchdog._thread.start()
     return _watchdog
 
