@@ -182,6 +182,11 @@ def test_hf_disk_reads_the_split_memory_mapped(tmp_path):
     groups, _ = read_groups("hf_disk", folder, split="train")
     assert [_texts(groups[i]) for i in range(4)] == [_texts(g) for g in GROUPS]
     assert len(read_groups("hf_disk", folder, split="test")[0]) == 1
+    # a selection (an indices mapping in memory) saved in two shards: the rows as the dataset shows them
+    picked = datasets.load_from_disk(str(folder / "train")).select([3, 0, 2])
+    picked.save_to_disk(str(tmp_path / "picked"), num_shards=2)
+    groups, _ = read_groups("hf_disk", tmp_path / "picked")
+    assert [groups[i]["query"] for i in range(3)] == ["query 3", "query 0", "query 2"]
     with pytest.raises(DataError, match=r"ds: the DatasetDict has no split 'dev' \(data\.train_split\); its splits "
                                         r"are train, test"):
         read_groups("hf_disk", folder, split="dev")
