@@ -68,6 +68,7 @@ def _trainable(model) -> dict:
 def _start(root: Path) -> dict:
     """TP=1: B = 0 is the base model exactly; then random B, saved as every layout's starting point."""
     from megarank.checkpoint import save_model_weights
+    from megarank.config import load_config
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
 
@@ -84,8 +85,12 @@ def _start(root: Path) -> dict:
             if name.endswith("lora_b"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     save_model_weights(model, root / "weights" / "model")
+    with_norm = load_config(TINY, ["model.lora_rank=4", "model.lora_train_final_norm=true",
+                                   "model.lora_targets=[linear_fc2]"])
+    norm_model = build_model(with_norm.model, with_norm.parallel)
     return {"b0_equals_base": exact, "trainable": sorted(_trainable(model)),
-            "frozen": sum(not p.requires_grad for p in model.parameters())}
+            "frozen": sum(not p.requires_grad for p in model.parameters()),
+            "trainable_with_norm": sorted(_trainable(norm_model))}
 
 
 def _allreduce_sequence_parallel_grads(model) -> None:
@@ -200,6 +205,9 @@ def test_fresh_adapters_leave_the_base_model_exact(runs):
     # final norm are frozen.
     assert len(start["trainable"]) == 2 * 4 * 2 + 1 and "score.weight" in start["trainable"]
     assert start["frozen"] == 1 + 2 * 6 + 1
+    assert start["trainable_with_norm"] == sorted(
+        [f"decoder.layers.{i}.mlp.linear_fc2_adapter.lora_{x}" for i in (0, 1) for x in "ab"]
+        + ["decoder.final_layernorm.weight", "score.weight"])
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2sp", "pp2"])

@@ -180,9 +180,11 @@ def add_lora(model, model_cfg, seed: int | None = None) -> list:
             names.append(f"decoder.layers.{i}.{parent_name}.{adapter_name(target)}")
     for name, p in model.named_parameters():
         p.requires_grad_(is_trainable(name, model_cfg.lora_train_final_norm))
-    if model.pre_process and model.config.recompute_granularity == "full":
-        # megatron's recompute is an autograd.Function of the hidden states: with a frozen embedding its output
-        # would need no gradient and the adapters inside would get none (tensor_parallel/random.py CheckpointFunction).
+    if model.pre_process and model.config.recompute_granularity is not None:
+        # megatron's recompute (full layers, or selective modules such as the MLP) is an autograd.Function of its
+        # input tensors (tensor_parallel/random.py CheckpointFunction): with a frozen embedding and no adapter
+        # before it, that input needs no gradient, and the adapters inside would silently get none. (CUDA only:
+        # not exercised by the CPU tests.)
         model.embedding.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     return names
 
