@@ -256,6 +256,30 @@ def _nemo_file(tmp_path, record: dict, corpus_class="TextQADataset"):
     return path
 
 
+@pytest.mark.parametrize("cycle", [False, True])
+def test_nemo_automodel_builds_the_same_groups_from_the_same_files(tmp_path, monkeypatch, cycle):
+    """NeMo AutoModel's own loader (nemo-automodel, installed by .ci/run) on the same train.json: every group of
+    epochs 0-2 holds the same query and passages, in order, as megarank with NeMo's rules; one record has fewer
+    negatives than the group needs (repeated), one has three positives (cycled over three epochs)."""
+    nemo = pytest.importorskip("nemo_automodel.components.datasets.llm.retrieval_dataset")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    path, ids = write_nemo_corpus(tmp_path)
+    top = json.loads(path.read_text())
+    top["data"][1]["neg_doc"] = top["data"][1]["neg_doc"][:2]
+    top["data"][2]["pos_doc"].append({"id": ids[GROUPS[0]["neg"][3]]})
+    path.write_text(json.dumps(top))
+    theirs = nemo.make_retrieval_dataset(data_dir_list=[str(path)], model_type="bi_encoder", data_type="train",
+                                         n_passages=6, cycle_positive_docs=cycle)
+    groups, _ = read_groups("nemo_corpus", path)
+    ours = GroupsFileSource(groups, 5, rotate_positives=cycle, sample_negatives=False, repeat_negatives=True)
+    for epoch in range(3):
+        if cycle:
+            theirs.set_epoch(epoch)
+        for i in range(4):
+            row = theirs[i]
+            assert (row["question"], row["doc_text"]) == ours.get(i, epoch)[:2], (epoch, i)
+
+
 @pytest.mark.parametrize("record, message", [
     ({"neg_doc": ["d0", {"id": "d999"}]}, r"train\.json data\[1\]: neg_doc\[1\] id 'd999' is not in corpus 'wiki' "),
     ({"pos_doc": []}, r"train\.json data\[1\]: 'pos_doc' is empty"),
