@@ -112,6 +112,25 @@ def test_nemo_inline_jsonl_takes_question_and_single_documents(tmp_path):
     assert [_texts(g) for g in groups] == [("q", ["p"], ["T n"]), ("r", ["p2"], ["n2", "n3"])]
 
 
+def test_nemo_automodel_inline_jsonl_gives_the_same_groups(tmp_path, monkeypatch):
+    """NeMo AutoModel's own inline loader on the same JSONL (``question``, a lone positive, ``{"text"}`` documents,
+    too few negatives, two positives cycled): the same queries and passages, epoch by epoch."""
+    nemo = pytest.importorskip("nemo_automodel.components.datasets.llm.retrieval_dataset")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    path = _lines(tmp_path / "inline.jsonl", [
+        {"question": "q0", "pos_doc": "p0", "neg_doc": ["a", "b", "c", "d"]},
+        {"query": "q1", "pos_doc": [{"text": "p1"}, "p1b"], "neg_doc": [{"text": "e"}, "f"]},
+        {"query": "q2", "pos_doc": ["p2"], "neg_doc": "g"}])
+    theirs = nemo.make_retrieval_dataset(data_dir_list=[str(path)], model_type="bi_encoder", data_type="train",
+                                         n_passages=4, cycle_positive_docs=True)
+    groups, _ = read_groups("jsonl", path)
+    ours = GroupsFileSource(groups, 3, sample_negatives=False, repeat_negatives=True)
+    for epoch in range(2):
+        theirs.set_epoch(epoch)
+        assert [(theirs[i]["question"], theirs[i]["doc_text"]) for i in range(3)] == \
+            [ours.get(i, epoch)[:2] for i in range(3)]
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"query": "q", "pos": ["p"], "neg_doc": ["n"]}],
      r"flag\.jsonl line 1: mixes the field spellings \('neg_doc' and 'pos'\)"),
