@@ -36,7 +36,7 @@ TOL = 1e-5
 PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"),
          ("a b c", "d e f g h i j k l m n o p"), ("é ü?", "naïve café \n with lines"),
          ("long?", "a passage longer than max_length (512): every consumer must cut it on the right " * 8)]
-STYLES = ("no_bos", "adds_bos")  # SmolLM2-like / Llama-3-like tokenizers
+STYLES = ("no_bos", "adds_bos", "lora")  # SmolLM2-like / Llama-3-like tokenizers; LoRA adapters on the latter, merged
 # name -> (python, a folder to put first on PYTHONPATH): transformers 5.x (this venv), 4.47.1, and 4.57.6 as an
 # overlay on the 4.47 venv (same sentence-transformers 5.7.0); .ci/run builds both
 TF447 = ROOT / ".venv-tf447"
@@ -81,13 +81,28 @@ def offline():
 def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("consumers")
     out = {}
-    for style in STYLES:
+    for style in STYLES[:2]:
         src = make_hf_llama(root / style / "hf", "llama_bidirec", seed=21, temperature=2.0, adds_bos=style == "adds_bos")
         mg, hf = root / style / "mg", root / style / "export"
         assert main(["hf-to-megatron", str(src), str(mg), "--make-vocab-size-divisible-by", "64", "--quiet"]) == 0
         assert main(["megatron-to-hf", str(mg), str(hf), "--quiet"]) == 0
         out[style] = (src, mg, hf)
+    out["lora"] = lora_export(out["adds_bos"][1], root / "lora")
     return out
+
+
+def lora_export(base, work):
+    """(None, the LoRA step, its merged export): 2 steps of `megarank train` with model.lora_rank=4 on ``base``
+    (a large lr, so the adapters move), then megatron-to-hf (megarank/model/adapters.py, checkpoint_tools/lora_reader.py)."""
+    train = [sys.executable, "-m", "megarank", "train", str(base / "config.yaml"), "model.lora_rank=4",
+             "model.lora_alpha=8", f"checkpoint.load={base}", f"checkpoint.dir={work / 'run'}", "train.steps=2",
+             "train.lr=0.01", "train.lr_warmup_steps=0", "train.global_batch_size=2", "train.micro_batch_size=2"]
+    proc = subprocess.run(train, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=work.parent,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step = work / "run" / "step-2"
+    assert main(["megatron-to-hf", str(step), str(work / "export"), "--quiet"]) == 0
+    return None, step, work / "export"
 
 
 def reference(mg, pairs):
@@ -380,3 +395,10 @@ def test_chat_template_reproduces_any_data_template(tmp_path):
                                           tokenize=False)
             want = (tok.bos_token if with_bos else "") + format_pair("a {b} %}", "c\n{{d}}", template)
             assert got == want, (content, got, want)
+
+
+def test_the_lora_export_is_its_trained_adapters_not_the_base(exports):
+    """The "lora" export's scores (compared with every consumer above) are the trained adapters', not its base's."""
+    _, adapted = reference(exports["lora"][1], PAIRS)
+    _, base = reference(exports["adds_bos"][1], PAIRS)
+    assert (adapted - base).abs().max().item() > 1e-3
