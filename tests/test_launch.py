@@ -19,7 +19,7 @@ from megarank.cli.launch import Layout, LaunchError, build_command, default_log_
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SHELL_SCRIPTS = [LAUNCH / "torchrun.sh", LAUNCH / "container" / "run.sh", LAUNCH / "slurm" / "local_cluster.sh",
-                 LAUNCH / "slurm" / "train.sbatch", LAUNCH / "slurm" / "run.sbatch"]
+                 LAUNCH / "slurm" / "train.sbatch", LAUNCH / "slurm" / "run.sbatch", LAUNCH / "netns_hosts.sh"]
 TINY = str(REPO / "configs" / "tiny.yaml")
 LAUNCH_ENV = ("NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_BACKEND", "LOG_RANKS",
               "LOG_DIR", "SLURM_JOB_ID")
