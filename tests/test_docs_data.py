@@ -19,7 +19,7 @@ EXAMPLE = re.compile(r"<!-- example: (\S+) -->\n```[a-z]*\n(.*?)```", re.S)
 def examples(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("docs-data")
     found = EXAMPLE.findall(PAGE.read_text())
-    assert len(found) == 19, [name for name, _ in found]
+    assert len(found) == 21, [name for name, _ in found]
     for name, text in found:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
@@ -79,6 +79,18 @@ def test_parquet_with_a_column_mapping(examples, monkeypatch):
     assert [(groups[i]["query"], groups[i]["pos"], len(groups[i]["neg"])) for i in range(2)] == [
         ("how do volcanoes form", ["Magma rises through the crust."], 2),
         ("why do honeybees dance", ["Honeybees dance to tell the hive where food is."], 1)]
+
+
+def test_a_datasets_folder_with_teacher_scores(examples, monkeypatch):
+    pytest.importorskip("datasets")  # the `test` extra
+    monkeypatch.chdir(examples)
+    runpy.run_path(str(examples / "make_hf_disk.py"))
+    cfg = load_config(str(examples / "hf_disk.yaml"))
+    validate(cfg)
+    groups, _ = read_groups("hf_disk", examples / cfg.data.train_path, split=cfg.data.train_split)
+    source = GroupsFileSource(groups, n_negatives=1, with_teacher=True)
+    assert source.get(1, 0).teacher == [6.0, 0.2] and groups[0]["neg"] == ["Jazz grew out of blues.",
+                                                                         "Aqueducts carried water."]
 
 
 def test_triples_grouped_by_query(examples):
