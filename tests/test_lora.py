@@ -268,3 +268,19 @@ def test_config_validation_names_the_lora_keys():
         validate(no_base, check_environment=False)
     validate(no_base, check_environment=False, training=False)  # scoring a LoRA checkpoint needs no checkpoint.load
     validate(load_config(TINY, ["model.lora_rank=4", "checkpoint.load=/some/base"]), check_environment=False)
+
+
+def test_readme_8b_lora_dry_run_runs_as_written(capsys, monkeypatch):
+    """The README's one-node 8B LoRA dry run validates the shipped config for 8 ranks and prints its layout."""
+    import shlex
+
+    from megarank.cli.launch import main
+
+    root = Path(TINY).parents[1]
+    lines = [line.strip() for line in (root / "README.md").read_text().splitlines()
+             if line.strip().startswith("megarank launch --dry-run") and "llama3_1_8b_lora.yaml" in line]
+    assert len(lines) == 1, lines
+    monkeypatch.chdir(root)
+    assert main(shlex.split(lines[0])[2:]) == 0
+    out = capsys.readouterr().out
+    assert "TP 1 x PP 1 x DP 8" in out and "lora_rank: 16" in out and "load: runs/l8b-base" in out
