@@ -273,6 +273,11 @@ def test_the_allow_lists_read_real_checkpoint_files_and_nothing_else(work):
         hostile = f"c{module}\n{name}\n.".encode()  # protocol 0: one GLOBAL, resolved through find_class
         with pytest.raises(CheckpointError, match=rf"^f refers to {module}.{name}, "):
             safe_pickle.MetadataUnpickler(io.BytesIO(hostile), "f").load()
+    # BUILD on an allowed class (protocol 0: the class, a (None, {attribute: value}) state tuple, BUILD)
+    poison = b"ctorch.distributed.checkpoint.metadata\nMetadata\n(N(S'version'\nS'x'\ndtb."
+    with pytest.raises(CheckpointError, match=r"^f sets attributes of the class torch.distributed.checkpoint.metadata.Metadata"):
+        safe_pickle.MetadataUnpickler(io.BytesIO(poison), "f").load()
+    assert Metadata.version is None  # the dataclass default, unchanged
 
     other_backend = shutil.copytree(work / "mg" / "model", work / "zarr_model")  # metadata.json names the backend
     (other_backend / "metadata.json").write_text('{"sharded_backend": "zarr", "sharded_backend_version": 1, '

@@ -83,12 +83,25 @@ def _refused(where, global_name: str) -> RefusedPickle:
                          "files: refused without running it (loading a checkpoint must not run code it carries)")
 
 
-class MetadataUnpickler(pickle.Unpickler):
-    """An Unpickler for DCP ``.metadata`` files that resolves only :data:`METADATA_GLOBALS` and ``torch`` dtypes."""
+class MetadataUnpickler(pickle._Unpickler):
+    """An Unpickler for DCP ``.metadata`` files that resolves only :data:`METADATA_GLOBALS` and ``torch`` dtypes,
+    and sets attributes on instances only: the pure-Python unpickler (Lib/pickle.py), whose BUILD opcode
+    (``load_build``) would otherwise ``setattr`` on an allowed *class* and change it for the whole process."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, where):
         super().__init__(file)
         self.where = where
+
+    def _load_build(self) -> None:
+        target = self.stack[-2]  # BUILD: state on top, the object it is applied to below (pickle.py:1712-1715)
+        if isinstance(target, type):
+            raise RefusedPickle(f"{self.where} sets attributes of the class {target.__module__}.{target.__qualname__}: "
+                                "refused without running it (loading a checkpoint must not run code it carries)")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str):
         import torch
