@@ -24,6 +24,7 @@ import io
 import pickle
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -259,6 +260,43 @@ def test_an_object_in_a_distcp_file_and_te_extra_state_are_read_through_the_allo
     with pytest.raises(CheckpointError, match=rf"^where refers to {REFUSED}, "):
         safe_pickle.check_extra_state(as_tensor({**state, "recipe": Payload(marker)}), "where")
     assert not marker.exists()
+
+
+def test_te_extra_state_may_hold_the_recipe_classes_of_transformer_engine_and_nothing_else(monkeypatch, tmp_path):
+    """Transformer Engine is not installed here: its recipe module is stood in for by one that defines what TE's
+    does (a dataclass recipe, an enum format, a named tuple) and a function, which a recipe must not carry."""
+    import dataclasses
+    import enum
+    import types
+    from typing import NamedTuple
+
+    name = "transformer_engine.common.recipe"
+    recipe = types.ModuleType(name)
+    Format = enum.Enum("Format", "E4M3 HYBRID", module=name)
+    Precision = NamedTuple("Precision", [("fprop", bool)])
+    Precision.__module__ = name
+
+    @dataclasses.dataclass
+    class DelayedScaling:
+        fp8_format: object = None
+        override_linear_precision: object = None
+        amax_compute_algo: object = "max"
+
+    def algo(history):
+        return history
+
+    for obj in (DelayedScaling, algo):
+        obj.__module__, obj.__qualname__ = name, obj.__name__
+    recipe.Format, recipe.Precision, recipe.DelayedScaling, recipe.algo = Format, Precision, DelayedScaling, algo
+    for parent in ("transformer_engine", "transformer_engine.common"):  # pickle imports the module by name
+        monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+    monkeypatch.setitem(sys.modules, name, recipe)
+    as_tensor = lambda obj: torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+    state = {"recipe": DelayedScaling(Format.HYBRID, Precision(False)), "scale_fwd": torch.ones(2)}
+    safe_pickle.check_extra_state(as_tensor(state), "x")
+    with pytest.raises(CheckpointError, match=rf"^x refers to {name}.algo, "):
+        safe_pickle.check_extra_state(as_tensor({"recipe": DelayedScaling(amax_compute_algo=algo)}), "x")
 
 
 def test_the_allow_lists_read_real_checkpoint_files_and_nothing_else(work):

@@ -83,10 +83,10 @@ def _refused(where, global_name: str) -> RefusedPickle:
                          "files: refused without running it (loading a checkpoint must not run code it carries)")
 
 
-class MetadataUnpickler(pickle._Unpickler):
-    """An Unpickler for DCP ``.metadata`` files that resolves only :data:`METADATA_GLOBALS` and ``torch`` dtypes,
-    and sets attributes on instances only: the pure-Python unpickler (Lib/pickle.py), whose BUILD opcode
-    (``load_build``) would otherwise ``setattr`` on an allowed *class* and change it for the whole process."""
+class _AllowListUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (Lib/pickle.py) with ``find_class`` left to :meth:`allowed` and attributes set on
+    instances only: its BUILD opcode (``load_build``, pickle.py:1712-1733) would otherwise ``setattr`` on an
+    allowed *class* and change it for the whole process (the C unpickler offers no hook for that)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
@@ -95,7 +95,7 @@ class MetadataUnpickler(pickle._Unpickler):
         self.where = where
 
     def _load_build(self) -> None:
-        target = self.stack[-2]  # BUILD: state on top, the object it is applied to below (pickle.py:1712-1715)
+        target = self.stack[-2]  # BUILD: the state on top, the object it is applied to below it
         if isinstance(target, type):
             raise RefusedPickle(f"{self.where} sets attributes of the class {target.__module__}.{target.__qualname__}: "
                                 "refused without running it (loading a checkpoint must not run code it carries)")
@@ -104,13 +104,27 @@ class MetadataUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = _load_build
 
     def find_class(self, module: str, name: str):
+        found = self.allowed(module, name)
+        if found is None:
+            raise _refused(self.where, f"{module}.{name}")
+        return found
+
+    def allowed(self, module: str, name: str):
+        """The object ``module.name`` stands for, or None when it is not allowed."""
+        raise NotImplementedError
+
+
+class MetadataUnpickler(_AllowListUnpickler):
+    """An Unpickler for DCP ``.metadata`` files that resolves only :data:`METADATA_GLOBALS` and ``torch`` dtypes."""
+
+    def allowed(self, module: str, name: str):
         import torch
 
         if (module, name) in METADATA_GLOBALS:
-            return super().find_class(module, name)
+            return pickle._Unpickler.find_class(self, module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise _refused(self.where, f"{module}.{name}")
+        return None
 
 
 def load_metadata(path) -> object:
@@ -157,36 +171,32 @@ def torch_load(source, where=None, mmap: bool = False):
 _TE_RECIPE_MODULE = "transformer_engine.common.recipe"
 
 
-class ExtraStateUnpickler(pickle.Unpickler):
+class ExtraStateUnpickler(_AllowListUnpickler):
     """An Unpickler for Transformer Engine's ``_extra_state`` (FP8 scales, amax history and the recipe), which TE
     reads back with a plain ``pickle.loads`` in ``set_extra_state`` (transformer_engine/pytorch/module/base.py,
     ``TransformerEngineBaseModule.set_extra_state``, v2.9). The state is a dict of builtins, CPU tensors and the
     FP8 recipe. A tensor pickled outside ``torch.save`` names ``torch._utils._rebuild_tensor_v2``,
     ``collections.OrderedDict`` (its hooks) and ``torch.storage._load_from_bytes``, which would run a
     ``torch.load(weights_only=False)`` of the storage bytes (torch/storage.py:534-535): here those bytes go through
-    :func:`torch_load` instead. The recipe is one of the dataclasses, enums and named tuples of
-    ``transformer_engine.common.recipe``; anything else that module defines, and every other global, is refused."""
+    :func:`torch_load` instead. The recipe is one of the dataclasses, enums and named tuples defined in
+    ``transformer_engine.common.recipe`` (allowed only once TE has imported it); every other global is refused."""
 
     _TORCH = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")}
 
-    def __init__(self, file, where):
-        super().__init__(file)
-        self.where = where
-
-    def find_class(self, module: str, name: str):
+    def allowed(self, module: str, name: str):
         import dataclasses
         import enum
-        import importlib
+        import sys
 
         if (module, name) in self._TORCH:
-            return super().find_class(module, name)
+            return pickle._Unpickler.find_class(self, module, name)
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return lambda data: torch_load(io.BytesIO(data), where=self.where)
-        if module == _TE_RECIPE_MODULE:
-            cls = getattr(importlib.import_module(module), name, None)
-            if isinstance(cls, type) and (dataclasses.is_dataclass(cls) or issubclass(cls, (enum.Enum, tuple))):
-                return cls
-        raise _refused(self.where, f"{module}.{name}")
+        cls = getattr(sys.modules.get(_TE_RECIPE_MODULE), name, None) if module == _TE_RECIPE_MODULE else None
+        if (isinstance(cls, type) and cls.__module__ == _TE_RECIPE_MODULE
+                and (dataclasses.is_dataclass(cls) or issubclass(cls, (enum.Enum, tuple)))):
+            return cls
+        return None
 
 
 def check_extra_state(value, where) -> None:
