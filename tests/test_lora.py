@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megarank.config import transformer_engine_available
 from tests.dist_utils import run_distributed
 from tests.test_parallel_model import GROUP, GROUPS_PER_MICRO, N_MICRO, SEQ, _batch, _forward_step, assert_rel_close
 
@@ -284,3 +285,42 @@ def test_readme_8b_lora_dry_run_runs_as_written(capsys, monkeypatch):
     assert main(shlex.split(lines[0])[2:]) == 0
     out = capsys.readouterr().out
     assert "TP 1 x PP 1 x DP 8" in out and "lora_rank: 16" in out and "load: runs/l8b-base" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not transformer_engine_available(), reason="needs CUDA and Transformer Engine")
+def test_te_spec_lora_equals_local_spec_lora_in_bf16(tmp_path, one_rank):
+    """Transformer Engine's fused norm + linear hands the adapters the normed input (return_layernorm_output) and
+    the adapters' input gradients reach the layers below: scores and every trainable gradient match the local spec."""
+    from megarank.checkpoint import load_model_weights, save_model_weights
+    from megarank.config import load_config
+    from megarank.model import build_model
+
+    def build(impl):
+        cfg = load_config(TINY, [f"model.transformer_impl={impl}", "model.dtype=bf16", f"model.lora_rank={RANK}",
+                                 f"model.lora_alpha={ALPHA}"])
+        torch.manual_seed(1)
+        return build_model(cfg.model, cfg.parallel)
+
+    local = build("local")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            if name.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_model_weights(local, tmp_path / "model")
+    te = build("transformer_engine")
+    load_model_weights(te, tmp_path)
+    assert te.decoder.layers[0].self_attention.linear_qkv.return_layernorm_output
+    ids, valid = _batch()
+    out = {}
+    for name, model in (("local", local), ("te", te)):
+        dev = next(model.parameters()).device
+        scores = model.train()(ids.to(dev), valid.to(dev))
+        scores.float().square().sum().backward()
+        out[name] = (scores.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in _trainable(model).items()})
+    torch.testing.assert_close(out["te"][0], out["local"][0], rtol=2e-2, atol=2e-2)
+    assert sorted(out["te"][1]) == sorted(out["local"][1])
+    for name, expected in out["local"][1].items():
+        assert expected.abs().max() > 0, name
+        assert_rel_close(out["te"][1][name], expected, f"TE grad {name}", rtol=5e-2)

@@ -25,9 +25,16 @@ fresh adapter leaves the model's output unchanged. Its sharding follows the base
   norm weights (megatron/core/distributed/finalize_model_grads.py:353-357).
 
 Transformer Engine's fused ``LayerNormColumnParallelLinear`` normalises inside the linear: it is told to also
-return the normed input (``return_layernorm_output``, gathered over the sequence under sequence parallelism:
-``return_layernorm_output_gathered``), which is what the adapter reads, as Megatron-Bridge does
-(peft/utils.py:625-651; adapter_wrapper.py:142-197 for the return shapes).
+return the normed input (``return_layernorm_output``), which is what the adapter reads, as Megatron-Bridge does
+(peft/utils.py:625-628; adapter_wrapper.py:142-197 for the return shapes). TE adds that output's gradient to its
+input gradient *after* its own all-reduce / reduce-scatter (transformer_engine/pytorch/module/layernorm_linear.py
+:1132-1135 at TE d0067d0), so the adapter sums its partial input gradient itself, exactly as on the local spec.
+Unlike Megatron-Bridge (peft/utils.py:635-651) it does not ask TE for the sequence-gathered output
+(``return_layernorm_output_gathered``): since TE commit ce0b46c4d (May 2025, "MXFP8 support in Userbuffers") TE's
+backward no longer adds the gradient of that gathered output anywhere (the ``dgrad + grad_outputs[1]`` before the
+reduce-scatter was removed; only the non-gathered case at :1134 remains), so the adapter's input gradient would
+be dropped under sequence parallelism. The adapter all-gathers the local normed input itself instead (one extra
+all-gather per adapted column linear).
 
 Every adapter tensor is saved as a global tensor (``[L, r, in]`` for A, ``[L, out, r]`` for B under
 ``decoder.layers.<parent>.<target>_adapter.lora_{a,b}``), so it loads at any TP/PP like the base weights, and
@@ -56,13 +63,12 @@ class LoRAAdapter(torch.nn.Module):
     """The low-rank update of one base linear of one layer (see the module docstring for the sharding)."""
 
     def __init__(self, base, kind: str, rank: int, alpha: float, dropout: float, *, swiglu: bool,
-                 input_gathered: bool, generator: torch.Generator):
+                 generator: torch.Generator):
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
         self.kind, self.rank, self.scale, self.swiglu = kind, rank, alpha / rank, swiglu
-        self.input_gathered = input_gathered  # TE's fused norm+linear hands over the sequence-gathered normed input
         self.sequence_parallel = bool(base.config.sequence_parallel)
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -96,9 +102,9 @@ class LoRAAdapter(torch.nn.Module):
 
         x = self.dropout(x)
         if self.kind == "column":
-            if self.sequence_parallel and not self.input_gathered:
+            if self.sequence_parallel:  # the base's gathered input; backward: reduce-scatter of the partial sums
                 x = tpl.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
-            elif not self.sequence_parallel:
+            else:  # backward: all-reduce of the partial sums
                 x = tpl.copy_to_tensor_model_parallel_region(x)
             h = torch.nn.functional.linear(x, self.lora_a)
             h = tpl.copy_to_tensor_model_parallel_region(tpl.gather_from_tensor_model_parallel_region(h))
@@ -165,15 +171,11 @@ def add_lora(model, model_cfg, seed: int | None = None) -> list:
             parent_name, kind = TARGETS[target]
             parent = getattr(layer, parent_name)
             base = getattr(parent, target)
-            te_fused = hasattr(base, "return_layernorm_output")  # TE LayerNormColumnParallelLinear
-            if te_fused:
-                base.return_layernorm_output = True
-                if base.config.sequence_parallel:
-                    base.return_layernorm_output_gathered = True  # TE >= 1.5; the gather the base does anyway
+            if hasattr(base, "return_layernorm_output"):  # TE LayerNormColumnParallelLinear: hand out the normed
+                base.return_layernorm_output = True       # input, never gathered (module docstring)
             adapter = LoRAAdapter(
                 base, kind, model_cfg.lora_rank, model_cfg.lora_alpha, model_cfg.lora_dropout,
                 swiglu=target == "linear_fc1" and base.config.gated_linear_unit,
-                input_gathered=te_fused and bool(base.config.sequence_parallel),
                 generator=_generator(seed, layer.layer_number, target))
             parent.add_module(adapter_name(target), adapter)
             base.register_forward_hook(adapter.add_to_output)
