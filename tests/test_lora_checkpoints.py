@@ -17,7 +17,10 @@ import sys
 
 import pytest
 
+import torch
+
 from checkpoint_tools.cli import main as convert
+from tests.dist_utils import run_distributed
 from tests.test_resume import N, RESUME, _assert_same_run, _complete, _latest, _sigkill_at
 from tests.training_harness import TINY, log_lines, make_init_checkpoint, read_plain_tensors, run, tb_scalars, train_cmd
 
@@ -95,6 +98,21 @@ def test_another_or_a_changed_base_is_a_one_line_error_naming_both(straight, bas
         f.write(b"\0")
     error = _resume_error(run_dir, moved, tmp_path)
     assert str(moved) in error and "changed" in error
+
+
+def _scores_at(step, overrides) -> torch.Tensor:
+    from megarank import Reranker
+
+    return Reranker.from_checkpoint(step, dtype="fp32", overrides=overrides).score(PAIRS)
+
+
+def test_a_lora_step_saved_at_dp2_scores_the_same_at_tp2(straight, one_rank):
+    """The adapters (and their base) reshard on load like full weights: TP=2 splits A or B of every adapter. (PP=2
+    loads of adapter tensors: tests/test_lora.py.)"""
+    step = straight / f"step-{2 * N}"
+    ref = _scores_at(step, [])
+    for rank, scores in enumerate(run_distributed(_scores_at, 2, str(step), ["parallel.tensor_model_parallel_size=2"])):
+        assert (scores - ref).abs().max().item() <= TOL, rank
 
 
 def test_reranker_and_the_merged_export_score_the_lora_step_like_transformers(straight, base, tmp_path, one_rank):
