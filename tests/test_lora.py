@@ -121,6 +121,9 @@ def _run_layout(tp: int, pp: int, sp: bool, root: Path, name: str) -> dict:
     save_model_weights(model, root / f"grads-{name}")
     a = [p for n, p in model.named_parameters() if n.endswith("linear_qkv_adapter.lora_a")]
     out["qkv_a_local_shape"] = tuple(a[0].shape) if a else None
+    out["numel"] = {"total": sum(p.numel() for p in model.parameters()),
+                    "trained": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "adapters": sum(p.numel() for n, p in model.named_parameters() if "_adapter." in n)}
     return out
 
 
@@ -151,6 +154,9 @@ def _train_and_merge(root: Path) -> dict:
         optimizer.zero_grad()
         _schedule(ddp)
         optimizer.step()
+    main_grads = sum(p.main_grad.numel() for p in model.parameters() if p.requires_grad)
+    adam_bytes = sum(t.numel() * t.element_size() for opt in inner_optimizers(optimizer)
+                     for state in opt.optimizer.state.values() for k, t in state.items() if k != "step")
     after = model.state_dict()
     trainable = _trainable(model)
     unchanged_base = [k for k in before if k not in trainable and not torch.equal(before[k], after[k])]
@@ -163,7 +169,7 @@ def _train_and_merge(root: Path) -> dict:
     load_global_tensors(plain, {k: v for k, v in globals_.items() if "_adapter." not in k}, "base tensors")
     base_scores = _scores(plain)
     load_global_tensors(plain, merged, "merged LoRA tensors")
-    return {"held": held, "bucketed_trainable": bucketed == {id(p) for p in trainable.values()},
+    return {"main_grads": main_grads, "adam_bytes": adam_bytes, "held": held, "bucketed_trainable": bucketed == {id(p) for p in trainable.values()},
             "trainable_numel": sum(p.numel() for p in trainable.values()), "base_changed": unchanged_base, "trainable_unmoved": unmoved,
             "adapted": adapted, "merged": _scores(plain), "base": base_scores, "merged_keys": sorted(merged)}
 
@@ -285,6 +291,9 @@ def test_readme_8b_lora_dry_run_runs_as_written(capsys, monkeypatch):
     assert main(shlex.split(lines[0])[2:]) == 0
     out = capsys.readouterr().out
     assert "TP 1 x PP 1 x DP 8" in out and "lora_rank: 16" in out and "load: runs/l8b-base" in out
+    readme = (root / "README.md").read_text()
+    memory = [line for line in out.splitlines() if line.startswith("# memory per GPU")]
+    assert len(memory) == 2 and all(line in readme for line in memory), "the README shows the dry run's estimate"
 
 
 @pytest.mark.gpu
@@ -324,3 +333,32 @@ def test_te_spec_lora_equals_local_spec_lora_in_bf16(tmp_path, one_rank):
     for name, expected in out["local"][1].items():
         assert expected.abs().max() > 0, name
         assert_rel_close(out["te"][1][name], expected, f"TE grad {name}", rtol=5e-2)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "tp2sp", "pp2"])
+def test_memory_estimate_counts_what_the_built_models_hold(runs, layout):
+    """megarank/training/memory.py against the models of each layout: parameters per GPU of the fullest stage,
+    trained ones, with and without the adapters (measured: numel of each rank's parameters)."""
+    from megarank.training.memory import stage_params
+
+    _, two = runs
+    tp, pp = {"tp1": (1, 1), "tp2": (2, 1), "tp2sp": (2, 1), "pp2": (1, 2)}[layout]
+    cfg = _config(tp, pp)
+    counts = [r[layout]["numel"] for r in two]
+    fullest = max(counts, key=lambda c: (c["total"], c["trained"]))
+    got = stage_params(cfg.model, tp, pp, lora=True)
+    assert (got.total, got.trained) == (fullest["total"], fullest["trained"])
+    assert stage_params(cfg.model, tp, pp, lora=False).total == fullest["total"] - fullest["adapters"]
+
+
+def test_memory_estimate_counts_the_gradient_buffer_and_adam_state(runs):
+    """Measured in the DDP + distributed optimizer run (TP=1 x DP=2, fp32): the fp32 main_grad of every trained
+    parameter, and Adam's moments summed over the two ranks' shards."""
+    from megarank.training.memory import estimate
+
+    _, two = runs
+    e = estimate(_config(), data_parallel=2, lora=True)
+    for r in two:
+        assert r["train"]["main_grads"] * 4 == e.gradients
+    assert sum(r["train"]["adam_bytes"] for r in two) == e.params.trained * 8
+    assert e.optimizer == -(-e.params.trained * 8 // 2)

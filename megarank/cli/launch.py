@@ -291,6 +291,9 @@ def _run(args: argparse.Namespace) -> int:
             tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
             print(f"# layout: world size {layout.world_size} = {layout.nnodes} node(s) x {layout.nproc} worker(s)"
                   f" = TP {tp} x PP {pp} x DP {layout.world_size // (tp * pp)}")
+            from megarank.training.memory import report  # arithmetic on the config: no torch
+
+            print("\n".join(report(cfg, layout.world_size // (tp * pp))))
             print("# resolved config:")
             print("\n".join(f"#   {line}" for line in config_yaml(cfg).rstrip().splitlines()))
         env = worker_env()
