@@ -129,3 +129,13 @@ def test_reranker_and_the_merged_export_score_the_lora_step_like_transformers(st
     assert (ours - base_scores).abs().max().item() > 1e-3, "training changed nothing: the comparison proves nothing"
     assert (exported - ours).abs().max().item() <= TOL, (exported, ours)
     assert (theirs - ours).abs().max().item() <= TOL, (theirs, ours)
+
+
+def test_a_lora_step_into_a_model_without_adapters_is_a_one_line_error(straight, one_rank):
+    from megarank.checkpoint import CheckpointError, load_model_weights
+    from megarank.config import load_config
+    from megarank.model import build_model
+
+    cfg = load_config(TINY)
+    with pytest.raises(CheckpointError, match="holds LoRA adapters only.*export it merged first"):
+        load_model_weights(build_model(cfg.model, cfg.parallel), straight / f"step-{2 * N}")

@@ -138,6 +138,10 @@ def load_model_weights(model, checkpoint_dir, strict: bool = True, new_adapters:
     ``new_adapters``: ``checkpoint.load`` of a LoRA run: the base has no adapters, which keep their fresh values."""
     folder = model_folder(checkpoint_dir)
     if lora_base_of(folder) is not None:
+        if all(p.requires_grad for p in model.parameters()):  # nothing frozen: a model without adapters
+            raise CheckpointError(f"{folder} holds LoRA adapters only, for a model with model.lora_rank > 0 (its "
+                                  "config.yaml); to start other training from it, export it merged first "
+                                  "(megarank-convert megatron-to-hf, then hf-to-megatron)")
         _load_folder(model, checked_base(folder, base), strict, part="base")
         _load_folder(model, folder, strict, part="trainable")
     else:
