@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Two "hosts" on one Linux machine, for multi-node tests (tests/test_multinode.py, local_cluster.sh two-node mode):
 # two network namespaces joined by a veth pair, each with its own address and, when a command runs in it, its own
-# hostname (a UTS namespace) that both hosts resolve (/etc/netns/<ns>/hosts, which `ip netns exec` mounts over
-# /etc/hosts). Only addresses inside these namespaces are used; nothing outside them is addressed or changed.
+# hostname (a UTS namespace) that both hosts resolve (/etc/netns/<ns>/hosts, bind-mounted over /etc/hosts in a
+# mount namespace of the command's own). Only addresses inside these namespaces are used; nothing outside them is addressed or changed.
 #
 #   launch/netns_hosts.sh up NAME1 NAME2 [SUBNET]   # e.g. up mr-a mr-b 10.213.7 -> mr-a 10.213.7.1, mr-b 10.213.7.2
 #   launch/netns_hosts.sh exec NAME CMD [ARGS...]   # run CMD on host NAME (its network, its hostname)
@@ -48,9 +48,12 @@ down() {
 run_on() {
     local ns=$1
     shift
-    # a UTS namespace of its own, so `hostname` (what SLURM and torchrun report) is the host's name
+    # The host's network (nsenter, not `ip netns exec`: that remounts /sys, hiding the cgroup hierarchy slurmd
+    # needs), its own hostname (a UTS namespace: what SLURM and torchrun report) and its hosts file (bind-mounted in
+    # a private mount namespace, as `ip netns exec` would).
     # shellcheck disable=SC2016  # expanded by the inner sh
-    exec ip netns exec "$ns" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$ns" "$@"
+    exec nsenter --net="/var/run/netns/$ns" unshare --uts --mount --propagation private \
+        sh -c 'mount --bind "/etc/netns/$0/hosts" /etc/hosts && hostname "$0" && exec "$@"' "$ns" "$@"
 }
 
 check() {
@@ -59,8 +62,8 @@ check() {
     command -v unshare >/dev/null || die "needs util-linux (unshare)"
     local probe="mr-probe-$$"
     ip netns add "$probe" 2>/dev/null || die "cannot create a network namespace here (ip netns add refused)"
-    if ! ip netns exec "$probe" unshare --uts true 2>/dev/null; then
-        ip netns del "$probe"; die "cannot create a UTS namespace here (unshare --uts refused)"
+    if ! nsenter --net="/var/run/netns/$probe" unshare --uts --mount true 2>/dev/null; then
+        ip netns del "$probe"; die "cannot enter a network namespace with UTS and mount namespaces here (nsenter/unshare refused)"
     fi
     if ! ip link add "vp-$$-a" type veth peer name "vp-$$-b" 2>/dev/null; then
         ip netns del "$probe"; die "cannot create a veth pair here (ip link add type veth refused)"
