@@ -394,3 +394,21 @@ def test_ctrl_c_to_evaluate_prints_one_line_and_leaves_no_partial_run_file(strai
     names = sorted(p.name for p in parts.iterdir())
     assert names[0] == "job.json" and all(n.startswith("part-") and n.endswith(".trec") for n in names[1:]), names
     assert len(names) - 1 < 15, "the job finished before the Ctrl-C"
+
+
+def test_ctrl_c_to_quickstart_saves_its_training_step_and_runs_nothing_after(tmp_path):
+    """Ctrl-C reaches quickstart's running step (the terminal's foreground group): `megarank train` saves the next
+    step and says so, quickstart prints its own one line, exit 130, and no later step (evaluate, export) runs."""
+    work = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "megarank", "quickstart", "--workdir", str(work), "train.steps=400",
+           "train.log_interval=1"]  # the model is the built-in tiny one: quickstart converts it before training
+    rc, out, took = _ctrl_c(cmd, tmp_path, tmp_path / "quickstart.log", after="step 2/400",
+                            env=run_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE_S)))
+    assert rc == 130, out[-4000:]
+    _no_traceback(out)
+    assert out.rstrip().splitlines()[-1] == "megarank quickstart: interrupted", out[-2000:]
+    saved = [ln for ln in out.splitlines() if "megarank train: interrupted: saved step" in ln]
+    assert len(saved) == 1, out[-3000:]
+    step = int(saved[0].split("saved step ", 1)[1].split()[0])
+    assert _latest(work / "train") == f"step-{step}", sorted(os.listdir(work / "train"))
+    assert not (work / "reranker-hf").exists() and not (work / "test.metrics.json").exists(), sorted(os.listdir(work))
