@@ -124,7 +124,6 @@ class ModelConfig:
     )
     lora_train_final_norm: bool = _f(False, "LoRA: also train the final RMSNorm in full (the score head always trains).")
 
-
     # Derived values, defined once here (litgpt's Config.__post_init__ plays this part): properties, so a dotted
     # override or a YAML change can never leave them stale, and they are never written to config.yaml.
     @property
