@@ -237,3 +237,27 @@ def test_tp2_and_dp2_load_the_same_shards_and_give_every_rank_every_score(folder
         assert out["rows"] == (151, 64), "302 padded rows at TP=2 (301 stored), half per rank"
         for name in ("tp2_step", "tp2_hf", "dp2"):
             assert (out[name] - ref).abs().max().item() <= TOL, (rank, name)
+
+
+def test_a_checkpoint_trained_at_tp2_scores_in_one_process_unless_tp2_is_asked_for(folders, rerankers, tmp_path,
+                                                                                    one_rank):
+    """Its saved layout does not fit one process: the scorer falls back to TP 1 x PP 1 (checkpoints load at any
+    layout) and scores as the TP 1 checkpoint does; a layout the caller asks for and the world cannot hold is one
+    ConfigError, not a traceback from megatron's group set-up."""
+    import yaml
+
+    from megarank import Reranker
+    from megarank.checkpoint import write_manifest
+    from megarank.config import ConfigError
+
+    step = tmp_path / "tp2-step"
+    shutil.copytree(folders["step"], step)
+    saved = yaml.safe_load((step / "config.yaml").read_text())
+    saved["parallel"]["tensor_model_parallel_size"] = 2  # as a run trained at TP=2 records it
+    (step / "config.yaml").write_text(yaml.safe_dump(saved))
+    write_manifest(step)
+    r = Reranker.from_checkpoint(step, dtype="fp32")
+    assert r.cfg.parallel.tensor_model_parallel_size == 1
+    assert torch.equal(r.score(PAIRS), rerankers["step"].score(PAIRS))
+    with pytest.raises(ConfigError, match="does not divide the world size 1"):
+        Reranker.from_checkpoint(step, dtype="fp32", overrides=["parallel.tensor_model_parallel_size=2"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
@@ -132,6 +133,32 @@ def _start_parallel(cfg, seed: bool) -> bool:
     return started
 
 
+LAYOUT_KEYS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size")
+
+
+def _fit_layout_to_world(cfg, overrides: Sequence[str], source) -> None:
+    """Score at the checkpoint's TP x PP when this world holds it, else (unless the overrides chose a layout) at TP 1 x
+    PP 1 with a log line: checkpoints load at any layout (megatron's dist checkpoints reshard), so a model trained
+    at TP 2 scores in one process. A layout the overrides chose that the world cannot hold is a ConfigError."""
+    import torch.distributed as dist
+
+    from megarank.config import ConfigError
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world % (tp * pp) == 0:
+        return
+    if any(o.split("=", 1)[0].strip() in LAYOUT_KEYS for o in overrides):
+        raise ConfigError(f"{' x '.join(map(str, (tp, pp)))} (parallel.tensor_model_parallel_size x "
+                          f"pipeline_model_parallel_size) does not divide the world size {world}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("scoring at TP 1 x PP 1: %s was trained at TP %d x PP %d, which %d process(es) cannot hold "
+                 "(any layout loads; set parallel.tensor_model_parallel_size to choose)", source, tp, pp, world)
+    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1
+    p.sequence_parallel = False
+
+
 class Reranker:
     """A megarank reranker model with its pair tokenizer and batching, ready to score.
 
@@ -209,6 +236,7 @@ class Reranker:
         cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
         cfg.data.eval_batch_tokens = batch_tokens
         cfg.data.eval_batch_size = batch_size or (0 if batch_tokens else 32)
+        _fit_layout_to_world(cfg, overrides, source)
         owns = _start_parallel(cfg, seed=False)
         # Weights are stored in the checkpoint's dtype and cast on load: torch DCP copies each stored tensor into
         # the model's own (torch/distributed/checkpoint/filesystem.py:914, `target_tensor.copy_(tensor)`), so an
