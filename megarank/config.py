@@ -183,6 +183,24 @@ GROUP_FILE_FORMATS = ("jsonl", "nemo_corpus", "parquet", "hf_disk", "triples")
 
 
 @dataclass
+class BlendSourceConfig:
+    """One source of a blend (data.blend): path, format and weight are required."""
+
+    path: Optional[str] = _f(None, "The source's groups file or folder, or its BEIR folder (format beir). Required.")
+    format: Optional[Literal["jsonl", "beir", "nemo_corpus", "parquet", "hf_disk", "triples"]] = _f(
+        None, "The source's format, as data.format. Required.")
+    weight: float = _f(0.0, "The source's share of the groups drawn, relative to the other sources' weights; > 0. "
+                       "Required.")
+    split: str = _f("train", "format beir: the qrels split; hf_disk: the DatasetDict split.")
+    run: Optional[str] = _f(None, "format beir: the first-stage run; null = <path>/candidates/<split>.*.")
+    columns: ColumnsConfig = _f(ColumnsConfig(), "format parquet / hf_disk: the column of each field, as data.columns.")
+    n_passages: int = _f(0, "Passages per group; 0 = data.n_passages, the only other value allowed: every source of "
+                         "a blend gives groups of one size.")
+    query_prefix: str = _f("", "Text put before each of this source's queries (a task instruction); the same text "
+                           "must start the queries you score with the trained model.")
+
+
+@dataclass
 class DataConfig:
     """Training and evaluation data."""
 
@@ -222,6 +240,11 @@ class DataConfig:
                        "model.attention_backend sdpa on the local spec (megatron's DotProductAttention cannot pack).")
     skip_bad_lines: bool = _f(False, "Groups files: count, report and skip malformed lines / rows / records instead "
                               "of failing on the first.")
+    blend: list[BlendSourceConfig] = _f([], "Train from several sources: a list of {path, format, weight} entries "
+                                        "(optional split, run, columns, n_passages, query_prefix), groups drawn in "
+                                        "proportion to the weights, each source running its own epochs "
+                                        "(docs/data.md#blends); instead of data.train_path / format / train_split / "
+                                        "train_run / columns. [] = one source, data.train_path.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
     eval_split: str = _f("test", "Qrels split for evaluation.")
     eval_run: Optional[str] = _f(None, "First-stage run to rerank; null = <eval_path>/candidates/<split>.*.tsv.")
@@ -278,7 +301,7 @@ class TrainConfig:
         False,
         "Resume a run folder although what it trains on changed. A resume compares the config with the saved "
         "config.yaml of the step it resumes and refuses, before the model is built, any change of the training "
-        "data (data.format, train_path, train_split, train_run, teacher_run, n_passages, positives_per_group, "
+        "data (data.format, train_path, train_split, train_run, teacher_run, blend, n_passages, positives_per_group, "
         "negatives_top_k, columns, rotate_positives, sample_negatives, repeat_negatives), the input (data.template, "
         "max_length), the objective (train.loss, teacher_temperature, distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
         "the changes. Free to change on resume: steps, the lr schedule, optimizer settings, intervals, batch split, "
@@ -743,13 +766,15 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
                     f"of {', '.join(sorted(TEACHER_LOSSES))}")
     if d.teacher_run is not None and d.format != "beir":
         errs.append("data.teacher_run is for data.format=beir; JSONL groups carry 'pos_scores'/'neg_scores'")
-    if t.loss in TEACHER_LOSSES and d.format == "beir" and d.teacher_run is None:
+    if t.loss in TEACHER_LOSSES and d.format == "beir" and d.teacher_run is None and not d.blend:
         errs.append(f"train.loss={t.loss} needs teacher scores: set data.teacher_run to a scored run of the training "
                     "queries (megarank rerank --out with a teacher) or train from JSONL with pos_scores/neg_scores")
     if d.max_length < 8:
         errs.append(f"data.max_length must be >= 8 (got {d.max_length})")
     if "{query}" not in d.template or "{passage}" not in d.template:
         errs.append("data.template must contain {query} and {passage}")
+    if d.blend:
+        return errs + _blend_errors(cfg)
     if d.format != "beir" and d.train_path is None:
         errs.append(f"data.train_path must name the training groups when data.format={d.format}")
     if d.format not in ("parquet", "hf_disk") and d.columns != ColumnsConfig():
@@ -759,6 +784,41 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
     if d.format == "beir" and changed:
         errs.append(f"data.{changed[0]} applies to groups files (data.format {', '.join(GROUP_FILE_FORMATS)}), "
                     "not to format=beir")
+    return errs
+
+
+def _blend_errors(cfg: Config) -> list[str]:
+    """data.blend: each entry complete and valid, no single-source key beside it, one group size for all."""
+    d, t = cfg.data, cfg.train
+    errs = [f"data.{key} names the single training source; with data.blend each entry names its own "
+            f"({'path' if key == 'train_path' else key})"
+            for key, value in (("train_path", d.train_path), ("train_run", d.train_run),
+                               ("teacher_run", d.teacher_run)) if value is not None]
+    errs += [f"data.{key}={getattr(d, key)} is the single training source's; with data.blend each entry names its own "
+             f"({'format' if key == 'format' else 'split'})"
+             for key in ("format", "train_split") if getattr(d, key) != getattr(DataConfig, key)]
+    if d.columns != ColumnsConfig():
+        errs.append("data.columns maps the single training source's columns; with data.blend set each entry's columns")
+    formats = get_args(get_args(typing.get_type_hints(BlendSourceConfig)["format"])[0])
+    for i, e in enumerate(d.blend):
+        at = f"data.blend[{i}]"
+        if not e.path:
+            errs.append(f"{at}.path is required: the source's groups file or folder")
+        if e.format is None:
+            errs.append(f"{at}.format is required (one of {', '.join(formats)})")
+        if not e.weight > 0 or not math.isfinite(e.weight):
+            errs.append(f"{at}.weight must be > 0 (got {e.weight})")
+        if e.n_passages not in (0, d.n_passages):
+            errs.append(f"{at}.n_passages={e.n_passages} disagrees with data.n_passages={d.n_passages}: every source "
+                        f"of a blend gives groups of one size (a micro-batch holds whole groups); set it to "
+                        f"{d.n_passages} or leave it out")
+        if e.columns != ColumnsConfig() and e.format not in ("parquet", "hf_disk"):
+            errs.append(f"{at}.columns maps Parquet / datasets columns; format {e.format} has fixed field names")
+        if e.run is not None and e.format != "beir":
+            errs.append(f"{at}.run is the first-stage run of a BEIR source; format {e.format} holds its negatives")
+        if e.format == "beir" and t.loss in TEACHER_LOSSES:
+            errs.append(f"{at}: train.loss={t.loss} needs teacher scores, which a format beir source of a blend does "
+                        "not carry; use groups with pos_scores/neg_scores (megarank mine --teacher writes them)")
     return errs
 
 

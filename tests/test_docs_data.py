@@ -19,7 +19,7 @@ EXAMPLE = re.compile(r"<!-- example: (\S+) -->\n```[a-z]*\n(.*?)```", re.S)
 def examples(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("docs-data")
     found = EXAMPLE.findall(PAGE.read_text())
-    assert len(found) == 21, [name for name, _ in found]
+    assert len(found) == 22, [name for name, _ in found]
     for name, text in found:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
@@ -97,3 +97,16 @@ def test_triples_grouped_by_query(examples):
     groups, _ = read_groups("triples", examples / "triples.tsv")
     assert [(g["query"], len(g["pos"]), len(g["neg"])) for g in groups] == [("how do volcanoes form", 2, 3),
                                                                            ("why do honeybees dance", 1, 1)]
+
+
+def test_a_blend_of_the_jsonl_groups_and_the_triples(examples, monkeypatch):
+    from megarank.training.data import make_group_source
+
+    monkeypatch.chdir(examples)
+    cfg = load_config(str(examples / "blend.yaml"), ["train.global_batch_size=2", "train.micro_batch_size=1"])
+    validate(cfg)
+    blend = make_group_source(cfg)
+    assert blend.names == ["groups.jsonl", "triples.tsv"] and blend.lengths == [2, 2] and list(blend.counts) == [3, 1]
+    queries = {blend.get(i, e).query for i in range(4) for e in range(4)}
+    assert queries == {"how do volcanoes form", "why do honeybees dance", "web search: how do volcanoes form",
+                       "web search: why do honeybees dance"}

@@ -55,7 +55,35 @@ def training_inputs(cfg) -> dict:
     from megarank.config import TEACHER_LOSSES
 
     d, t, m = cfg.data, cfg.train, cfg.model
-    inputs = {"data.format": d.format, "data.train_path": _absolute(d.train_path)}
+    if d.blend:  # how many sources, each entry's keys (paths absolute), the group rules
+        inputs = {"data.blend": len(d.blend)}
+        for i, entry in enumerate(d.blend):
+            inputs.update({f"data.blend[{i}].{k}": v for k, v in _absolute_entry(entry).items()})
+        inputs.update({f"data.{k}": getattr(d, k) for k in ("rotate_positives", "sample_negatives", "repeat_negatives")})
+        if any(e.format == "beir" for e in d.blend):
+            inputs["data.negatives_top_k"] = d.negatives_top_k
+    else:
+        inputs = _single_source_inputs(d, t)
+    inputs.update({"data.n_passages": d.n_passages, "data.positives_per_group": d.positives_per_group,
+                   "data.template": d.template, "data.max_length": d.max_length, "train.loss": t.loss})
+    if t.loss == "kl":
+        inputs["train.teacher_temperature"] = t.teacher_temperature
+    if t.loss in TEACHER_LOSSES:
+        inputs["train.distill_weight"] = t.distill_weight
+    inputs.update({"model.pooling": m.pooling, "model.temperature": m.temperature})
+    return inputs
+
+
+def _absolute_entry(entry) -> dict:
+    """A data.blend entry as a dict, its path and run absolute."""
+    return {**dataclasses.asdict(entry), "path": _absolute(entry.path), "run": _absolute(entry.run)}
+
+
+def _single_source_inputs(d, t) -> dict:
+    """training_inputs' data keys of a run without data.blend."""
+    from megarank.config import TEACHER_LOSSES
+
+    inputs = {"data.blend": 0, "data.format": d.format, "data.train_path": _absolute(d.train_path)}
     if d.format == "beir":
         inputs.update({"data.train_split": d.train_split, "data.train_run": _absolute(d.train_run),
                        "data.negatives_top_k": d.negatives_top_k})
@@ -67,13 +95,6 @@ def training_inputs(cfg) -> dict:
         inputs["data.columns"] = dataclasses.asdict(d.columns)
     if d.format == "hf_disk":
         inputs["data.train_split"] = d.train_split
-    inputs.update({"data.n_passages": d.n_passages, "data.positives_per_group": d.positives_per_group,
-                   "data.template": d.template, "data.max_length": d.max_length, "train.loss": t.loss})
-    if t.loss == "kl":
-        inputs["train.teacher_temperature"] = t.teacher_temperature
-    if t.loss in TEACHER_LOSSES:
-        inputs["train.distill_weight"] = t.distill_weight
-    inputs.update({"model.pooling": m.pooling, "model.temperature": m.temperature})
     return inputs
 
 
@@ -98,10 +119,11 @@ def describe_changes(changes: list) -> str:
 
 
 def saved_config(cfg):
-    """The config as saved in config.yaml: training data paths made absolute, so a later resume (from any working
+    """The config as saved in config.yaml: training data paths (data.blend's too) made absolute, so a later resume (from any working
     folder) compares what the run really read."""
     data = dataclasses.replace(cfg.data, **{k: _absolute(getattr(cfg.data, k)) for k in DATA_PATH_KEYS
                                             if getattr(cfg.data, k) is not None})
+    data.blend = [dataclasses.replace(e, path=_absolute(e.path), run=_absolute(e.run)) for e in data.blend]
     return dataclasses.replace(cfg, data=data)
 
 

@@ -144,6 +144,11 @@ def check_train_config(cfg) -> None:
     if d.train_path is not None and (problem := train_path_problem(d.format, d.train_path, d.train_split)):
         errors.append(f"data.train_path {d.train_path} {problem} (data.format={d.format} expects "
                       f"{_EXPECTED[d.format]})")
+    for i, e in enumerate(d.blend):
+        if e.path and e.format and (problem := train_path_problem(e.format, e.path, e.split)):
+            errors.append(f"data.blend[{i}].path {e.path} {problem} (format {e.format} expects {_EXPECTED[e.format]})")
+        if e.run is not None and (problem := input_problem(e.run, "file")):
+            errors.append(f"data.blend[{i}].run {e.run} {problem}")
     if d.eval_path is not None and (problem := beir_problem(d.eval_path, d.eval_split)):
         errors.append(f"data.eval_path {d.eval_path} {problem}")
     for key, path, kind in (("data.train_run", d.train_run, "file"), ("data.eval_run", d.eval_run, "file"),

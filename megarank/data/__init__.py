@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .batcher import Batcher
+from .blend import BlendedGroupSource
 from .candidates import candidate_pairs
 from .errors import DataError
 from .formats import GROUP_FORMATS, read_groups, read_jsonl_groups
@@ -26,7 +27,7 @@ def sample_data_dir() -> Path:
 
 
 __all__ = [
-    "Batcher", "BeirData", "BeirGroupSource", "DEFAULT_TEMPLATE", "DataError", "GROUP_FORMATS", "GroupSampler", "GroupsFileSource",
+    "Batcher", "BeirData", "BeirGroupSource", "BlendedGroupSource", "DEFAULT_TEMPLATE", "DataError", "GROUP_FORMATS", "GroupSampler", "GroupsFileSource",
     "PairTokenizer", "Run", "ScoredRun", "build_tiny_tokenizer", "candidate_pairs", "doc_to_text", "find_run_file", "format_pair", "iter_run_rows", "load_tokenizer", "read_beir", "read_corpus", "read_groups",
     "read_jsonl_groups", "read_qrels", "read_queries", "read_run", "read_scored_run", "sample_data_dir",
 ]

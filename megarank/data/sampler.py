@@ -57,6 +57,10 @@ class GroupSampler:
         start = self.dp_rank * per_rank
         return [(i, epoch) for i in self.global_batch_at(epoch, step_in_epoch)[start : start + per_rank]]
 
+    def last_global_batch(self) -> list[int]:
+        """All ranks' group indices of the step last handed out (every rank knows the whole global batch)."""
+        return self.global_batch_at(self.epoch, self.step_in_epoch - 1)
+
     def __iter__(self) -> "GroupSampler":
         return self
 

@@ -8,6 +8,7 @@ from megarank.config import TEACHER_LOSSES, Config
 from megarank.data import (
     Batcher,
     BeirGroupSource,
+    BlendedGroupSource,
     DataError,
     GroupSampler,
     GroupsFileSource,
@@ -22,28 +23,52 @@ from megarank.data.formats import check_prompts
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 from megarank.training.loss import group_loss
 
-__all__ = ["make_group_source", "make_loss", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir",
+__all__ = ["blend_names", "make_blend", "make_group_source", "make_loss", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir",
            "training_groups_file"]
 
 
 def make_group_source(cfg: Config):
-    """The training groups the config names, carrying teacher scores when ``train.loss`` reads them. Every bad
-    line, row or record is a DataError naming it, raised here, before the model is built."""
+    """The training groups the config names (one source, or a ``data.blend`` of several), carrying teacher scores
+    when ``train.loss`` reads them. Every bad line, row or record is a DataError naming it, raised here, before the
+    model is built."""
+    d = cfg.data
+    if d.blend:
+        return make_blend(cfg)
+    return _source(cfg, d.format, d.train_path, d.train_split, d.train_run, dataclasses.asdict(d.columns))
+
+
+def make_blend(cfg: Config) -> BlendedGroupSource:
+    """``data.blend``: each entry's source read as a single source of its format is, blended by weight
+    (megarank/data/blend.py), named by its path's last part (made unique) in the per-source counts."""
+    entries = cfg.data.blend
+    sources = [_source(cfg, e.format, e.path, e.split, e.run, dataclasses.asdict(e.columns)) for e in entries]
+    return BlendedGroupSource(sources, [e.weight for e in entries], blend_names(cfg), seed=cfg.train.seed,
+                              query_prefixes=[e.query_prefix for e in entries])
+
+
+def blend_names(cfg: Config) -> list[str]:
+    """The name of each blend source in logs and TensorBoard: the last part of its path, with ``#<entry index>``
+    added where two sources share it."""
+    names = [Path(e.path).name or str(e.path) for e in cfg.data.blend]
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def _source(cfg: Config, fmt: str, path, split: str, run_path, columns: dict):
+    """One source: a groups file of ``fmt``, or a BEIR folder (``path`` null = the built-in sample) + its run."""
     d = cfg.data
     n_neg = d.n_passages - 1
     with_teacher = cfg.train.loss in TEACHER_LOSSES
-    if d.format != "beir":
-        groups, _ = read_groups(d.format, d.train_path, columns=dataclasses.asdict(d.columns), split=d.train_split,
-                                skip_bad=d.skip_bad_lines)
-        if d.format == "jsonl":
+    if fmt != "beir":
+        groups, _ = read_groups(fmt, path, columns=columns, split=split, skip_bad=d.skip_bad_lines)
+        if fmt == "jsonl":
             check_prompts(groups, d.template)  # FlagEmbedding's per-line prompt must be in the one template
-        return GroupsFileSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=d.train_path,
+        return GroupsFileSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=path,
                                 positives_per_group=d.positives_per_group, with_teacher=with_teacher,
                                 rotate_positives=d.rotate_positives, sample_negatives=d.sample_negatives,
                                 repeat_negatives=d.repeat_negatives)
-    folder = d.train_path or str(sample_data_dir())
-    run_path = d.train_run or find_run_file(folder, d.train_split)
-    beir = read_beir(folder, d.train_split)
+    folder = path or str(sample_data_dir())
+    run_path = run_path or find_run_file(folder, split)
+    beir = read_beir(folder, split)
     teacher = read_scored_run(d.teacher_run) if with_teacher else None
     return BeirGroupSource(beir, read_run(run_path), n_neg, top_k=d.negatives_top_k, seed=cfg.train.seed,
                            run_path=run_path, positives_per_group=d.positives_per_group, teacher=teacher)
@@ -61,6 +86,8 @@ def training_groups_file(cfg: Config) -> str:
     """The file whose records or judgements are the training groups: the groups file or folder, or the BEIR
     split's qrels."""
     d = cfg.data
+    if d.blend:
+        return "data.blend (" + ", ".join(str(e.path) for e in d.blend) + ")"
     if d.format != "beir":
         return str(d.train_path)
     return str(Path(d.train_path or sample_data_dir()) / "qrels" / f"{d.train_split}.tsv")
@@ -71,7 +98,7 @@ def make_sampler(cfg: Config, num_groups: int, dp_rank: int, dp_size: int) -> Gr
     (raised before the model is built: the loop builds the source and the sampler first)."""
     gb = cfg.train.global_batch_size
     if num_groups < gb:
-        what = "training groups" if cfg.data.format != "beir" else \
+        what = "training groups" if cfg.data.format != "beir" or cfg.data.blend else \
             "training groups (queries with a judged-relevant document and candidates)"
         raise DataError(f"{training_groups_file(cfg)}: {num_groups} {what} cannot fill one global batch "
                         f"(train.global_batch_size={gb}); lower it or add groups")

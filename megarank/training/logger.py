@@ -47,14 +47,17 @@ class MetricsLogger:
             return
         elapsed = time.time() - self.start
         eta = elapsed / max(steps_done_this_run, 1) * (self.total_steps - step)
+        groups = metrics.get("groups") or {}  # a blend's groups per source in this step's global batch
         log.info(
             "step %d/%d | loss %.4f | acc %.3f | mrr %.3f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %s | "
-            "elapsed %s | ETA %s",
+            "elapsed %s | ETA %s%s",
             step, self.total_steps, metrics["loss"], metrics["acc"], metrics["mrr"], metrics["lr"],
             metrics["grad_norm"], metrics["tokens_per_s"], _fmt_mfu(metrics.get("mfu")), _fmt_duration(elapsed),
-            _fmt_duration(eta),
+            _fmt_duration(eta), f" | groups {', '.join(f'{name} {n}' for name, n in groups.items())}" if groups else "",
         )
-        self.scalars("train", step, {k: v for k, v in metrics.items() if k != "mfu" or _finite(v)})
+        values = {k: v for k, v in metrics.items() if k != "groups" and (k != "mfu" or _finite(v))}
+        values.update({f"groups/{name}": n for name, n in groups.items()})
+        self.scalars("train", step, values)
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if self.writer is not None:

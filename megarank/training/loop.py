@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 
 from megarank.checkpoint import RunCheckpoints
 from megarank.config import Config, validate
+from megarank.data import BlendedGroupSource
 from megarank.hardware import peak_flops
 from megarank.model import build_model
 from megarank.parallel.init import device, init_distributed
@@ -122,10 +123,14 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir, _wandb_run(cfg, run_dir))
     watcher = PreemptionWatcher(str(run_dir) if run_dir else None, reports=_is_logging_rank())
     peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
+    blended = isinstance(source, BlendedGroupSource)
+    if blended and _is_logging_rank():
+        log.info("blend: %s", source.describe())
     metrics, start_step, saved_step, interrupted = {}, step, None, None
     while step < t.steps:
         tic = time.time()
         groups = [source.get(i, epoch) for i, epoch in next(sampler)]
+        blend_counts = source.source_counts(sampler.last_global_batch()) if blended else None
         micro = micro_batches(groups)
         result = train_step(ddp, optimizer, scheduler, micro, loss)
         step += 1
@@ -136,6 +141,8 @@ def train(cfg: Config) -> dict:
         tokens, flops = _step_work(micro, cfg.model)
         metrics = {**result, "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, peak, dist.get_world_size()),
                    "nonfinite_skips": nonfinite}
+        if blend_counts is not None:
+            metrics["groups"] = blend_counts  # per source, of the whole global batch
         if result["skipped"] and _is_logging_rank():  # every skipped step, not only those on a log step
             log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
         if step % t.log_interval == 0 or step == t.steps:
