@@ -8,7 +8,7 @@
   resume log names the layout change;
 - SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0;
 - the same kill and resume with each loss beyond listwise, teacher scores (a BEIR teacher run, JSONL
-  pos_scores/neg_scores) and several graded positives per group.
+  pos_scores/neg_scores) and several graded positives per group, and from a data.blend of two sources at DP=2.
 """
 import json
 import shutil
@@ -18,7 +18,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.training_harness import (TINY, all_stopped, assert_bit_identical, kill_tree, log_lines, max_abs_diff,
+from tests.training_harness import (REPO, TINY, all_stopped, assert_bit_identical, kill_tree, log_lines, max_abs_diff,
                                     read_plain_tensors, run, run_env, run_many, script_cmd, tb_scalars, train_cmd,
                                     wait_for)
 
@@ -60,6 +60,11 @@ def _assert_same_run(straight_dir, resumed_dir, resumed_tb, steps) -> None:
 _BEIR_TEACHER = ["data.teacher_run={teacher}/teacher.trec"]
 _JSONL_TEACHER = ["data.format=jsonl", "data.train_path={teacher}/groups.jsonl"]
 _TWO_POSITIVES = ["data.positives_per_group=2"]
+# A blend of the sample's JSONL groups (12, weight 3) and its BEIR train split (weight 1): both sources cycle on
+# their own epochs within the 6 steps (braces doubled for str.format).
+_SAMPLE = REPO / "megarank" / "resources" / "sample"
+_BLEND = (f"data.blend=[{{{{path: {_SAMPLE / 'train_groups.jsonl'}, format: jsonl, weight: 3}}}}, "
+          f"{{{{path: {_SAMPLE}, format: beir, weight: 1}}}}]")
 RESUME_LAYOUTS = {
     "one": (1, []),
     "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
@@ -72,6 +77,7 @@ RESUME_LAYOUTS = {
     "plistmle": (1, ["train.loss=plistmle", *_TWO_POSITIVES]),
     "lambda": (1, ["train.loss=lambda", *_JSONL_TEACHER, *_TWO_POSITIVES]),
     "ranknet": (1, ["train.loss=ranknet", *_TWO_POSITIVES]),
+    "blend_dp2": (2, [_BLEND, "parallel.use_distributed_optimizer=true"]),
 }
 
 
