@@ -335,7 +335,8 @@ def test_ctrl_c_saves_the_next_step_in_one_line_exits_130_and_resumes_bit_identi
     _no_traceback(out)
     step = _saved_by_ctrl_c(out, run_dir)
     print(f"{how}: Ctrl-C after step {SAVE + 1}; saved step {step}; exited {took:.1f}s later")
-    assert SAVE + 1 < step < STEPS and max(log_lines(out)) == step, out[-3000:]
+    # the boundary right after the step shown when Ctrl-C was pressed may be the one that saves
+    assert SAVE + 1 <= step < STEPS and max(log_lines(out)) == step, out[-3000:]
     if nproc > 1:  # the launcher's own line ends the output: the agent's SignalException, without its traceback
         assert out.rstrip().splitlines()[-1] == "megarank launch: interrupted", out[-2000:]
 
