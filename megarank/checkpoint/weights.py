@@ -69,6 +69,19 @@ def save_extra_state(model, directory: Path) -> None:
         dist_checkpointing.save(extra, str(directory))
 
 
+def raise_on_every_rank(check) -> None:
+    """Run ``check()`` here; if it raised a CheckpointError on any rank, raise the first rank's on every rank, so
+    all stop together (none waits in a later collective)."""
+    try:
+        check()
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    error = first_error(error)
+    if error:
+        raise CheckpointError(error)
+
+
 def load_extra_state(model, folder: Path) -> None:
     """Collective: load ``extra_state/`` into a model that has ``_extra_state``; log why not otherwise."""
     extra = extra_state_sharded_state_dict(model)
@@ -76,15 +89,12 @@ def load_extra_state(model, folder: Path) -> None:
     has = _has_extra_state(extra)
     if saved and any_rank(has):
         loaded = safe_pickle.load(extra, folder / EXTRA_DIR)
-        try:  # Transformer Engine unpickles each with plain pickle: only what the allow-list reads gets there
+
+        def check_all():  # Transformer Engine unpickles each with plain pickle: only what the allow-list reads gets there
             for key, value in loaded.items():
                 safe_pickle.check_extra_state(value, f"{folder / EXTRA_DIR} ({key})")
-            error = None
-        except CheckpointError as e:
-            error = str(e)
-        error = first_error(error)  # every rank stops, whichever rank holds the refused object
-        if error:
-            raise CheckpointError(error)
+
+        raise_on_every_rank(check_all)  # whichever rank holds the refused object
         model.load_state_dict(loaded, strict=False)
         log.info("loaded FP8 scaling state (_extra_state) from %s", folder / EXTRA_DIR)
     elif saved:
@@ -172,14 +182,8 @@ def _load_folder(model, folder: Path, strict: bool, part: str) -> None:
                and (part == "all" or k in wanted)]
     if strict and missing:
         raise CheckpointError(f"{folder}: checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more)")
-    try:
-        check_finite(((k, v) for k, v in model.state_dict().items() if not _is_extra_state(k)), model_dir)
-        error = None
-    except CheckpointError as e:
-        error = str(e)
-    error = first_error(error)  # every rank stops, whichever rank holds the bad shard
-    if error:
-        raise CheckpointError(error)
+    raise_on_every_rank(lambda: check_finite(  # whichever rank holds the bad shard
+        ((k, v) for k, v in model.state_dict().items() if not _is_extra_state(k)), model_dir))
     load_extra_state(model, folder)
 
 
