@@ -124,6 +124,18 @@ def _alive(procs: list[psutil.Process]) -> list[int]:
     return alive
 
 
+def _kill_leftovers(procs, family) -> None:
+    """A test's clean-up: every process it started that still runs, and every orphaned worker it recorded."""
+    for proc in procs:
+        if proc.poll() is None:
+            kill_tree(proc)
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_unsaved(tmp_path):
     run_dir = tmp_path / "run"
     # A long run; TensorBoard outside the folder, so the folder holds only what the checkpoints write.
@@ -159,14 +171,7 @@ def test_a_live_run_locks_its_folder_and_sigkill_of_its_agent_stops_the_workers_
         wait_for(lambda: not _alive(family), 15, "every worker (and its children) to end", None, interval=0.05)
         print(f"workers ended {time.monotonic() - gone_at:.2f}s after the agent")
     finally:
-        for proc in [live, *locals().get("procs", {}).values()]:
-            if proc.poll() is None:
-                kill_tree(proc)
-        for p in locals().get("family", []):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _kill_leftovers([live, *locals().get("procs", {}).values()], locals().get("family", []))
     assert _snapshot(run_dir) == before, "a worker wrote into the checkpoint folder after its agent died"
     out = (tmp_path / "live.log").read_text()
     assert out.count(f"the torchrun agent (pid {live.pid}) is gone; stopping without saving") == 2, out[-3000:]
@@ -205,13 +210,7 @@ def test_workers_whose_agent_is_killed_while_they_still_import_stop_unsaved(tmp_
         wait_for(lambda: not _alive(family), 120, "every worker to end", None, interval=0.05)
         print(f"workers ended {time.monotonic() - gone_at:.2f}s after the agent")
     finally:
-        if live.poll() is None:
-            kill_tree(live)
-        for p in locals().get("family", []):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _kill_leftovers([live], locals().get("family", []))
     out = (tmp_path / "live.log").read_text()
     assert out.count(f"the torchrun agent (pid {live.pid}) is gone; stopping without saving") == 2, out[-3000:]
     assert not (run_dir / "latest").exists()
