@@ -123,14 +123,14 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir, _wandb_run(cfg, run_dir))
     watcher = PreemptionWatcher(str(run_dir) if run_dir else None, reports=_is_logging_rank())
     peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
-    blended = isinstance(source, BlendedGroupSource)
-    if blended and _is_logging_rank():
+    counts_blend = isinstance(source, BlendedGroupSource) and _is_logging_rank()  # only the logging rank reports
+    if counts_blend:
         log.info("blend: %s", source.describe())
     metrics, start_step, saved_step, interrupted = {}, step, None, None
     while step < t.steps:
         tic = time.time()
         groups = [source.get(i, epoch) for i, epoch in next(sampler)]
-        blend_counts = source.source_counts(sampler.last_global_batch()) if blended else None
+        blend_counts = source.source_counts(sampler.last_global_batch()) if counts_blend else None
         micro = micro_batches(groups)
         result = train_step(ddp, optimizer, scheduler, micro, loss)
         step += 1
