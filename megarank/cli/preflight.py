@@ -152,9 +152,11 @@ def check_train_config(cfg) -> None:
     if d.eval_path is not None and (problem := beir_problem(d.eval_path, d.eval_split)):
         errors.append(f"data.eval_path {d.eval_path} {problem}")
     for key, path, kind in (("data.train_run", d.train_run, "file"), ("data.eval_run", d.eval_run, "file"),
-                            ("data.tokenizer", d.tokenizer, "folder"), ("checkpoint.load", c.load, "checkpoint")):
-        if path is not None and (problem := checkpoint_problem(path) if kind == "checkpoint" else input_problem(path, kind)):
+                            ("data.tokenizer", d.tokenizer, "folder")):
+        if path is not None and (problem := input_problem(path, kind)):
             errors.append(f"{key} {path} {problem}")
+    if c.load is not None and (problem := checkpoint_problem(c.load)):
+        errors.append(f"checkpoint.load {c.load} {problem}")
     for key, path in (("checkpoint.dir", c.dir), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
         if path is not None and (problem := output_dir_problem(path)):
             errors.append(f"{key} {path}: {problem}")
