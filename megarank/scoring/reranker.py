@@ -150,8 +150,8 @@ def _fit_layout_to_world(cfg, overrides: Sequence[str], source) -> None:
     if world % (tp * pp) == 0:
         return
     if any(o.split("=", 1)[0].strip() in LAYOUT_KEYS for o in overrides):
-        raise ConfigError(f"{' x '.join(map(str, (tp, pp)))} (parallel.tensor_model_parallel_size x "
-                          f"pipeline_model_parallel_size) does not divide the world size {world}")
+        raise ConfigError(f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} does "
+                          f"not divide the world size {world}")
     if not dist.is_initialized() or dist.get_rank() == 0:
         log.info("scoring at TP 1 x PP 1: %s was trained at TP %d x PP %d, which %d process(es) cannot hold "
                  "(any layout loads; set parallel.tensor_model_parallel_size to choose)", source, tp, pp, world)
