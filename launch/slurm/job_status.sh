@@ -27,7 +27,7 @@ latest_step() {
 last_error_line() {
     [[ -n $1 && -d $1 ]] || return 0
     local files
-    mapfile -t files < <(find "$1" -type f \( -name 'stderr.log' -o -name 'stdout.log' -o -name '*.log' \) \
+    mapfile -t files < <(find "$1" -type f -name '*.log' \
                           -printf '%T@ %p\n' 2>/dev/null | sort -n | cut -d' ' -f2-)
     ((${#files[@]})) || return 0
     local line
