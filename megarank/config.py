@@ -147,6 +147,15 @@ class ParallelConfig:
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size (TP).")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size (PP).")
     sequence_parallel: bool = _f(False, "Shard norms/dropout activations along the sequence over TP ranks (needs TP > 1).")
+    context_parallel_size: int = _f(
+        1,
+        "Context-parallel size (CP): every sequence of a micro-batch is split over CP ranks (each holds chunks r and "
+        "2CP-1-r of the sequence, megatron's and Transformer Engine's DualChunkSwap layout), attention sees the whole "
+        "sequence, pooling and the score combine the ranks' parts. For 8K-32K-token documents. World size = "
+        "TP x PP x CP x DP. Sequences are padded to a multiple of 2 x CP (x TP with sequence parallel); on the "
+        "transformer_engine spec it needs data.packing=true (TE's context-parallel attention takes a padding mask "
+        "only for packed, THD, batches).",
+    )
     use_distributed_optimizer: bool = _f(True, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = _f(
         True,
@@ -592,6 +601,19 @@ def _te_pytorch_imports() -> bool:
     return True
 
 
+def transformer_engine_version() -> Optional[tuple]:
+    """(major, minor) of the installed Transformer Engine distribution, or None (read from its metadata: no import)."""
+    from importlib import metadata
+
+    for name in ("transformer-engine", "transformer_engine"):
+        try:
+            parts = re.findall(r"\d+", metadata.version(name))[:2]
+        except metadata.PackageNotFoundError:
+            continue
+        return tuple(int(x) for x in parts) if len(parts) == 2 else None
+    return None
+
+
 def packed_attention_problem(m: "ModelConfig", env: bool = True) -> Optional[str]:
     """Why this model cannot attend within packed (THD) sequences (a sentence naming the keys), or None. Transformer Engine has no attention
     backend for THD in fp32: flash and fused attention take bf16/fp16 only (TE v2.9
@@ -712,21 +734,56 @@ def _parallel_errors(cfg: Config, world_size: Optional[int], env: bool = True, t
         errs.append(f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline_model_parallel_size ({pp})")
     if p.sequence_parallel and tp == 1:
         errs.append("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1")
+    cp = p.context_parallel_size
+    if cp < 1:
+        errs.append(f"parallel.context_parallel_size must be >= 1 (got {cp})")
+    elif cp > 1:
+        errs.extend(_context_parallel_errors(cfg, env))
     if env and p.backend == "nccl":
         import torch
 
         if not torch.cuda.is_available():
             errs.append("parallel.backend=nccl needs CUDA; use gloo or auto on CPU")
     if world_size is not None:
-        if world_size % (tp * pp):
-            errs.append(f"world size {world_size} is not divisible by tensor x pipeline parallel size ({tp} x {pp} = {tp * pp})")
+        cp = max(p.context_parallel_size, 1)
+        if world_size % (tp * pp * cp):
+            what = f"tensor x pipeline x context parallel size ({tp} x {pp} x {cp} = {tp * pp * cp})" if cp > 1 else \
+                f"tensor x pipeline parallel size ({tp} x {pp} = {tp * pp})"
+            errs.append(f"world size {world_size} is not divisible by {what}")
         else:
-            dp = world_size // (tp * pp)
+            dp = world_size // (tp * pp * cp)
             t = cfg.train
             if training and t.global_batch_size % (t.micro_batch_size * dp):
                 errs.append(
                     f"train.global_batch_size ({t.global_batch_size}) must be divisible by train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})"
                 )
+    return errs
+
+
+def _context_parallel_errors(cfg: Config, env: bool = True) -> list[str]:
+    """What context parallelism needs from the rest of the config (megarank/parallel/context.py says how CP works).
+
+    * megatron-core's own DotProductAttention refuses CP (dot_product_attention.py:57-59 in 0.16.1); the local
+      spec's SDPA core attention implements it (all-gather of keys and values).
+    * Transformer Engine's context-parallel attention accepts a padding mask only in THD format: bshd/sbhd take
+      no_mask or causal (TE pytorch/attention/dot_product_attention/utils.py, the "Filter: context parallelism"
+      table), and a reranker's padded batches need a key-padding mask; so CP on TE trains and scores packed.
+      THD CP needs TE >= 1.10 (megatron/core/utils.py:2066-2069).
+    """
+    m, d = cfg.model, cfg.data
+    te = m.transformer_impl == "transformer_engine" or (m.transformer_impl == "auto" and env and transformer_engine_available())
+    errs = []
+    if not te and m.attention_backend == "megatron":
+        errs.append("parallel.context_parallel_size > 1 needs model.attention_backend sdpa with the local spec "
+                    "(megatron-core's DotProductAttention has no context parallelism)")
+    if te and not d.packing:
+        errs.append("parallel.context_parallel_size > 1 on the transformer_engine spec needs data.packing=true "
+                    "(Transformer Engine's context-parallel attention takes a padding mask only for packed batches)")
+    if te and env:
+        version = transformer_engine_version()
+        if version is not None and version < (1, 10):
+            errs.append(f"parallel.context_parallel_size > 1 with packed batches needs Transformer Engine >= 1.10 "
+                        f"(found {'.'.join(map(str, version))})")
     return errs
 
 
