@@ -13,6 +13,8 @@ import os
 import random
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
+
 from .errors import DataError, where
 from .readers import BeirData, ScoredRun
 
@@ -69,7 +71,9 @@ def _at(path: str, group: dict) -> str:
 class GroupsFileSource:
     """Groups whose passages are texts: the group dicts of every `megarank.data.formats` reader (JSONL, corpus-id
     JSON, Parquet, ``datasets`` folders, TSV triples): "query", "pos", "neg", "at" (or "line") and optionally
-    "pos_labels", "pos_scores", "neg_scores". ``groups`` is any sequence: read by index, never copied.
+    "pos_labels", "pos_scores", "neg_scores". ``groups`` is any sequence: read by index, never copied; one with
+    ``group_counts()`` (an indexed file: positives, negatives, teacher flag per group) is checked from those
+    arrays, without parsing its records.
 
     A group holds ``n_passages`` passages: ``positives_per_group`` of the record's positives (fewer when it has
     fewer; the free places go to negatives) and negatives from its ``neg``. The choice, per (seed, epoch, index):
@@ -104,8 +108,21 @@ class GroupsFileSource:
         if with_teacher and fill_from_corpus:
             raise DataError(f"{self.path}: passages filled in from other groups have no teacher score; "
                             "teacher losses need every group to carry enough scored negatives")
-        for group in self.groups:
-            self._check(group)
+        counts = getattr(groups, "group_counts", None)  # an indexed file: checked from its counts, none parsed
+        for index in (self._failing(*counts()) if counts is not None else range(len(groups))):
+            self._check(self.groups[index])
+
+    def _failing(self, n_pos, n_neg, teacher) -> list[int]:
+        """The first group `_check` refuses, found from the index's per-group counts (empty when none is)."""
+        need = self.n_passages - np.minimum(self.positives_per_group, n_pos)
+        bad = np.zeros(len(n_pos), dtype=bool)
+        if self.with_teacher:
+            bad |= ~np.asarray(teacher, dtype=bool)
+        if self.repeat_negatives:
+            bad |= (need > 0) & (n_neg == 0)
+        if not (self.fill_from_corpus or self.repeat_negatives):
+            bad |= n_neg < need
+        return [int(np.argmax(bad))] if bad.any() else []
 
     def _check(self, group: dict) -> None:
         if self.with_teacher and (group.get("pos_scores") is None or group.get("neg_scores") is None):

@@ -45,4 +45,25 @@ def read_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str
     raise ValueError(f"unknown training groups format {fmt!r}; expected one of {', '.join(GROUP_FORMATS)}")
 
 
-__all__ = ["GROUP_FORMATS", "check_prompts", "read_groups", "read_jsonl_groups"]
+def open_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str, str]] = None,
+                split: str = "train", skip_bad: bool = False) -> tuple[Sequence[dict], int]:
+    """`read_groups` for training: the same groups, the same errors, but JSONL, triples and Parquet are read
+    through an index built once (`index.py`) and memory-mapped, each group parsed when it is indexed
+    (`indexed.py`, `arrow.open_parquet_groups`); ``hf_disk`` is memory-mapped as it is and ``nemo_corpus`` is read
+    as `read_groups` reads it."""
+    if fmt == "jsonl":
+        from .indexed import open_jsonl_groups
+
+        return open_jsonl_groups(path, skip_bad_lines=skip_bad)
+    if fmt == "triples":
+        from .indexed import open_triples
+
+        return open_triples(path, skip_bad_lines=skip_bad)
+    if fmt == "parquet":
+        from .arrow import open_parquet_groups
+
+        return open_parquet_groups(path, columns or {}, skip_bad_rows=skip_bad)
+    return read_groups(fmt, path, columns=columns, split=split, skip_bad=skip_bad)
+
+
+__all__ = ["GROUP_FORMATS", "check_prompts", "open_groups", "read_groups", "read_jsonl_groups"]

@@ -211,3 +211,111 @@ def read_hf_disk_groups(path: str | os.PathLike, columns: Mapping[str, str], spl
     groups = _concat([(str(f), _mapped_stream(f)) for f in arrow_files(folder)], columns)
     groups.files = [(str(folder), 0)]  # rows named as the dataset numbers them (dataset[i]), not per shard
     return groups.checked(skip_bad_rows, str(path))
+
+
+class IndexedArrowGroups(ArrowGroups):
+    """`ArrowGroups` on a Parquet source's Arrow copy (memory-mapped), with the per-row counts its index holds."""
+
+    def __init__(self, table: pa.Table, index, columns: Mapping[str, str], files: list[tuple[str, int]]):
+        super().__init__(table, index["rows"], columns, files)
+        self.index = index
+
+    def group_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positives, negatives, has teacher scores) of every good row, from the index."""
+        return self.index["n_pos"], self.index["n_neg"], self.index["teacher"]
+
+    def skipped(self, label: str) -> int:
+        h = self.index.header
+        return report_skipped(label, self, h["bad_first"] + [""] * (h["bad"] - len(h["bad_first"])), "rows")
+
+
+def _arrow_copy(index_path: Path) -> Path:
+    return Path(f"{index_path}.arrow")
+
+
+def _build_parquet(files: list[Path], columns: Mapping[str, str], skip_bad: bool, label: str):
+    """The index builder of a Parquet source: its rows decoded one batch at a time into an uncompressed Arrow
+    file beside the index (memory-mapped by every rank), each row checked as `ArrowGroups.checked` checks it."""
+    def build(index_path: Path):
+        opened, mapped, names = [], None, []
+        for file in files:
+            try:
+                pf = pq.ParquetFile(file, memory_map=True)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{file}: is not a readable Parquet file ({e})") from None
+            found = column_map(pf.schema_arrow, columns, str(file))
+            if mapped is not None and found != mapped:
+                raise DataError(f"{file}: has columns {sorted(found.values())} but {files[0]} has "
+                                f"{sorted(mapped.values())}; the files of one training set need the same columns")
+            mapped, names = found, list(found.values())
+            opened.append((str(file), pf))
+        try:
+            schema = pa.unify_schemas([pa.schema([pf.schema_arrow.field(n) for n in names]) for _, pf in opened],
+                                      promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DataError(f"{opened[-1][0]}: its column types differ from {opened[0][0]}'s ({e})") from None
+        arrow = _arrow_copy(index_path)
+        tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
+        groups = ArrowGroups(None, np.zeros(0, np.int64), mapped, [])
+        good, n_pos, n_neg, teacher, bad = [], [], [], [], []
+        start = 0
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for name, pf in opened:
+                    groups.files.append((name, start))
+                    try:
+                        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=names):
+                            batch = batch.select(names).cast(schema)
+                            for offset, obj in enumerate(batch.to_pylist()):
+                                try:
+                                    group = groups._parse(start + offset, obj)
+                                except DataError as e:
+                                    if not skip_bad:
+                                        raise
+                                    bad.append(str(e))
+                                    continue
+                                good.append(start + offset)
+                                n_pos.append(len(group["pos"]))
+                                n_neg.append(len(group["neg"]))
+                                teacher.append("pos_scores" in group)
+                            writer.write_batch(batch)
+                            start += batch.num_rows
+                    except (OSError, pa.ArrowException) as e:
+                        raise DataError(f"{name}: is not a readable Parquet file ({e})") from None
+            if not good:
+                report_skipped(label, good, bad, "rows")
+            os.replace(tmp, arrow)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"bad": len(bad), "bad_first": bad[:5], "tables": groups.files, "columns": mapped,
+                "arrow_size": arrow.stat().st_size}, {
+            "rows": np.asarray(good, np.int64), "n_pos": np.asarray(n_pos, np.int64),
+            "n_neg": np.asarray(n_neg, np.int64), "teacher": np.asarray(teacher, np.bool_)}
+    return build
+
+
+def _arrow_copy_problem(index) -> str:
+    arrow = _arrow_copy(index.path)
+    try:
+        size = arrow.stat().st_size
+    except OSError:
+        return f"its Arrow copy {arrow} is missing"
+    return "" if size == index.header.get("arrow_size") else f"its Arrow copy {arrow} has another size"
+
+
+def open_parquet_groups(path: str | os.PathLike, columns: Mapping[str, str],
+                        skip_bad_rows: bool = False) -> tuple[IndexedArrowGroups, int]:
+    """`read_parquet_groups` through an index (megarank/data/formats/index.py): the rows are decoded once into an
+    Arrow file that every rank memory-maps; ``(groups, n_skipped)``."""
+    from .index import open_index
+
+    files = parquet_files(Path(path))
+    index = open_index(path, files, "parquet", {"columns": dict(columns), "skip_bad_rows": skip_bad_rows},
+                       _build_parquet(files, columns, skip_bad_rows, str(path)), usable=_arrow_copy_problem)
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(_arrow_copy(index.path)))).read_all()
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: its index's Arrow copy {_arrow_copy(index.path)} cannot be read ({e}); delete "
+                        f"{index.path} to rebuild it") from None
+    groups = IndexedArrowGroups(table, index, index.header["columns"], [tuple(f) for f in index.header["tables"]])
+    return groups, groups.skipped(str(path))

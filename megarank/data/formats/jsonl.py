@@ -92,9 +92,11 @@ def check_prompts(groups: Sequence[dict], template: str) -> None:
     ``data.template``: megarank reads one template for training, evaluation and the export, so a prompt that the
     template lacks would train the model on an input it never sees again. A line whose prompt is not in the
     template is an error naming it and the key."""
-    for group in groups:
-        prompt = group.get("prompt")
+    prompts = getattr(groups, "prompts", None)  # an indexed file: its distinct prompts with their first line
+    found = ((p, where(groups.path, line)) for p, line in prompts) if prompts is not None else \
+        ((g.get("prompt"), g["at"]) for g in groups)
+    for prompt, at in found:
         if prompt and prompt not in template:
-            raise record_error(group["at"], f"'prompt' {prompt[:60]!r} is not in data.template; megarank's input is "
+            raise record_error(at, f"'prompt' {prompt[:60]!r} is not in data.template; megarank's input is "
                                "data.template alone, so write the prompt into it (e.g. \"{query} \\n {passage} \\n "
                                "<prompt>\") or drop 'prompt' from the file")
