@@ -238,7 +238,14 @@ class DataConfig:
                                     "teacher's logit for every positive and candidate; needed by the kl, margin_mse "
                                     "and mse losses. JSONL groups carry pos_scores/neg_scores instead.")
     tokenizer: Optional[str] = _f(None, "Tokenizer folder; null = the checkpoint's tokenizer, else the built-in tiny one.")
-    max_length: int = _f(512, "Tokens per query-passage sequence (BOS included); longer ones are cut on the right.")
+    max_length: int = _f(512, "Tokens per query-passage sequence (BOS included). A longer pair loses passage tokens "
+                         "from the passage's end first, then query tokens down to data.max_query_length; the "
+                         "template's text is always kept (docs/data.md#truncation).")
+    max_query_length: Optional[int] = _f(None, "Tokens a query keeps however long its passage: a pair over "
+                                         "data.max_length cuts the query (from its end) only down to this, the rest "
+                                         "from the passage. null = half of what BOS and the template's text leave "
+                                         "(e.g. 244 of 512 with the default template and the tiny tokenizer); must "
+                                         "leave the passage at least one token.")
     pad_to_multiple_of: int = _f(8, "Each batch is right-padded to its longest sequence rounded up to a multiple of this.")
     template: str = _f("question:{query} \n \n passage:{passage}", "Prompt template of one sequence.")
     packing: bool = _f(True, "Pack each micro-batch / scoring batch into one token stream of whole sequences (no padding; "
@@ -312,7 +319,7 @@ class TrainConfig:
         "config.yaml of the step it resumes and refuses, before the model is built, any change of the training "
         "data (data.format, train_path, train_split, train_run, teacher_run, blend, n_passages, positives_per_group, "
         "negatives_top_k, columns, rotate_positives, sample_negatives, repeat_negatives), the input (data.template, "
-        "max_length), the objective (train.loss, teacher_temperature, distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
+        "max_length, max_query_length), the objective (train.loss, teacher_temperature, distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
         "the changes. Free to change on resume: steps, the lr schedule, optimizer settings, intervals, batch split, "
         "parallel layout, dtype, checkpoint and logging keys (docs/checkpoints.md). train.seed and the architecture "
         "cannot change.",
@@ -830,6 +837,9 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
         errs.append(f"data.max_length must be >= 8 (got {d.max_length})")
     if "{query}" not in d.template or "{passage}" not in d.template:
         errs.append("data.template must contain {query} and {passage}")
+    if d.max_query_length is not None and not 1 <= d.max_query_length < d.max_length - 1:
+        errs.append(f"data.max_query_length must be null or in [1, data.max_length - 1) = [1, {d.max_length - 1}) "
+                    f"(got {d.max_query_length}): the passage needs room too")
     if d.blend:
         return errs + _blend_errors(cfg)
     if d.format != "beir" and d.train_path is None:

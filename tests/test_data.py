@@ -494,12 +494,10 @@ def test_max_length_without_room_for_the_passage_is_rejected(pair_tokenizer):
     PairTokenizer(tok, max_length=16, template="{query} {passage}")  # a short template leaves room
 
 
-def test_warns_when_queries_push_every_passage_out(pair_tokenizer, caplog):
+def test_long_queries_no_longer_push_every_passage_out(pair_tokenizer):
+    """Once, a query filling max_length cut every passage off (and only a warning said so); now the query is cut
+    down to data.max_query_length and the passages keep the rest (tests/test_truncation.py has the rule)."""
     pt = PairTokenizer(pair_tokenizer.tokenizer, max_length=32)
-    with caplog.at_level(logging.WARNING, logger="megarank.data.tokenizer"):
-        pt(["a long query of many many bytes"] * 20, ["the passage"] * 20)
-    assert pt.n_passage_lost == 20 and "20 of the first 20 query-passage pairs" in caplog.text
-    assert "data.max_length=32" in caplog.text
-    fine = PairTokenizer(pair_tokenizer.tokenizer, max_length=64)
-    fine(["q"] * 20, ["a passage much longer than the budget " * 5] * 20)  # cut, but inside the passage
-    assert fine.n_passage_lost == 0 and fine.n_pairs == 20
+    batch = pt(["a long query of many many bytes"] * 2, ["the passage", "another one"])
+    assert batch["input_ids"][0].tolist() != batch["input_ids"][1].tolist()
+    assert (pt.truncation.pairs, pt.truncation.query_cut, pt.truncation.passage_cut) == (2, 2, 2)

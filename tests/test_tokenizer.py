@@ -62,7 +62,8 @@ def test_custom_template(tiny):
 def test_right_truncation_keeps_bos_and_max_length(tiny):
     passage = "x" * 100 + "END"
     full = [BOS_ID, *text_ids(tiny, format_pair("query", passage))]
-    batch = PairTokenizer(tiny, max_length=32)(["query"], [passage])  # >= 24: BOS + template text take 23
+    # >= 24: BOS + template text take 23; the 5-token query is within max_query_length, so only the passage is cut
+    batch = PairTokenizer(tiny, max_length=32, max_query_length=5)(["query"], [passage])
     assert batch["input_ids"].shape == (1, 32)
     assert batch["input_ids"][0].tolist() == full[:32]  # the start is kept, the end is cut
     assert batch["attention_mask"].all()

@@ -1,7 +1,8 @@
 """Tokenizers: the built-in tiny byte-level one, loading a model's own, and pair encoding for the reranker.
 
 Pair encoding follows docs/architecture.md: the pair is ONE string made by the template, tokenized without special
-tokens, BOS prepended explicitly, no EOS, truncated on the right so BOS + tokens <= max_length, right-padded.
+tokens, BOS prepended explicitly, no EOS, right-padded; a row over max_length loses passage tokens first, then query
+tokens down to max_query_length, never the template's text (data/truncation.py, docs/data.md#truncation).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import torch
 
 from .errors import DataError
 from .template import DEFAULT_TEMPLATE, format_pair
+from .truncation import TruncationCounts, cut_row, field_spans
 
 log = logging.getLogger(__name__)
-
-# Warn when at least this share of the pairs seen (after at least _LOST_MIN_PAIRS) lost their whole passage.
-_LOST_WARN_FRACTION = 0.25
-_LOST_MIN_PAIRS = 16
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 
@@ -113,7 +111,7 @@ class PairTokenizer:
     """Encodes (query, passage) pairs into padded `input_ids` / `attention_mask` batches for the reranker."""
 
     def __init__(self, tokenizer, max_length: int = 512, pad_to_multiple_of: int | None = 8,
-                 template: str = DEFAULT_TEMPLATE):
+                 template: str = DEFAULT_TEMPLATE, max_query_length: int | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if tokenizer.bos_token_id is None:
@@ -124,66 +122,74 @@ class PairTokenizer:
         self.template = template
         self.bos_id = tokenizer.bos_token_id
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-        self._check_room()
-        self.n_pairs = 0  # pairs encoded so far, and those of them cut before their passage's first token
-        self.n_passage_lost = 0
-        self._warned = False
+        self.max_query_length = self._query_budget(max_query_length)
+        self.truncation = TruncationCounts()  # pairs encoded (count=True), and those whose query / passage was cut
 
-    def _template_head(self, query: str = "") -> str:
-        """The formatted text before the passage (template text and `query`), "" if it cannot be split."""
-        head = self.template.split("{passage}", 1)[0]
-        try:
-            return head.format(query=query)
-        except (KeyError, IndexError, ValueError):
-            return ""
+    def _query_budget(self, requested: int | None) -> int:
+        """data.max_query_length, or by default half of the tokens BOS and the template's text leave; rejects a
+        max_length that the template fills, and a query budget that leaves the passage no token.
 
-    def _check_room(self) -> None:
-        """Reject a max_length that BOS and the template's own text fill before any passage token.
-
-        Such sequences are all cut before the passage, so every passage of a group reads the same and the
-        listwise loss stays at ln(n_passages) without a word; this is only knowable with the real tokenizer.
-        """
-        head = self._template_head()
-        fixed = 1 + len(self.tokenizer(head, add_special_tokens=False)["input_ids"]) if head else 1
+        Without room for the passage every passage of a group reads the same and the listwise loss stays at
+        ln(n_passages) without a word; this is only knowable with the real tokenizer."""
+        empty = self.template.format(query="", passage="")
+        fixed = 1 + len(self.tokenizer([empty], add_special_tokens=False)["input_ids"][0])
         if fixed >= self.max_length:
             raise DataError(
-                f"data.max_length={self.max_length} is too short for data.template: BOS and the template's text "
-                f"before {{passage}} ({head!r}) already take {fixed} tokens, so every passage would be cut off; "
+                f"data.max_length={self.max_length} is too short for data.template: BOS and the template's own text "
+                f"({empty!r}) already take {fixed} tokens, so every passage would be cut off; "
                 f"set data.max_length well above {fixed} (e.g. {max(2 * fixed, 128)}) or shorten the template")
+        room = self.max_length - fixed  # tokens the query and the passage share
+        if requested is None:
+            return max(room // 2, 1)
+        if requested >= room:
+            raise DataError(
+                f"data.max_query_length={requested} leaves the passage no token: data.max_length={self.max_length} "
+                f"minus BOS and the template's text ({fixed} tokens) leaves {room} for query and passage; set "
+                f"data.max_query_length below {room} (null = half of it, {max(room // 2, 1)})")
+        return requested
 
-    def encode(self, queries: Sequence[str], passages: Sequence[str]) -> list[list[int]]:
-        """Token ids per pair: BOS + tokens of the formatted string, cut on the right to max_length."""
+    def encode(self, queries: Sequence[str], passages: Sequence[str], count: bool = True) -> list[list[int]]:
+        """Token ids per pair: BOS + tokens of the formatted string, the passage (then the query, down to
+        max_query_length) cut from its end so that the row fits max_length (data/truncation.py). ``count``: add
+        the pairs to ``self.truncation`` (False when the same pairs are encoded again, e.g. ``lengths``)."""
         if len(queries) != len(passages):
             raise ValueError(f"got {len(queries)} queries but {len(passages)} passages")
         if not queries:
             return []
         texts = [format_pair(q, p, self.template) for q, p in zip(queries, passages)]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self._count_lost_passages(queries, passages, ids)
-        return [[self.bos_id, *row[: self.max_length - 1]] for row in ids]
-
-    def _count_lost_passages(self, queries: Sequence[str], passages: Sequence[str], ids: list[list[int]]) -> None:
-        """Count pairs whose truncation leaves no passage token; warn once when that is a large share.
-
-        Only truncated pairs are checked: their head (template text + query) is tokenized on its own, and the
-        passage is lost when the head alone fills the budget.
-        """
         keep = self.max_length - 1
-        cut = [i for i, row in enumerate(ids) if len(row) > keep and passages[i]]
-        if cut:
-            heads = self.tokenizer([self._template_head(queries[i]) for i in cut], add_special_tokens=False)
-            self.n_passage_lost += sum(len(h) >= keep for h in heads["input_ids"])
-        self.n_pairs += len(ids)
-        if (not self._warned and self.n_pairs >= _LOST_MIN_PAIRS
-                and self.n_passage_lost >= _LOST_WARN_FRACTION * self.n_pairs):
-            self._warned = True
-            log.warning("%d of the first %d query-passage pairs are cut to data.max_length=%d before any passage "
-                        "token (their query fills the sequence): the model cannot tell their passages apart; "
-                        "raise data.max_length", self.n_passage_lost, self.n_pairs, self.max_length)
+        long = [i for i, row in enumerate(ids) if len(row) > keep]
+        n_query = n_passage = 0
+        if long:
+            offsets = self._offsets([texts[i] for i in long])
+            for i, row_offsets in zip(long, offsets):
+                _, q_spans, p_spans = field_spans(self.template, queries[i], passages[i])
+                ids[i], query_cut, passage_cut = cut_row(ids[i], row_offsets, q_spans, p_spans, keep,
+                                                         self.max_query_length)
+                n_query += query_cut
+                n_passage += passage_cut
+        if count:
+            self.truncation.pairs += len(ids)
+            self.truncation.query_cut += n_query
+            self.truncation.passage_cut += n_passage
+        return [[self.bos_id, *row] for row in ids]
+
+    def _offsets(self, texts: list[str]) -> list:
+        try:
+            return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, TypeError, KeyError) as e:
+            raise DataError(f"truncating a pair to data.max_length needs a fast tokenizer (character offsets); "
+                            f"{type(self.tokenizer).__name__} has none ({e})") from None
+
+    def truncation_message(self, what: str, since: TruncationCounts | None = None) -> str | None:
+        """The one log line about the pairs cut so far (or since the ``since`` snapshot), None when none was."""
+        counts = self.truncation - since if since is not None else self.truncation
+        return counts.message(what, self.max_query_length, self.max_length)
 
     def lengths(self, queries: Sequence[str], passages: Sequence[str]) -> list[int]:
         """Token count of each pair after truncation (BOS included), e.g. for length-sorted batching."""
-        return [len(row) for row in self.encode(queries, passages)]
+        return [len(row) for row in self.encode(queries, passages, count=False)]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Right-pad id lists to the longest rounded up to pad_to_multiple_of (on every layout: pipeline

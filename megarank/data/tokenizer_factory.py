@@ -32,10 +32,11 @@ def resolve_tokenizer_dir(cfg, checkpoint_dir: Optional[str] = None) -> Path:
 
 
 def make_pair_tokenizer(cfg, tokenizer_dir) -> PairTokenizer:
-    """The reranker's input encoder for ``cfg.data`` (template, max_length, pad multiple) on ``tokenizer_dir``."""
+    """The reranker's input encoder for ``cfg.data`` (template, max_length, max_query_length, pad multiple) on ``tokenizer_dir``."""
     return PairTokenizer(
         load_tokenizer(tokenizer_dir),
         max_length=cfg.data.max_length,
         pad_to_multiple_of=cfg.data.pad_to_multiple_of,
         template=cfg.data.template,
+        max_query_length=cfg.data.max_query_length,
     )

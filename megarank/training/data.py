@@ -14,12 +14,11 @@ from megarank.data import (
     GroupsFileSource,
     find_run_file,
     read_beir,
-    read_groups,
     read_run,
     read_scored_run,
     sample_data_dir,
 )
-from megarank.data.formats import check_prompts
+from megarank.data.formats import check_prompts, open_groups
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 from megarank.training.loss import group_loss
 
@@ -59,7 +58,8 @@ def _source(cfg: Config, fmt: str, path, split: str, run_path, columns: dict):
     n_neg = d.n_passages - 1
     with_teacher = cfg.train.loss in TEACHER_LOSSES
     if fmt != "beir":
-        groups, _ = read_groups(fmt, path, columns=columns, split=split, skip_bad=d.skip_bad_lines)
+        # JSONL, triples, Parquet: through an index built once and memory-mapped (megarank/data/formats/index.py)
+        groups, _ = open_groups(fmt, path, columns=columns, split=split, skip_bad=d.skip_bad_lines)
         if fmt == "jsonl":
             check_prompts(groups, d.template)  # FlagEmbedding's per-line prompt must be in the one template
         return GroupsFileSource(groups, n_neg, seed=cfg.train.seed, path_for_errors=path,
