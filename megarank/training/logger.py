@@ -2,7 +2,9 @@
 
 ``MFU`` in the line is model FLOPs utilisation of the step (megarank/training/flops.py): the model FLOPs of the
 real, non-padding tokens of all data-parallel replicas per second over the peak of all devices; ``n/a`` where
-the device's peak is unknown. TensorBoard gets it as ``train/mfu`` (a fraction, 0-1).
+the device's peak is unknown. TensorBoard gets it as ``train/mfu`` (a fraction, 0-1). ``data wait`` (TensorBoard
+``train/data_wait``, seconds): how long the step waited for its groups and micro-batches, built on a worker
+thread during the step before (megarank/training/prefetch.py); near 0 when the data keeps up.
 """
 import logging
 import math
@@ -50,10 +52,11 @@ class MetricsLogger:
         groups = metrics.get("groups") or {}  # a blend's groups per source in this step's global batch
         log.info(
             "step %d/%d | loss %.4f | acc %.3f | mrr %.3f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %s | "
-            "elapsed %s | ETA %s%s",
+            "elapsed %s | ETA %s%s%s",
             step, self.total_steps, metrics["loss"], metrics["acc"], metrics["mrr"], metrics["lr"],
             metrics["grad_norm"], metrics["tokens_per_s"], _fmt_mfu(metrics.get("mfu")), _fmt_duration(elapsed),
             _fmt_duration(eta), f" | groups {', '.join(f'{name} {n}' for name, n in groups.items())}" if groups else "",
+            f" | data wait {metrics['data_wait']:.3f}s" if "data_wait" in metrics else "",
         )
         values = {k: v for k, v in metrics.items() if k != "groups" and (k != "mfu" or _finite(v))}
         values.update({f"groups/{name}": n for name, n in groups.items()})

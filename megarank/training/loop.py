@@ -20,6 +20,7 @@ from megarank.training.logger import MetricsLogger
 from megarank.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megarank.training.optimizer_state import MegatronOptimizerState
 from megarank.training.preemption import PreemptionWatcher
+from megarank.training.prefetch import BatchPrefetcher
 from megarank.training.watchdog import start_agent_watchdog
 from megarank.training.step import train_step
 
@@ -127,11 +128,13 @@ def train(cfg: Config) -> dict:
     if counts_blend:
         log.info("blend: %s", source.describe())
     metrics, start_step, saved_step, interrupted = {}, step, None, None
+    # Step N+1's groups and micro-batches are built on a worker thread while step N trains (data_wait: how long
+    # the step still waited for them); the run's sampler moves one step per step, so checkpoints are unchanged.
+    batches = BatchPrefetcher(source, sampler, micro_batches, t.steps - step)
     while step < t.steps:
         tic = time.time()
-        groups = [source.get(i, epoch) for i, epoch in next(sampler)]
+        groups, micro, data_wait = batches.next()
         blend_counts = source.source_counts(sampler.last_global_batch()) if counts_blend else None
-        micro = micro_batches(groups)
         result = train_step(ddp, optimizer, scheduler, micro, loss)
         step += 1
         nonfinite = nonfinite + 1 if result["skipped"] else 0
@@ -140,7 +143,7 @@ def train(cfg: Config) -> dict:
         seconds = max(time.time() - tic, 1e-9)
         tokens, flops = _step_work(micro, cfg.model)
         metrics = {**result, "tokens_per_s": tokens / seconds, "mfu": mfu(flops, seconds, peak, dist.get_world_size()),
-                   "nonfinite_skips": nonfinite}
+                   "nonfinite_skips": nonfinite, "data_wait": data_wait}
         if blend_counts is not None:
             metrics["groups"] = blend_counts  # per source, of the whole global batch
         if result["skipped"] and _is_logging_rank():  # every skipped step, not only those on a log step
@@ -148,6 +151,7 @@ def train(cfg: Config) -> dict:
         if step % t.log_interval == 0 or step == t.steps:
             logger.step(step, metrics, step - start_step)
         if cfg.data.eval_path and t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+            batches.pause()  # evaluation tokenizes with the same tokenizer: not while the worker does
             _evaluate(cfg, ddp, pair_tokenizer, logger, step)
         if watcher.should_stop():
             saved = checkpoints.save(step, {"nonfinite": nonfinite})
@@ -163,6 +167,7 @@ def train(cfg: Config) -> dict:
             break
         if checkpoints.maybe_save(step, t.steps, {"nonfinite": nonfinite}) is not None:
             saved_step = step
+    batches.close()
     if step >= t.steps and cfg.data.eval_path and interrupted is None:
         _evaluate(cfg, ddp, pair_tokenizer, logger, step)
     watcher.restore()

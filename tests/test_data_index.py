@@ -1,0 +1,287 @@
+"""Groups files read through an on-disk index (megarank/data/formats/index.py, indexed.py, arrow.open_parquet_groups)
+and the batch prefetcher (megarank/training/prefetch.py): the same groups and errors as the eager readers, the
+index built once, reused, rebuilt when the file changes or the index is damaged, and the same batches with the
+worker as without it."""
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megarank.data import DataError, GroupSampler, GroupsFileSource, read_groups
+from megarank.data.formats import check_prompts, open_groups
+from megarank.data.formats.index import index_path
+
+INDEX_LOG = "megarank.data.formats.index"
+
+
+def _group(i, spelling="nemo", n_neg=3, **extra):
+    pos, neg = ("pos_doc", "neg_doc") if spelling == "nemo" else ("pos", "neg")
+    docs = [f"neg {i}.{k}" if k % 2 else {"title": f"t{i}", "text": f"neg {i}.{k}"} for k in range(n_neg)]
+    return json.dumps({"query": f"query {i}", pos: [f"pos {i}", f"pos {i} b"][: 1 + i % 2],
+                       neg: docs if spelling == "nemo" else [f"neg {i}.{k}" for k in range(n_neg)], **extra})
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _jsonl(tmp_path, n=12, bad=True, name="g.jsonl"):
+    lines = [_group(i, pos_scores=[1.0] * (1 + i % 2), neg_scores=[0.5, 0.25, 0.0]) for i in range(n)]
+    if bad:
+        lines[3:3] = ["{oops", "", '{"query": "q", "pos_doc": []}']
+    return _write(tmp_path / name, lines)
+
+
+def _flag(tmp_path):
+    lines = [_group(i, "flag", prompt="Answer?" if i % 3 else "Other?") for i in range(7)]
+    lines[2:2] = [_group(99, "nemo")]  # the other spelling: a bad line
+    return _write(tmp_path / "flag.jsonl", lines)
+
+
+def _triples(tmp_path):
+    rows = ["q1\tp1\tn1", "q2\tp2\tn2", "q1\tp3\tn1", "q1\tp1\tn4", "bad line", "q2\tn2\tx", "q3\ta\ta", "q3\tb\ta",
+            "q3\ta\tc", "q4\t \tn", "q2\tp2\tn5"]
+    return _write(tmp_path / "t.tsv", rows)
+
+
+def _parquet(tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for part, rows in enumerate((range(0, 7), range(7, 12))):
+        pq.write_table(pa.table({
+            "question": [f"q{i}" for i in rows],
+            "positive": [[f"p{i}"] for i in rows],
+            "negative": [[f"n{i}", ""] if i == 4 else [f"n{i}", f"m{i}"] for i in rows],
+            "pos_scores": [[1.0] for _ in rows], "neg_scores": [[0.0, 0.1] for _ in rows],
+        }), folder / f"part-{part}.parquet", row_group_size=3)
+    return folder
+
+
+COLUMNS = {"query": "question", "pos_doc": "positive", "neg_doc": "negative"}
+FILES = {"jsonl": (_jsonl, "jsonl", {}), "flag": (_flag, "jsonl", {}), "triples": (_triples, "triples", {}),
+         "parquet": (_parquet, "parquet", COLUMNS)}
+
+
+@pytest.mark.parametrize("kind", FILES)
+def test_indexed_groups_are_the_eager_readers_groups(tmp_path, kind, caplog):
+    make, fmt, columns = FILES[kind]
+    path = make(tmp_path)
+    eager, eager_skipped = read_groups(fmt, path, columns=columns, skip_bad=True)
+    for build in (True, False):  # built, then reused
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            lazy, skipped = open_groups(fmt, path, columns=columns, skip_bad=True)
+        assert ("indexing" in caplog.text) == build
+        assert skipped == eager_skipped > 0 and f"skipped {skipped} bad" in caplog.text  # logged on reuse too
+        assert len(lazy) == len(eager) and [lazy[i] for i in range(len(lazy))] == list(eager)
+        assert lazy[-1] == eager[-1]
+        with pytest.raises(IndexError):
+            lazy[len(lazy)]
+
+
+@pytest.mark.parametrize("kind", FILES)
+def test_bad_records_are_the_eager_readers_errors(tmp_path, kind):
+    make, fmt, columns = FILES[kind]
+    path = make(tmp_path)
+    with pytest.raises(DataError) as eager:
+        read_groups(fmt, path, columns=columns)
+    for _ in range(2):  # the builder's error, then the same sentence from the index it recorded
+        with pytest.raises(DataError) as lazy:
+            open_groups(fmt, path, columns=columns)
+        assert str(lazy.value) == str(eager.value)
+
+
+def test_no_good_line_is_the_eager_readers_error(tmp_path):
+    path = _write(tmp_path / "g.jsonl", ["nope", ""])
+    with pytest.raises(DataError, match=r"g\.jsonl: no training groups found \(1 bad lines skipped\)"):
+        open_groups("jsonl", path, skip_bad=True)
+
+
+def test_a_changed_file_is_indexed_again(tmp_path, caplog):
+    path = _jsonl(tmp_path, n=6, bad=False)
+    assert len(open_groups("jsonl", path)[0]) == 6
+    with open(path, "a") as f:
+        f.write(_group(6) + "\n")
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        groups, _ = open_groups("jsonl", path)
+    assert len(groups) == 7 and groups[6]["query"] == "query 6"
+    assert f"{path} changed since (size" in caplog.text
+    caplog.clear()
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, newer: rebuilt too
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        open_groups("jsonl", path)
+    assert "changed since (modification time" in caplog.text
+
+
+def test_a_fixed_file_replaces_the_recorded_error(tmp_path):
+    path = _jsonl(tmp_path, n=6, bad=True)
+    with pytest.raises(DataError, match="line 4: malformed JSON"):
+        open_groups("jsonl", path)
+    _jsonl(tmp_path, n=6, bad=False)
+    assert len(open_groups("jsonl", path)[0]) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_a_corrupt_index_is_rebuilt(tmp_path, caplog, damage):
+    path = _jsonl(tmp_path, n=6, bad=False)
+    eager, _ = read_groups("jsonl", path)
+    open_groups("jsonl", path)
+    index = index_path(path)
+    data = bytearray(index.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 10]
+    elif damage == "flip":
+        data[-64] ^= 0x01  # the first byte of the last array (arrays start at 64-byte boundaries)
+    else:
+        data = b"not an index"
+    index.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        groups, _ = open_groups("jsonl", path)
+    assert "indexing" in caplog.text and list(groups) == eager
+
+
+def test_a_missing_parquet_arrow_copy_is_rebuilt(tmp_path, caplog):
+    folder = _parquet(tmp_path)
+    eager, _ = read_groups("parquet", folder, columns=COLUMNS, skip_bad=True)
+    open_groups("parquet", folder, columns=COLUMNS, skip_bad=True)
+    os.unlink(f"{index_path(folder)}.arrow")
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        groups, _ = open_groups("parquet", folder, columns=COLUMNS, skip_bad=True)
+    assert "Arrow copy" in caplog.text and list(groups) == list(eager)
+
+
+def test_a_file_changed_under_a_running_reader_is_one_sentence(tmp_path):
+    path = _jsonl(tmp_path, n=6, bad=False)
+    groups, _ = open_groups("jsonl", path)
+    with open(path, "a") as f:
+        f.write(_group(6) + "\n")
+    with pytest.raises(DataError) as e:
+        groups[0]
+    assert str(e.value).startswith(f"{path}: changed while training read it through its index {index_path(path)}")
+
+
+def test_index_dir_from_the_environment(tmp_path, monkeypatch):
+    path = _jsonl(tmp_path, n=6, bad=False)
+    monkeypatch.setenv("MEGARANK_INDEX_DIR", str(tmp_path / "cache"))
+    open_groups("jsonl", path)
+    assert index_path(path).parent == tmp_path / "cache" and index_path(path).is_file()
+    assert not (tmp_path / "g.jsonl.megarank-index").exists()
+
+
+def test_two_processes_build_one_index(tmp_path):
+    path = _write(tmp_path / "big.jsonl", [_group(i) for i in range(20000)])
+    script = textwrap.dedent(f"""
+        import logging, sys
+        from megarank.data.formats import open_groups
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        groups, _ = open_groups("jsonl", {str(path)!r})
+        print("groups", len(groups), groups[19999]["query"])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum("indexing" in out for out in outs) == 1, outs
+    assert all("groups 20000 query 19999" in out for out in outs)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_source_checks_indexed_groups_from_their_counts(tmp_path):
+    path = _jsonl(tmp_path, n=12, bad=False)
+    eager, _ = read_groups("jsonl", path)
+    lazy, _ = open_groups("jsonl", path)
+    for kwargs in ({"n_negatives": 4}, {"n_negatives": 4, "positives_per_group": 2}):
+        with pytest.raises(DataError) as a:
+            GroupsFileSource(eager, **kwargs)
+        with pytest.raises(DataError) as b:
+            GroupsFileSource(lazy, **kwargs)
+        assert str(a.value) == str(b.value) and "line 1: the group has 3 negatives" in str(a.value)
+    a, b = GroupsFileSource(eager, 3, seed=5, with_teacher=True), GroupsFileSource(lazy, 3, seed=5, with_teacher=True)
+    assert [a.get(i, e) for i in range(12) for e in range(3)] == [b.get(i, e) for i in range(12) for e in range(3)]
+    no_teacher = _write(tmp_path / "n.jsonl", [_group(0, pos_scores=[1.0], neg_scores=[0.0] * 3), _group(1)])
+    with pytest.raises(DataError, match=r"n\.jsonl line 2: has no 'pos_scores'"):
+        GroupsFileSource(open_groups("jsonl", no_teacher)[0], 3, with_teacher=True)
+
+
+def test_prompts_of_an_indexed_file_are_checked_as_before(tmp_path):
+    path = _write(tmp_path / "flag.jsonl", [_group(i, "flag", prompt=p) for i, p in enumerate(["A?", "A?", "B?"])])
+    eager, lazy = read_groups("jsonl", path)[0], open_groups("jsonl", path)[0]
+    check_prompts(lazy, "{query} {passage} A? B?")
+    with pytest.raises(DataError) as a:
+        check_prompts(eager, "{query} {passage} A?")
+    with pytest.raises(DataError) as b:
+        check_prompts(lazy, "{query} {passage} A?")
+    assert str(a.value) == str(b.value) and "flag.jsonl line 3: 'prompt'" in str(a.value)
+
+
+# ---- the prefetcher ----------------------------------------------------------------------------------------------
+
+def _prefetch_setup(tmp_path, n=40):
+    from megarank.data import Batcher, PairTokenizer, build_tiny_tokenizer
+
+    source = GroupsFileSource(open_groups("jsonl", _jsonl(tmp_path, n=n, bad=False))[0], 3, seed=3)
+    batcher = Batcher(PairTokenizer(build_tiny_tokenizer(tmp_path / "tok"), max_length=64), packed=True)
+    return source, lambda groups: batcher.micro_batches(groups, micro_batch_size=2)
+
+
+def _same(a, b):
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if dataclasses.is_dataclass(a):
+        return type(a) is type(b) and _same(vars(a), vars(b))
+    return a == b
+
+
+@pytest.mark.parametrize("resume_at", [0, 7])
+def test_prefetched_batches_are_the_synchronous_ones(tmp_path, resume_at):
+    from megarank.training.prefetch import BatchPrefetcher
+
+    source, micro_batches = _prefetch_setup(tmp_path)
+    steps = 12  # over three epochs of 5 steps (40 groups / global batch 8)
+
+    def run(enabled):
+        sampler = GroupSampler(len(source), 8, dp_rank=1, dp_size=2, seed=3)
+        if resume_at:
+            sampler.load_state_dict({"epoch": resume_at // 5, "step_in_epoch": resume_at % 5, "seed": 3})
+        batches = BatchPrefetcher(source, sampler, micro_batches, steps - resume_at, enabled=enabled)
+        out = []
+        for _ in range(steps - resume_at):
+            groups, micro, waited = batches.next()
+            assert waited >= 0
+            out.append((groups, micro, sampler.state_dict()))
+        batches.close()
+        return out
+
+    sync, ahead = run(False), run(True)
+    assert len(sync) == steps - resume_at and _same(sync, ahead)
+
+
+def test_a_worker_error_is_raised_by_next_unchanged(tmp_path):
+    from megarank.training.prefetch import BatchPrefetcher
+
+    source, micro_batches = _prefetch_setup(tmp_path, n=16)
+    sampler = GroupSampler(len(source), 8, dp_rank=0, dp_size=1, seed=3)
+
+    def broken(groups):
+        raise DataError("g.jsonl line 3: something the worker found")
+
+    batches = BatchPrefetcher(source, sampler, broken, 3)
+    with pytest.raises(DataError, match=r"^g\.jsonl line 3: something the worker found$"):
+        batches.next()
+    batches.close()
+    assert batches.executor is None
