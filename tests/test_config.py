@@ -31,7 +31,7 @@ def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(str(path))
     validate(cfg)  # transformer_impl auto resolves to local on CPU, so the big ones validate here too
     p = cfg.parallel
-    world = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    world = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
     validate(cfg, world_size=world)
 
 

@@ -292,8 +292,11 @@ def test_readme_8b_lora_dry_run_runs_as_written(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "TP 1 x PP 1 x DP 8" in out and "lora_rank: 16" in out and "load: runs/l8b-base" in out
     readme = (root / "README.md").read_text()
-    memory = [line for line in out.splitlines() if line.startswith("# memory per GPU")]
-    assert len(memory) == 2 and all(line in readme for line in memory), "the README shows the dry run's estimate"
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# memory per GPU"))
+    memory = lines[start:next(i for i, line in enumerate(lines) if line.startswith("# resolved config"))]
+    assert len(memory) == 5 and all(line in readme for line in memory), "the README shows the dry run's estimate"
+    assert "yes (this config)" in memory[2] and memory[3].split()[-1] == "NO", "8B LoRA fits 80 GB, full does not"
 
 
 @pytest.mark.gpu

@@ -209,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
                    "[LOG_RANKS; 0 and the rank that logs training steps]")
     p.add_argument("--log-dir", help="write every rank's stdout/stderr under this folder [LOG_DIR]")
     p.add_argument("--dry-run", action="store_true", help="validate the config against the world size, print the resolved config and the command, run nothing")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="GPU memory the dry run's per-GPU estimate is "
+                   "checked against, in GB [80: H100 80GB]")
     p.add_argument("--get", metavar="KEY", help="print one resolved config value (e.g. checkpoint.dir) and exit")
     p.add_argument("--script", help="run this Python script under torchrun instead of the trainer (e.g. launch/allreduce_check.py)")
     p.add_argument("--no-validate", action="store_true", help="skip the config check (e.g. megarank.config unavailable)")
@@ -289,11 +291,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         if cfg is not None:
             tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+            cp = cfg.parallel.context_parallel_size
+            dp = layout.world_size // (tp * pp * cp)
             print(f"# layout: world size {layout.world_size} = {layout.nnodes} node(s) x {layout.nproc} worker(s)"
-                  f" = TP {tp} x PP {pp} x DP {layout.world_size // (tp * pp)}")
+                  f" = TP {tp} x PP {pp}{f' x CP {cp}' if cp > 1 else ''} x DP {dp}")
             from megarank.training.memory import report  # arithmetic on the config: no torch
 
-            print("\n".join(report(cfg, layout.world_size // (tp * pp))))
+            print("\n".join(report(cfg, dp, args.gpu_memory)))
             print("# resolved config:")
             print("\n".join(f"#   {line}" for line in config_yaml(cfg).rstrip().splitlines()))
         env = worker_env()
