@@ -295,9 +295,13 @@ def test_log_line_and_tensorboard_event_files(sample_run):
     assert re.fullmatch(r"\d+:\d\d:\d\d", m["elapsed"]) and m["eta"] == "0:00:00"
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file in <checkpoint.dir>/tensorboard"
-    for tag in ("loss", "acc", "mrr", "lr", "grad_norm", "tokens_per_s", "mfu"):
+    for tag in ("loss", "acc", "mrr", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait"):
         values = tb_scalars(run_dir / "tensorboard", f"train/{tag}")
         assert sorted(values) == list(range(1, 25)), tag
+    # the seconds the step waited for its batches (built on a worker thread during the step before)
+    wait = re.search(r"\| data wait (\d+\.\d) ms$", line)
+    assert wait and tb_scalars(run_dir / "tensorboard", "train/data_wait")[24] == pytest.approx(
+        float(wait[1]) / 1000, abs=6e-5)
     # the event file holds the loss the log line printed, at full precision
     assert tb_scalars(run_dir / "tensorboard", "train/loss")[24] == pytest.approx(float(m["loss"]), abs=5e-5)
 

@@ -56,7 +56,7 @@ class MetricsLogger:
             step, self.total_steps, metrics["loss"], metrics["acc"], metrics["mrr"], metrics["lr"],
             metrics["grad_norm"], metrics["tokens_per_s"], _fmt_mfu(metrics.get("mfu")), _fmt_duration(elapsed),
             _fmt_duration(eta), f" | groups {', '.join(f'{name} {n}' for name, n in groups.items())}" if groups else "",
-            f" | data wait {metrics['data_wait']:.3f}s" if "data_wait" in metrics else "",
+            f" | data wait {1000 * metrics['data_wait']:.1f} ms" if "data_wait" in metrics else "",
         )
         values = {k: v for k, v in metrics.items() if k != "groups" and (k != "mfu" or _finite(v))}
         values.update({f"groups/{name}": n for name, n in groups.items()})
