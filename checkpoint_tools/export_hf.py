@@ -113,7 +113,8 @@ def megatron_to_hf(src, dst, *, config=None, tokenizer=None, dtype=None, max_sha
             note = ensure_pad_token(tmp)
             if note:
                 notes.append(note)
-            notes.append(prepare_reranker_tokenizer(tmp, cfg.data.template, cfg.data.max_length))
+            notes.append(prepare_reranker_tokenizer(tmp, cfg.data.template, cfg.data.max_length,
+                                                    cfg.data.max_query_length))
         else:
             notes.append("no tokenizer found (pass --tokenizer DIR); sentence-transformers needs one")
         for f in MODELING_FILES:  # after the tokenizer: this package's version wins over one an import carried

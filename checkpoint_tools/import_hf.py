@@ -114,10 +114,11 @@ def build_config(hf: dict, fmt: str, weights: HFWeights, src: Path, opts: dict):
 
 
 def _trained_input(src: Path, data, explicit: set):
-    """A megarank export records the input it was trained on in tokenizer_config.json (``megarank_template``, and
-    ``model_max_length`` = data.max_length: checkpoint_tools/tokenizer_files.py ``prepare_reranker_tokenizer``);
-    carry both back into the data section unless --config / overrides set them, so the imported model is fed
-    what the export's consumers feed it. Other tokenizers' ``model_max_length`` is a context limit, not a
+    """A megarank export records the input it was trained on in tokenizer_config.json (``megarank_template``,
+    ``model_max_length`` = data.max_length and ``megarank_max_query_length``: checkpoint_tools/tokenizer_files.py
+    ``prepare_reranker_tokenizer``); carry them back into the data section unless --config / overrides set them
+    (a query budget is not carried over a max_length set there), so the imported model is fed what the export's
+    consumers feed it. Other tokenizers' ``model_max_length`` is a context limit, not a
     training choice: left alone."""
     path = src / "tokenizer_config.json"
     try:
@@ -129,6 +130,8 @@ def _trained_input(src: Path, data, explicit: set):
     found = {"template": tok["megarank_template"]}
     if isinstance(tok.get("model_max_length"), int):
         found["max_length"] = tok["model_max_length"]
+    if isinstance(tok.get("megarank_max_query_length"), int) and "max_length" not in explicit:
+        found["max_query_length"] = tok["megarank_max_query_length"]
     return dataclasses.replace(data, **{k: v for k, v in found.items() if k not in explicit})
 
 

@@ -82,8 +82,10 @@ def reranker_chat_template(template: str, with_bos: bool) -> str:
     return "".join(parts)
 
 
-def _adds_bos(folder) -> tuple:
-    """(bos_token_id, whether tokenizing text with the tokenizer's defaults puts BOS first) for the files in folder."""
+def _adds_bos(folder, template: str, max_length: int, max_query_length) -> tuple:
+    """(bos_token_id, whether tokenizing text with the tokenizer's defaults puts BOS first, the query budget) for
+    the files in folder; the budget is data.max_query_length or megarank's default for null (PairTokenizer: half
+    of what BOS and the template's text leave of max_length)."""
     import tempfile
 
     from transformers import AutoTokenizer
@@ -91,12 +93,15 @@ def _adds_bos(folder) -> tuple:
     with tempfile.TemporaryDirectory() as tmp:  # tokenizer files only: AutoTokenizer must not read a config.json
         copy_tokenizer(folder, tmp)
         tok = AutoTokenizer.from_pretrained(tmp)
+    if max_query_length is None:
+        fixed = 1 + len(tok(template.format(query="", passage=""), add_special_tokens=False)["input_ids"])
+        max_query_length = max((max_length - fixed) // 2, 1)
     if tok.bos_token_id is None:
-        return None, False
-    return tok.bos_token_id, tok("a")["input_ids"][:1] == [tok.bos_token_id]
+        return None, False, max_query_length
+    return tok.bos_token_id, tok("a")["input_ids"][:1] == [tok.bos_token_id], max_query_length
 
 
-def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
+def prepare_reranker_tokenizer(folder, template: str, max_length: int, max_query_length=None) -> str:
     """Make an export's tokenizer produce megarank's input everywhere; returns a note for the summary line.
 
     * ``tokenizer_class`` names a class transformers 4.x knows (5.x writes ``TokenizersBackend``).
@@ -106,9 +111,14 @@ def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
       A chat template inherited from the base LM is removed (chat_template.jinja/.json): it describes a chat model.
     * ``vllm_score_template.jinja`` = the trained template, with BOS only when the tokenizer does not add one itself
       (Llama 3 adds BOS; SmolLM2 and megarank's tiny tokenizer do not): exactly one BOS in vLLM's input.
-    * ``model_max_length`` = data.max_length, so consumers truncate on the right where megarank did.
+    * ``model_max_length`` = data.max_length: where consumers cut (megarank's cut when the export's tokenizer class
+      does it, below; the whole string on the right otherwise).
+    * ``megarank_max_query_length`` = data.max_query_length (null resolved to megarank's default for this
+      tokenizer): the query budget of megarank's cut (docs/data.md#truncation).
     * ``auto_map`` to ``tokenization_megarank.py`` (fast tokenizers only): with ``trust_remote_code`` a text pair
-      given to the tokenizer becomes megarank's string (sentence-transformers < 5.7, vLLM without a template).
+      given to the tokenizer, or a [query, document] conversation tokenized by ``apply_chat_template`` with
+      truncation, becomes megarank's ids, cut as megarank cuts them (sentence-transformers, vLLM without a
+      template, the README's transformers snippet).
     """
     import json
 
@@ -130,7 +140,9 @@ def prepare_reranker_tokenizer(folder, template: str, max_length: int) -> str:
         # sentence-transformers, vLLM without a score template); without it, tokenizer_class above is used
         cfg["auto_map"] = {"AutoTokenizer": [None, TOKENIZER_CLASS]}
         cfg["megarank_template"] = template
-    bos_id, adds_bos = _adds_bos(folder)
+    bos_id, adds_bos, query_budget = _adds_bos(folder, template, max_length, max_query_length)
+    if "megarank_template" in cfg:
+        cfg["megarank_max_query_length"] = query_budget
     note = "tokenizer has no BOS token: no chat/score template written"
     if bos_id is not None:
         cfg["chat_template"] = reranker_chat_template(template, with_bos=True)

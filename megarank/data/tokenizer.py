@@ -124,6 +124,7 @@ class PairTokenizer:
         self.pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
         self.max_query_length = self._query_budget(max_query_length)
         self.truncation = TruncationCounts()  # pairs encoded (count=True), and those whose query / passage was cut
+        self._logged: set = set()  # the log_truncation_once keys already logged
 
     def _query_budget(self, requested: int | None) -> int:
         """data.max_query_length, or by default half of the tokens BOS and the template's text leave; rejects a
@@ -186,6 +187,19 @@ class PairTokenizer:
         """The one log line about the pairs cut so far (or since the ``since`` snapshot), None when none was."""
         counts = self.truncation - since if since is not None else self.truncation
         return counts.message(what, self.max_query_length, self.max_length)
+
+    def log_truncation_once(self, key: str, what: str, since: TruncationCounts | None = None,
+                            enabled: bool = True) -> None:
+        """Warn how many pairs were cut (since ``since``), once per ``key`` for this tokenizer (a command, a
+        training run's evaluations): later calls with the same key say nothing. ``enabled``: this rank logs."""
+        if key in self._logged:
+            return
+        message = self.truncation_message(what, since)
+        if message is None:
+            return
+        self._logged.add(key)
+        if enabled:
+            log.warning("%s", message)
 
     def lengths(self, queries: Sequence[str], passages: Sequence[str]) -> list[int]:
         """Token count of each pair after truncation (BOS included), e.g. for length-sorted batching."""

@@ -61,6 +61,7 @@ def evaluate_beir(
     run = Run({q: run[q] for q in qids}, path=run_path)
     qrels = {q: beir.qrels[q] for q in qids}
     pairs = candidate_pairs(beir.queries, beir.corpus, run, top_k)  # ids checked here, before any scoring
+    truncated_before = pair_tokenizer.truncation.copy()
     batcher = scoring_batcher(pair_tokenizer, packing)  # packing: one stream of whole pairs
     if parts_dir is None:
         part_pairs, parts, done = [pairs], None, []
@@ -89,6 +90,9 @@ def evaluate_beir(
             parts.save(index, part)
         scores.update(part)
     reporter.finish()
+    # every rank encodes every batch, so the counts are the job's; one line per command (or per training run)
+    pair_tokenizer.log_truncation_once("evaluation", f"{split} pairs scored", since=truncated_before,
+                                       enabled=dist.get_rank() == 0)
     scores = {q: scores[q] for q in qids if q in scores}  # run order
     names = metrics_for_depth(top_k)  # recall cut-offs capped at top_k: named after what was measured
     ours = evaluate_run(qrels, nan_ranked_last(scores) if nan_last else scores, names)

@@ -110,6 +110,12 @@ def _padded_where_packing_cannot_run(cfg) -> None:
         cfg.data.packing = False
 
 
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _start_parallel(cfg, seed: bool) -> bool:
     """Make sure torch.distributed and megatron's groups exist for ``cfg.parallel``; True when this call started
     the process group (a plain process: one in-process rank). Groups already set up at the same TP/PP (another
@@ -292,7 +298,8 @@ class Reranker:
 
     @property
     def pair_tokenizer(self):
-        """The ``PairTokenizer`` (BOS + ``data.template``, no EOS, cut at ``data.max_length``), built on first use."""
+        """The ``PairTokenizer`` (BOS + ``data.template``, no EOS, cut to ``data.max_length``: passage first, the query
+        down to ``data.max_query_length``), built on first use; ``.truncation`` counts the pairs it cut."""
         if self._pair_tokenizer is None:
             if self._make_tokenizer is None:
                 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir
@@ -325,9 +332,12 @@ class Reranker:
         queries = {i: q for i, (q, _) in enumerate(pairs)}
         passages = {i: p for i, (_, p) in enumerate(pairs)}
         keys = [(i, i) for i in range(len(pairs))]
+        before = self.pair_tokenizer.truncation.copy()
         batches = _batches(keys, queries, passages, self.pair_tokenizer, batch_size=self.batch_size,
                            batch_tokens=self.batch_tokens, packing=self.packing)
         scores = score_batches(self.model, self._counted(batches))
+        # one line, from the first call that cuts pairs: later calls only count (pair_tokenizer.truncation)
+        self.pair_tokenizer.log_truncation_once("score", "pairs scored", since=before, enabled=_rank0())
         return torch.tensor([scores[k] for k in keys], dtype=torch.float32)
 
     def rerank(self, query: str, passages: Sequence[str], top_k: Optional[int] = None) -> list[Ranked]:

@@ -51,6 +51,23 @@ def _step_work(micro: list, model_cfg) -> tuple[float, float]:
     return totals[0].item(), totals[1].item()
 
 
+def _log_truncation(pair_tokenizer) -> None:
+    """Collective over data parallel, once per run (the first log step): how many of the training pairs encoded so
+    far, on every data-parallel replica, had their query / their passage cut (docs/data.md#truncation)."""
+    from megarank.data.truncation import TruncationCounts
+
+    t = pair_tokenizer.truncation
+    counts = [t.pairs, t.query_cut, t.passage_cut]
+    if parallel_state.get_data_parallel_world_size() > 1:
+        totals = torch.tensor(counts, dtype=torch.long, device=device())
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        counts = totals.tolist()
+    message = TruncationCounts(*counts).message("training pairs so far", pair_tokenizer.max_query_length,
+                                                pair_tokenizer.max_length)
+    if message is not None and _is_logging_rank():
+        log.warning("%s", message)
+
+
 def _mfu_peak(cfg: Config) -> float:
     """The MFU denominator's per-device peak (FLOP/s), logged once with where it comes from. On a CPU it is a
     GEMM rate measured now with this rank's threads (megarank/hardware.py); ranks sharing one CPU each count as
@@ -80,8 +97,10 @@ def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
     from megarank.scoring.beir import count_nan
 
     d = cfg.data
+    training_counts = pair_tokenizer.truncation.copy()
     ours, first_stage, scores = Reranker(model, pair_tokenizer, cfg).evaluate_beir(
         d.eval_path, d.eval_split, run=d.eval_run, top_k=d.eval_top_k, max_queries=d.eval_max_queries, nan_last=True)
+    pair_tokenizer.truncation = training_counts  # the evaluation logged its own (first time); these are training's
     nan = count_nan(scores)
     if nan and _is_logging_rank():
         log.warning("eval step %d: %d of %d candidate scores are NaN; they rank last in the metrics", step, nan,
@@ -128,6 +147,7 @@ def train(cfg: Config) -> dict:
     if counts_blend:
         log.info("blend: %s", source.describe())
     metrics, start_step, saved_step, interrupted = {}, step, None, None
+    truncation_logged = False
     # Step N+1's groups and micro-batches are built on a worker thread while step N trains (data_wait: how long
     # the step still waited for them); the run's sampler moves one step per step, so checkpoints are unchanged.
     batches = BatchPrefetcher(source, sampler, micro_batches, t.steps - step)
@@ -150,6 +170,9 @@ def train(cfg: Config) -> dict:
             log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
         if step % t.log_interval == 0 or step == t.steps:
             logger.step(step, metrics, step - start_step)
+            if not truncation_logged:  # once per run
+                _log_truncation(pair_tokenizer)
+                truncation_logged = True
         if cfg.data.eval_path and t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
             batches.pause()  # evaluation tokenizes with the same tokenizer: not while the worker does
             _evaluate(cfg, ddp, pair_tokenizer, logger, step)
