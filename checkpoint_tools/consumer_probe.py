@@ -4,9 +4,11 @@
 
 Output, per export: {"versions": {...}, "ids": {consumer: [[token ids] per pair]}, "scores": {consumer: [score per
 pair]}, ...}.
-Scores are raw logits (no sigmoid). Consumers: transformers (eager and sdpa, batched with right padding, and
-one pair at a time without an attention_mask), sentence-transformers' CrossEncoder on plain pairs, and the input
-vLLM builds from the shipped score template (rendered and tokenized as vLLM's score API does).
+Scores are raw logits (no sigmoid). Consumers: transformers (eager and sdpa, on the export tokenizer's text-pair
+batch with right padding, and one pair at a time without an attention_mask), sentence-transformers' CrossEncoder
+on plain pairs, and the input vLLM builds from the shipped score template (rendered and tokenized as vLLM's score
+API does). Token ids: the chat template rendered to strings and tokenized with truncation (the whole string cut on
+the right), the chat template tokenized in one call, text pairs.
 """
 import json
 import sys
@@ -25,14 +27,22 @@ def probe(export, pairs):
     out = {"versions": {"transformers": transformers.__version__}, "ids": {}, "scores": {}}
     tok = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
     texts = [tok.apply_chat_template(messages(q, p), tokenize=False) for q, p in pairs]
-    batch = tok(texts, add_special_tokens=False, padding=True, truncation=True, return_tensors="pt")
-    out["ids"]["chat_template"] = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
+    rendered = tok(texts, add_special_tokens=False, padding=True, truncation=True, return_tensors="pt")
+    out["ids"]["chat_template"] = [row[m.bool()].tolist() for row, m in zip(rendered["input_ids"], rendered["attention_mask"])]
+    # the chat template tokenized in one call (as sentence-transformers >= 5.7 does): the export's tokenizer class
+    # cuts it as megarank does
+    one_call = tok.apply_chat_template([messages(q, p) for q, p in pairs], tokenize=True, truncation=True,
+                                       padding=True, return_dict=True, return_tensors="pt")
+    out["ids"]["chat_template_tokenized"] = [row[m.bool()].tolist() for row, m in zip(one_call["input_ids"], one_call["attention_mask"])]
+    # the README's transformers snippet: text pairs, right-padded
+    batch = tok([q for q, _ in pairs], [p for _, p in pairs], padding=True, truncation=True, return_tensors="pt")
+    out["ids"]["text_pair_batch"] = [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["attention_mask"])]
     for attn in ("eager", "sdpa"):
         model = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True, attn_implementation=attn).eval()
         with torch.no_grad():
             out["scores"][f"transformers_{attn}"] = model(**batch).logits[:, 0].tolist()
             out["scores"][f"transformers_{attn}_no_mask"] = [
-                model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in out["ids"]["chat_template"]]
+                model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in out["ids"]["text_pair_batch"]]
     out["config_temperature"] = model.config.temperature
     # transformers 4.x PretrainedConfig.__init__ resets `temperature` when a config sets it too early
     from transformers import AutoConfig

@@ -12,9 +12,10 @@ inputs2, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs)`` ov
     model = MegarankReranker("runs/l1b-hf")
     mteb.evaluate(model, mteb.get_tasks(tasks=["SciDocsRR"]))
 
-Each pair becomes ``apply_chat_template([query, document])`` (BOS + ``data.template``, written by the exporter),
-tokenized without adding special tokens, right-padded and truncated at the export's ``model_max_length``
-(megarank's ``data.max_length``); scores are the raw logits (no sigmoid), as megarank's evaluation ranks them.
+Each pair is given to the export's tokenizer class as a text pair (``tokenization_megarank.py``): BOS +
+``data.template``, right-padded, and a pair over the export's ``model_max_length`` (megarank's ``data.max_length``)
+cut as megarank cuts it (passage first, the query only down to ``data.max_query_length``); scores are the raw
+logits (no sigmoid), as megarank's evaluation ranks them.
 """
 from __future__ import annotations
 
@@ -36,9 +37,8 @@ class MegarankReranker:
 
     def encode(self, pairs) -> dict:
         """input_ids / attention_mask of megarank's input for [(query, passage)]."""
-        texts = [self.tokenizer.apply_chat_template(
-            [{"role": "query", "content": q}, {"role": "document", "content": p}], tokenize=False) for q, p in pairs]
-        return self.tokenizer(texts, add_special_tokens=False, padding=True, truncation=True, return_tensors="pt")
+        return self.tokenizer([q for q, _ in pairs], [p for _, p in pairs], padding=True, truncation=True,
+                              return_tensors="pt")
 
     @torch.no_grad()
     def score_pairs(self, pairs) -> np.ndarray:

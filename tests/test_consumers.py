@@ -35,7 +35,15 @@ PROBE = ROOT / "checkpoint_tools" / "consumer_probe.py"
 TOL = 1e-5
 PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"),
          ("a b c", "d e f g h i j k l m n o p"), ("é ü?", "naïve café \n with lines"),
-         ("long?", "a passage longer than max_length (512): every consumer must cut it on the right " * 8)]
+         ("long?", "a passage longer than max_length (512): every consumer must cut it on the right " * 8),
+         # longer than data.max_query_length (244 here): megarank cuts the query, never the whole passage
+         ("a query much longer than data.max_query_length, cut before it can push the passage out " * 8,
+          "the passage megarank still reads"),
+         ("a long query and " * 40, "a long passage, both cut: the query down to its budget " * 20)]
+LONG_QUERY = (5, 6)  # PAIRS whose query megarank cuts (docs/data.md#truncation)
+# the ids that read megarank's cut: the export's tokenizer class on text pairs and on the chat template tokenized in
+# one call; "chat_template" is the template rendered to strings, then tokenized: the whole string cut on the right
+EXACT_IDS = ("chat_template_tokenized", "text_pair", "text_pair_list", "text_pair_batch")
 STYLES = ("no_bos", "adds_bos", "lora")  # SmolLM2-like / Llama-3-like tokenizers; LoRA adapters on the latter, merged
 # name -> (python, a folder to put first on PYTHONPATH): transformers 5.x (this venv), 4.47.1, and 4.57.6 as an
 # overlay on the 4.47 venv (same sentence-transformers 5.7.0); .ci/run builds both
@@ -111,10 +119,21 @@ def reference(mg, pairs):
     from megarank.data.tokenizer import PairTokenizer, load_tokenizer
 
     cfg = load_checkpoint_config(mg)
-    enc = PairTokenizer(load_tokenizer(Path(mg) / "tokenizer"), max_length=cfg.data.max_length, template=cfg.data.template)
+    enc = PairTokenizer(load_tokenizer(Path(mg) / "tokenizer"), max_length=cfg.data.max_length, template=cfg.data.template,
+                        max_query_length=cfg.data.max_query_length)
     rows = enc.encode([q for q, _ in pairs], [p for _, p in pairs])
     batch = enc.pad(rows)
     return rows, megarank_scores_tp1(mg, batch["input_ids"], batch["attention_mask"])
+
+
+def uncut(mg, pairs):
+    """megarank's token ids of pairs before any cut (BOS + the whole templated string)."""
+    from megarank.checkpoint import load_checkpoint_config
+    from megarank.data.tokenizer import PairTokenizer, load_tokenizer
+
+    cfg = load_checkpoint_config(mg)
+    enc = PairTokenizer(load_tokenizer(Path(mg) / "tokenizer"), max_length=1 << 20, template=cfg.data.template)
+    return enc.encode([q for q, _ in pairs], [p for _, p in pairs])
 
 
 def run(py, args, venv: str = "main", timeout=180) -> str:
@@ -153,14 +172,19 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     ids, ours = reference(mg, PAIRS)
     bos = ids[0][0]
     assert all(row[0] == bos and row.count(bos) == 1 for row in ids)  # the reference itself has exactly one BOS
-    assert set(probe["ids"]) == {"chat_template", "vllm_score_template", "text_pair", "text_pair_list"}
+    assert set(probe["ids"]) == {"chat_template", "vllm_score_template", *EXACT_IDS}
     assert probe["tokenizer_class"] == "MegarankRerankerTokenizerFast"
-    for name in ("chat_template", "text_pair", "text_pair_list"):
+    for name in EXACT_IDS:
         assert probe["ids"][name] == ids, (name, probe["versions"])
-    # vLLM does not cut at data.max_length by itself (README): its ids are megarank's up to there, and equal for
+    # a string cut on the right is megarank's input but for a query over data.max_query_length
+    right_cut = [row[:512] for row in uncut(mg, PAIRS)]
+    assert probe["ids"]["chat_template"] == right_cut, probe["versions"]
+    assert all((right_cut[i] == ids[i]) == (i not in LONG_QUERY) for i in range(len(PAIRS)))
+    # vLLM does not cut at data.max_length by itself (README): its ids are the uncut string, equal to megarank's for
     # every pair that fits
     vllm = probe["ids"]["vllm_score_template"]
-    assert [row[:512] for row in vllm] == ids and vllm[:-1] == ids[:-1] and len(vllm[-1]) > 512, probe["versions"]
+    assert vllm == uncut(mg, PAIRS), probe["versions"]
+    assert [i for i in range(len(PAIRS)) if vllm[i] != ids[i]] == [4, *LONG_QUERY], probe["versions"]
     assert {"transformers_eager", "transformers_sdpa", "transformers_eager_no_mask", "transformers_sdpa_no_mask",
             "cross_encoder"} <= set(probe["scores"]), probe["versions"]
     for name, got in probe["scores"].items():
@@ -172,7 +196,8 @@ def test_every_consumer_scores_like_megarank(exports, probes, style, venv):
     assert probe["config_temperature"] == 1.0  # folded into the head
     assert probe["temperature_kwarg"] == 2.0  # transformers 4.x no longer resets it
     assert ours.std() > 0
-    assert len(ids[-1]) == 512  # the long pair was cut at data.max_length
+    assert len(ids[4]) == 512  # the long pair was cut at data.max_length
+    assert [len(ids[i]) for i in LONG_QUERY] == [512, 512]
 
 
 def test_export_config_and_tokenizer_files(exports):
