@@ -17,6 +17,9 @@ the longest row rounded up to ``multiple``, or [1, T] packed with the stream's l
 
 The multiple (``Batcher.multiple``) is the one rule for a batch's length: padded, ``data.pad_to_multiple_of``
 (or 1); packed, ``packing_multiple(pad_to_multiple_of, TP)`` so that sequence parallelism can split the stream.
+With context parallelism (CP > 1) both are ``packing_multiple(pad_to_multiple_of, TP, CP)`` (2 x CP x TP): every
+padded row, and every sequence of a packed stream (``seq_multiple`` = 2 x CP, padded inside its segment), splits
+into the 2 x CP chunks of megarank/parallel/context.py, and each rank's share still splits over TP.
 Token budgets count what the model runs with it (``batch_cost``). The TP size is passed in: this package never
 imports megatron-core or its parallel state.
 """
@@ -71,24 +74,38 @@ class Batcher:
     """Token rows -> model batches, padded or ``packed``, with one length multiple (see the module docstring).
 
     ``pair_tokenizer`` (a ``PairTokenizer``) encodes the pairs and gives the pad id and ``pad_to_multiple_of``;
-    ``tensor_parallel_size`` only matters packed (the stream is split over TP ranks under sequence parallelism).
+    ``tensor_parallel_size`` only matters packed (the stream is split over TP ranks under sequence parallelism) or
+    with ``context_parallel_size`` > 1 (every sequence is split over CP ranks, then over TP).
     """
 
-    def __init__(self, pair_tokenizer, *, packed: bool = False, tensor_parallel_size: int = 1):
+    def __init__(self, pair_tokenizer, *, packed: bool = False, tensor_parallel_size: int = 1,
+                 context_parallel_size: int = 1):
         self.tokenizer = pair_tokenizer
         self.packed = packed
         pad = pair_tokenizer.pad_to_multiple_of
-        self.multiple = packing_multiple(pad, tensor_parallel_size) if packed else (pad or 1)
+        cp = context_parallel_size or 1
+        if cp > 1:
+            self.multiple = packing_multiple(pad, tensor_parallel_size, cp)
+        else:
+            self.multiple = packing_multiple(pad, tensor_parallel_size) if packed else (pad or 1)
+        # Packed under CP: every sequence padded inside its segment to 2 x CP tokens (megarank/data/packing.py).
+        self.seq_multiple = 2 * cp if packed and cp > 1 else 1
+
+    def tokens(self, length: int) -> int:
+        """The stream tokens one packed sequence of ``length`` tokens takes (its segment, CP padding included)."""
+        return _round_up(length, self.seq_multiple)
 
     def cost(self, lengths: Sequence[int]) -> int:
         """Tokens the model runs for one batch of rows of these lengths (padding included)."""
-        return batch_cost(len(lengths), max(lengths), sum(lengths), self.packed, self.multiple)
+        return batch_cost(len(lengths), max(lengths), sum(map(self.tokens, lengths)), self.packed, self.multiple)
 
     def batch(self, rows: Sequence[Sequence[int]]) -> dict:
         """Id lists -> {"input_ids", "attention_mask"[, "packed_seq_params"]}: one stream packed, else right-padded."""
         if self.packed:
-            return pack_rows(rows, self.tokenizer.pad_id, self.multiple)
-        return self.tokenizer.pad(rows)  # to the longest rounded up to pad_to_multiple_of, i.e. self.multiple
+            return pack_rows(rows, self.tokenizer.pad_id, self.multiple, self.seq_multiple)
+        if self.multiple == (self.tokenizer.pad_to_multiple_of or 1):
+            return self.tokenizer.pad(rows)  # to the longest rounded up to pad_to_multiple_of, i.e. self.multiple
+        return self.tokenizer.pad(rows, multiple=self.multiple)  # context parallelism: a multiple of 2 x CP x TP
 
     # ------------------------------------------------------------------------------------------ training
 
@@ -115,7 +132,7 @@ class Batcher:
                    if all(g.teacher is not None for g in groups) else None)
         encoded = [rows[g * group_size : (g + 1) * group_size] for g in range(len(groups))]
         if micro_batch_tokens > 0:
-            sizes = ((group_size, max(map(len, g)), sum(map(len, g))) for g in encoded)
+            sizes = ((group_size, max(map(len, g)), sum(self.tokens(len(r)) for r in g)) for g in encoded)
             chunks = list(split_by_budget(sizes, micro_batch_tokens, 0, self.packed, self.multiple))
         else:
             chunks = list(split_by_budget(((group_size, 0, 0) for _ in encoded), cap=micro_batch_size))
@@ -162,7 +179,7 @@ class Batcher:
             chunk = pairs[start : start + _LENGTH_CHUNK]
             lengths += self.tokenizer.lengths([queries[q] for q, _ in chunk], [corpus[d] for _, d in chunk])
         order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
-        sizes = ((1, lengths[i], lengths[i]) for i in order)
+        sizes = ((1, lengths[i], self.tokens(lengths[i])) for i in order)
         for span in split_by_budget(sizes, budget, cap, self.packed, self.multiple):
             chunk = [pairs[i] for i in order[span.start : span.stop]]
             rows = self.tokenizer.encode([queries[q] for q, _ in chunk], [corpus[d] for _, d in chunk])

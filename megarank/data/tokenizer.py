@@ -205,12 +205,13 @@ class PairTokenizer:
         """Token count of each pair after truncation (BOS included), e.g. for length-sorted batching."""
         return [len(row) for row in self.encode(queries, passages, count=False)]
 
-    def pad(self, rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        """Right-pad id lists to the longest rounded up to pad_to_multiple_of (on every layout: pipeline
-        stages exchange each batch's shape, see ``variable_seq_lengths`` in model/transformer_config.py)."""
+    def pad(self, rows: Sequence[Sequence[int]], multiple: int = 0) -> dict[str, torch.Tensor]:
+        """Right-pad id lists to the longest rounded up to ``multiple`` (default pad_to_multiple_of; the batcher
+        passes a multiple of it under context parallelism). On every layout: pipeline stages exchange each batch's
+        shape, see ``variable_seq_lengths`` in model/transformer_config.py."""
         if not rows:
             raise ValueError("cannot pad an empty batch")
-        seq = round_up(max(len(r) for r in rows), self.pad_to_multiple_of)
+        seq = round_up(max(len(r) for r in rows), multiple or self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), seq), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), seq), dtype=torch.bool)  # True = real token
         for i, row in enumerate(rows):

@@ -23,6 +23,12 @@ reranker passes no ``rotary_pos_emb`` to the layers and the core attention rotat
 tables computed once (``RotaryTables``), with the same products and sums (x1*c - x2*s, x2*c + x1*s: the same
 roundings as megatron's x*cos + rotate_half(x)*sin, since -(a*b) is exact) and the exact gradient of that
 rotation (``RotateHalf``), so scores and gradients match megatron's RoPE bit for bit in fp32 (and bf16).
+
+Context parallelism (megarank/parallel/context.py): each rank holds its DualChunkSwap share of every sequence. The
+core attention rotates its queries and keys by their global positions, all-gathers keys and values over the CP
+group (``gather_sequence``: reduce-scatter of their gradients in backward) and attends with its local queries to
+every key of the sequence; the key-padding mask follows the gathered keys' order. Bidirectional attention does not
+depend on the keys' order, so no reordering is needed. RoPE must then be applied here (the reranker checks it).
 """
 import contextlib
 import math
@@ -33,6 +39,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from megarank.parallel.context import PaddedShard, gather_sequence
 
 
 class SDPACoreAttention(MegatronModule):
@@ -48,8 +56,6 @@ class SDPACoreAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not support context parallelism; use the Transformer Engine spec")
         tp = pg_collection.tp.size() if pg_collection is not None else parallel_state.get_tensor_model_parallel_world_size()
         self.attn_mask_type = attn_mask_type
         self.heads_per_partition = config.num_attention_heads // tp
@@ -62,6 +68,10 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("SDPACoreAttention does not support attention bias")
+        if isinstance(packed_seq_params, PaddedShard):
+            return self._padded_context(query, key, value, attention_mask, packed_seq_params)
+        if getattr(packed_seq_params, "shard", None) is not None:
+            return self._packed_context(query, key, value, packed_seq_params)
         if packed_seq_params is not None:
             if self.rope is not None:
                 query, key = self._rope_packed(query, key, packed_seq_params)
@@ -77,6 +87,47 @@ class SDPACoreAttention(MegatronModule):
         # [b, n, s, d] -> [s, b, n * d]
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+    def _context_rope(self, cache: dict, longest: int, positions, query):
+        """cos/sin [n_local, 1, 1, d/2] at this rank's global positions, built once per micro-batch (``cache``)."""
+        if self.rope is None:
+            raise ValueError("context parallelism on the local spec needs RoPE in the core attention "
+                             "(LlamaReranker.use_core_rope)")
+        key_ = ("rope-cp", query.device, query.dtype)
+        tables = cache.get(key_)
+        if tables is None:
+            cos, sin = self.rope.get(longest, query.device, query.dtype)
+            at = positions.to(query.device)
+            tables = cache[key_] = (cos[at], sin[at])
+        return tables
+
+    def _padded_context(self, query, key, value, attention_mask, shard):
+        """q/k/v [S/CP, b, n, d] of a padded batch split over CP ranks -> [S/CP, b, np * d]; ``attention_mask``
+        [b, 1, 1, S] in the all-gathered keys' order (True = masked out)."""
+        cos, sin = self._context_rope(shard.cache, shard.length, shard.positions, query)
+        query, key = RotateHalf.apply(query, cos, sin), RotateHalf.apply(key, cos, sin)
+        key, value = (gather_sequence(t.contiguous(), shard.context_group) for t in (key, value))  # [S, b, ng, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self._sdpa(q, k, v, None if attention_mask is None else ~attention_mask)
+        b, n, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+    def _packed_context(self, query, key, value, packed):
+        """q [t/CP, np, d], k/v [t/CP, ng, d] of this rank's share of a packed stream -> [t/CP, np * d]: each local
+        query attends to every real key of its sequence, gathered from all CP ranks."""
+        shard, cache = packed.shard, packed.cache
+        cos, sin = self._context_rope(cache, max(shard.seqlens), shard.positions, query)
+        query, key = RotateHalf.apply(query, cos[:, 0], sin[:, 0]), RotateHalf.apply(key, cos[:, 0], sin[:, 0])
+        key, value = (gather_sequence(t.contiguous(), shard.context_group) for t in (key, value))  # [CP * t/CP, ng, d]
+        plan = cache.get(("cp-plan", query.device))
+        if plan is None:
+            plan = cache[("cp-plan", query.device)] = shard.key_plan(query.device)
+        outs = []
+        for offset, n, keys, keep in plan:
+            q = query[offset : offset + n].transpose(0, 1).unsqueeze(0)
+            k, v = (t[keys].transpose(0, 1).unsqueeze(0) for t in (key, value))
+            outs.append(self._sdpa(q, k, v, keep)[0].transpose(0, 1))
+        return torch.cat(outs).reshape(query.shape[0], -1)
 
     def _sdpa(self, q, k, v, keep=None, is_causal=False):
         """SDPA on [b, n, s, d]. Grouped-query attention: SDPA's own ``enable_gqa``, except on CUDA with a mask,

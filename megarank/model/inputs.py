@@ -25,8 +25,13 @@ into ``padding`` for thd, extensions/transformer_engine.py:1397-1404); ``cu_seql
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
+import torch
 from megatron.core.packed_seq_params import PackedSeqParams
+
+from megarank.parallel import context
+from megarank.parallel.context import PackedShard, PaddedShard
 
 
 @dataclass
@@ -37,10 +42,12 @@ class PackedSequences(PackedSeqParams):
     extensions/transformer_engine.py:1290-1292), so the extra fields are invisible to it.
     """
 
-    seqlens: tuple = ()  # every segment's length, the end padding included
+    seqlens: tuple = ()  # every segment's length in this rank's stream, the end padding included
     num_sequences: int = 0  # real sequences: the first num_sequences segments
     # Per-micro-batch scratch shared by the layers (the local attention's bucket plan).
     cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # Context parallelism: this rank's share of every segment (megarank/parallel/context.py); None without CP.
+    shard: Optional[PackedShard] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_layout(cls, layout, device=None) -> "PackedSequences":
@@ -51,22 +58,69 @@ class PackedSequences(PackedSeqParams):
         return cls(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
                    seqlens=tuple(layout.seqlens), num_sequences=layout.num_sequences)
 
+    @classmethod
+    def context_parallel(cls, layout, shard: PackedShard, device=None) -> "PackedSequences":
+        """This CP rank's params of a packed stream (``layout`` global, ``shard`` its share).
+
+        What Transformer Engine's context-parallel attention reads for THD (context_parallel.py
+        ``attn_forward_func_with_cp``): ``cu_seqlens_q/kv`` of the real tokens and ``cu_seqlens_q/kv_padded`` of the
+        segments, both global (TE divides by CP itself, and asserts the padded ones are set for THD); ``max_seqlen``
+        global. megatron's THD RoPE reads the padded ones (attention.py:1081-1089) and takes this rank's positions
+        per segment (rope_utils.py:_get_thd_freqs_on_this_cp_rank). ``seqlens`` (what the local spec and pooling
+        split the local stream by) are the local segments."""
+        padded = layout.cu_seqlens
+        real = _cumulative(shard.lengths)
+        if device is not None:
+            padded, real = padded.to(device), real.to(device)
+        longest = max(layout.seqlens)
+        return cls(qkv_format="thd", cu_seqlens_q=real, cu_seqlens_kv=real, cu_seqlens_q_padded=padded,
+                   cu_seqlens_kv_padded=padded, max_seqlen_q=longest, max_seqlen_kv=longest,
+                   seqlens=shard.local_seqlens, num_sequences=layout.num_sequences, shard=shard)
+
     def to(self, device) -> "PackedSequences":
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return PackedSequences(
             qkv_format=self.qkv_format,
-            cu_seqlens_q=self.cu_seqlens_q.to(device),
-            cu_seqlens_kv=self.cu_seqlens_kv.to(device),
+            cu_seqlens_q=move(self.cu_seqlens_q),
+            cu_seqlens_kv=move(self.cu_seqlens_kv),
+            cu_seqlens_q_padded=move(self.cu_seqlens_q_padded),
+            cu_seqlens_kv_padded=move(self.cu_seqlens_kv_padded),
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_kv=self.max_seqlen_kv,
             seqlens=self.seqlens,
             num_sequences=self.num_sequences,
+            shard=self.shard,
         )
 
 
+def _cumulative(lengths) -> torch.Tensor:
+    """int32 [len + 1]: 0 and the running sums of ``lengths``."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu
+
+
 def model_inputs(batch: dict, device) -> tuple[tuple, dict]:
-    """(args, kwargs) of the reranker's forward for a padded or a packed batch, on ``device``."""
-    args = (batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    """(args, kwargs) of the reranker's forward for a padded or a packed batch, on ``device``.
+
+    Under context parallelism (CP > 1) this is where the batch is split: the input ids keep this CP rank's
+    tokens (megarank/parallel/context.py), the padded attention mask stays whole (every rank masks the gathered
+    keys and counts the real tokens), and the split travels to the layers as ``packed_seq_params``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     packed = batch.get("packed_seq_params")
+    cp = context.size()
+    if cp > 1:
+        group, r = context.group(), context.rank()
+        if packed is None:
+            shard = PaddedShard.of(ids.shape[1], cp, r, group, device)
+            return (ids[:, shard.positions.cpu()].to(device), mask.to(device)), {"packed_seq_params": shard}
+        if isinstance(packed, PackedSequences):
+            raise ValueError("a PackedSequences batch cannot be split over context-parallel ranks; pass the "
+                             "batcher's PackedLayout")
+        shard = PackedShard.of(packed.seqlens, packed.real_lengths, cp, r, group)
+        params = PackedSequences.context_parallel(packed, shard, device)
+        return (ids[:, shard.index].to(device), mask[:, shard.index].to(device)), {"packed_seq_params": params}
+    args = (ids.to(device), mask.to(device))
     if packed is None:
         return args, {}
     params = packed.to(device) if isinstance(packed, PackedSequences) else PackedSequences.from_layout(packed, device)

@@ -4,7 +4,9 @@
                      -> pooling over valid tokens -> Linear(hidden, num_labels, bias=False) -> / temperature
 
 No parallel code lives here beyond what megatron-core's layers do themselves: ``pre_process`` / ``post_process``
-select the first/last pipeline-stage parts, and the score head is an ordinary (TP-replicated) Linear.
+select the first/last pipeline-stage parts, and the score head is an ordinary (TP-replicated) Linear. Under context
+parallelism (megarank/parallel/context.py) each rank pools its share of every sequence, applies the head to it and
+the partial scores are summed over the CP ranks.
 """
 from typing import Optional
 
@@ -19,6 +21,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megarank.config import RopeScalingConfig
 from megarank.model.attention import RotaryTables, SDPACoreAttention
 from megarank.model.pooling import pool, pool_packed
+from megarank.parallel import context
+from megarank.parallel.context import PaddedShard
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -135,7 +139,13 @@ class LlamaReranker(MegatronModule):
         [s, b, h] ([t, 1, h] packed) for the next.
         """
         hidden = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
-        if packed_seq_params is not None:
+        if isinstance(packed_seq_params, PaddedShard):
+            # A padded batch split over CP ranks (local spec only, config.validate): the mask covers the whole
+            # sequence, in the order the core attention all-gathers the keys.
+            padding = ~attention_mask[:, packed_seq_params.key_order][:, None, None, :]
+            hidden = self.decoder(hidden_states=hidden, attention_mask=padding, rotary_pos_emb=None,
+                                  packed_seq_params=packed_seq_params)
+        elif packed_seq_params is not None:
             # A table max_seqlen long: the THD RoPE gives every segment positions 0..len-1
             # (rope_utils.py:178-247); packed_seq=True keeps it whole under context parallelism
             # (rotary_pos_embedding.py:177-205).
@@ -156,9 +166,31 @@ class LlamaReranker(MegatronModule):
             # Every TP rank needs the whole sequence to pool; the head is replicated, so the backward only
             # takes this rank's slice of the (identical) gradient: no reduce-scatter.
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        if isinstance(packed_seq_params, PaddedShard) or getattr(packed_seq_params, "shard", None) is not None:
+            return self._score_context_parallel(hidden, attention_mask, packed_seq_params)
         if packed_seq_params is not None:
             p = packed_seq_params
             pooled = pool_packed(hidden[:, 0], p.seqlens, p.num_sequences, self.pooling)
         else:
             pooled = pool(contiguous_grad(hidden).transpose(0, 1), attention_mask, self.pooling)
         return self.score(pooled.to(self.score.weight.dtype)) / self.temperature
+
+    def _score_context_parallel(self, hidden: torch.Tensor, attention_mask: torch.Tensor, params) -> torch.Tensor:
+        """This CP rank's share of every sequence -> the scores, the same on every CP rank: pooled part (weights
+        of megarank/parallel/context.py ``pooling_weights``), the head on it, the sum over CP ranks."""
+        if isinstance(params, PaddedShard):
+            positions, group = params.positions.to(hidden.device), params.context_group
+            lengths = attention_mask.sum(1)  # right padding: the real tokens are positions 0..L-1
+            weights = context.pooling_weights(positions[None, :], lengths[:, None], self.pooling).to(hidden.dtype)  # [b, s/CP]
+            part = torch.einsum("bs,sbh->bh", weights, contiguous_grad(hidden))
+        else:
+            shard, n = params.shard, params.num_sequences
+            real = sum(params.seqlens[:n])  # the local tokens of the real sequences (the end padding follows)
+            segment = torch.repeat_interleave(torch.arange(n, device=hidden.device),
+                                              torch.tensor(params.seqlens[:n], device=hidden.device))
+            lengths = torch.tensor(shard.lengths[:n], device=hidden.device)[segment]
+            weights = context.pooling_weights(shard.positions[:real].to(hidden.device), lengths, self.pooling)
+            part = hidden.new_zeros(n, hidden.shape[-1]).index_add(0, segment, hidden[:real, 0] * weights.to(hidden.dtype)[:, None])
+            group = shard.context_group
+        scores = context.reduce_scores(self.score(part.to(self.score.weight.dtype)), group)
+        return scores / self.temperature

@@ -1,4 +1,4 @@
-"""Process groups for TP x PP x DP (nccl with CUDA, gloo without), seeding, and teardown."""
+"""Process groups for TP x CP x PP x DP (nccl with CUDA, gloo without), seeding, and teardown."""
 import datetime
 import logging
 import os
@@ -32,10 +32,14 @@ def _backend(requested: str) -> str:
     return requested
 
 
-def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int = 1234, timeout_minutes: int = 30):
+def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int = 1234, timeout_minutes: int = 30,
+                     cp: int = 1):
     """Initialise torch.distributed (from torchrun's env, or a single in-process rank) and megatron's groups.
 
-    Returns (rank, world_size). World size must be divisible by tp * pp; data-parallel size is the rest.
+    Returns (rank, world_size). World size must be divisible by tp * pp * cp; data-parallel size is the rest.
+    megatron orders the ranks tp-cp-dp-pp (``initialize_model_parallel``'s ``order``): the CP ranks of
+    a sequence are adjacent after the TP ranks ("tp-cp-ep-dp-pp", parallel_state.py:562), so CP traffic stays
+    within a node while TP x CP fits in it.
     """
     from megatron.core import parallel_state
 
@@ -53,11 +57,13 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str = "auto", seed: int 
         else:
             dist.init_process_group(_backend(backend), rank=rank, world_size=world, timeout=timeout)
     world = dist.get_world_size()
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tensor x pipeline parallel size ({tp} x {pp})")
+    if world % (tp * pp * cp):
+        raise ValueError(f"world size {world} is not divisible by tensor x pipeline x context parallel size "
+                         f"({tp} x {pp} x {cp})")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             context_parallel_size=cp)
     set_seed(seed)
     return dist.get_rank(), world
 

@@ -58,10 +58,12 @@ def dp_rounds(batches, dp_size: int):
 
 def scoring_batcher(pair_tokenizer, packed: bool) -> Batcher:
     """The scoring ``Batcher`` of this process's layout: packed streams (``data.packing``) are a multiple of the
-    tensor-parallel size too, so that sequence parallelism can split them; token budgets cost batches the same way.
+    tensor-parallel size too, so that sequence parallelism can split them, and batches split over context-parallel
+    ranks as megarank/parallel/context.py needs; token budgets cost batches the same way.
     Use ``.scoring_batches(pairs, queries, corpus, batch_size, batch_tokens)`` for ``score_batches``."""
     return Batcher(pair_tokenizer, packed=packed,
-                   tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size())
+                   tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                   context_parallel_size=parallel_state.get_context_parallel_world_size())
 
 
 @torch.no_grad()
@@ -70,7 +72,8 @@ def score_batches(model, batches) -> dict:
     Collective over the world."""
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    holds_scores = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    holds_scores = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                    and parallel_state.get_context_parallel_rank() == 0)
     was_training = model.training
     model.eval()
     local = []

@@ -118,7 +118,7 @@ def _rank0() -> bool:
 
 def _start_parallel(cfg, seed: bool) -> bool:
     """Make sure torch.distributed and megatron's groups exist for ``cfg.parallel``; True when this call started
-    the process group (a plain process: one in-process rank). Groups already set up at the same TP/PP (another
+    the process group (a plain process: one in-process rank). Groups already set up at the same TP/PP/CP (another
     Reranker's, the caller's) are kept, so the models built on them stay usable; ``seed``: seed the weights' RNG
     with ``train.seed`` either way (random init)."""
     import torch.distributed as dist
@@ -127,19 +127,21 @@ def _start_parallel(cfg, seed: bool) -> bool:
     from megarank.parallel.init import init_distributed, set_seed
 
     p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
     if (dist.is_initialized() and parallel_state.model_parallel_is_initialized()
             and parallel_state.get_tensor_model_parallel_world_size() == tp
-            and parallel_state.get_pipeline_model_parallel_world_size() == pp):
+            and parallel_state.get_pipeline_model_parallel_world_size() == pp
+            and parallel_state.get_context_parallel_world_size() == cp):
         if seed:
             set_seed(cfg.train.seed)
         return False
     started = not dist.is_initialized()
-    init_distributed(tp, pp, p.backend, seed=cfg.train.seed)
+    init_distributed(tp, pp, p.backend, seed=cfg.train.seed, cp=cp)
     return started
 
 
-LAYOUT_KEYS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size")
+LAYOUT_KEYS = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+               "parallel.context_parallel_size")
 
 
 def _fit_layout_to_world(cfg, overrides: Sequence[str], source) -> None:
@@ -152,16 +154,17 @@ def _fit_layout_to_world(cfg, overrides: Sequence[str], source) -> None:
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1") or 1)
     p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world % (tp * pp) == 0:
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if world % (tp * pp * cp) == 0:
         return
     if any(o.split("=", 1)[0].strip() in LAYOUT_KEYS for o in overrides):
-        raise ConfigError(f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} does "
-                          f"not divide the world size {world}")
+        raise ConfigError(f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size x context_parallel_size "
+                          f"= {tp} x {pp} x {cp} does not divide the world size {world}")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        log.info("scoring at TP 1 x PP 1: %s was trained at TP %d x PP %d, which %d process(es) cannot hold "
-                 "(any layout loads; set parallel.tensor_model_parallel_size to choose)", source, tp, pp, world)
-    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1
+        log.info("scoring at TP 1 x PP 1 x CP 1: %s was trained at TP %d x PP %d x CP %d, which %d process(es) cannot "
+                 "hold (any layout loads; set parallel.tensor_model_parallel_size / context_parallel_size to choose)",
+                 source, tp, pp, cp, world)
+    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = p.context_parallel_size = 1
     p.sequence_parallel = False
 
 

@@ -107,8 +107,11 @@ def make_sampler(cfg: Config, num_groups: int, dp_rank: int, dp_size: int) -> Gr
 
 def make_micro_batcher(cfg: Config, pair_tokenizer) -> Callable[[list], list]:
     """One step's query groups -> its micro-batches, as the config says: ``train.micro_batch_size`` groups or up to
-    ``train.micro_batch_tokens``, padded or packed (``data.packing``, the stream a multiple of TP):
+    ``train.micro_batch_tokens``, padded or packed (``data.packing``, the stream a multiple of TP; every sequence
+    splittable over CP ranks):
     megarank/data/batcher.py, built once per run."""
-    batcher = Batcher(pair_tokenizer, packed=cfg.data.packing, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    p = cfg.parallel
+    batcher = Batcher(pair_tokenizer, packed=cfg.data.packing, tensor_parallel_size=p.tensor_model_parallel_size,
+                      context_parallel_size=p.context_parallel_size)
     return functools.partial(batcher.micro_batches, micro_batch_size=cfg.train.micro_batch_size,
                              micro_batch_tokens=cfg.train.micro_batch_tokens)

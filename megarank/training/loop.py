@@ -115,7 +115,8 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training as configured. Returns the last step's metrics on the logging rank."""
     p, t = cfg.parallel, cfg.train
     start_agent_watchdog()  # a torchrun worker ends (unsaved) if its agent is killed, from here on
-    init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed)
+    init_distributed(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.backend, seed=t.seed,
+                     cp=p.context_parallel_size)
     validate(cfg, world_size=dist.get_world_size())
     checkpoints = RunCheckpoints(cfg)  # the run lock, `latest` resolved once, architecture checked
     tokenizer_dir = resolve_tokenizer_dir(cfg, checkpoints.resume_from)  # a resumed step's own tokenizer first
