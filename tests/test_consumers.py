@@ -136,6 +136,16 @@ def uncut(mg, pairs):
     return enc.encode([q for q, _ in pairs], [p for _, p in pairs])
 
 
+def uncut(mg, pairs):
+    """megarank's token ids of pairs before any cut (BOS + the whole templated string)."""
+    from megarank.checkpoint import load_checkpoint_config
+    from megarank.data.tokenizer import PairTokenizer, load_tokenizer
+
+    cfg = load_checkpoint_config(mg)
+    enc = PairTokenizer(load_tokenizer(Path(mg) / "tokenizer"), max_length=1 << 20, template=cfg.data.template)
+    return enc.encode([q for q, _ in pairs], [p for _, p in pairs])
+
+
 def run(py, args, venv: str = "main", timeout=180) -> str:
     proc = subprocess.run([str(py), *map(str, args)], capture_output=True, text=True, env=offline_env(venv), cwd=ROOT,
                           timeout=timeout)
@@ -209,6 +219,7 @@ def test_export_config_and_tokenizer_files(exports):
     assert set(read_safetensors_folder(export)) >= {"score.weight", "model.embed_tokens.weight", "model.norm.weight"}
     tok_cfg = json.loads((export / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tok_cfg["model_max_length"] == 512
+    assert tok_cfg["megarank_max_query_length"] == (512 - 1 - 22) // 2  # null: half of what BOS + template leave
     # the BOS rule: the chat template (tokenized without special tokens) always has it, vLLM's only when needed
     assert "bos_token" in tok_cfg["chat_template"]
     assert "bos_token" not in (export / "vllm_score_template.jinja").read_text()

@@ -90,15 +90,15 @@ def test_an_exports_trained_input_comes_back_unless_overridden(tmp_path):
     --config / overrides still win."""
     src = make_hf_llama(tmp_path / "hf", "llama_bidirec", seed=24)
     base = tmp_path / "base.yaml"
-    base.write_text('data: {max_length: 96, template: "Q: {query} D: {passage}"}\n')
+    base.write_text('data: {max_length: 96, max_query_length: 30, template: "Q: {query} D: {passage}"}\n')
     convert("hf-to-megatron", src, tmp_path / "mg", "--config", base, "--quiet")
     export = tmp_path / "in" / "export"
     convert("megatron-to-hf", tmp_path / "mg", export, "--quiet")
     convert("hf-to-megatron", export, tmp_path / "mg2", "--quiet")
     cfg, _ = assert_same_as_cli(export, tmp_path / "mg2")
-    assert (cfg.data.template, cfg.data.max_length) == ("Q: {query} D: {passage}", 96)
-    cfg, _ = hf_to_megatron_in_memory(export, ["data.max_length=48"])[:2]
-    assert (cfg.data.template, cfg.data.max_length) == ("Q: {query} D: {passage}", 48)
+    assert (cfg.data.template, cfg.data.max_length, cfg.data.max_query_length) == ("Q: {query} D: {passage}", 96, 30)
+    cfg, _ = hf_to_megatron_in_memory(export, ["data.max_length=48"])[:2]  # the budget of 96 is not carried to 48
+    assert (cfg.data.template, cfg.data.max_length, cfg.data.max_query_length) == ("Q: {query} D: {passage}", 48, None)
     plain, _ = hf_to_megatron_in_memory(src)[:2]  # not a megarank export: its tokenizer's limit is not a choice
     assert plain.data.max_length == 512
 
