@@ -35,6 +35,7 @@ def _is_logging_rank() -> bool:
     return (
         parallel_state.is_pipeline_last_stage()
         and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
         and parallel_state.get_data_parallel_rank() == 0
     )
 
