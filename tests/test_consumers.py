@@ -136,16 +136,6 @@ def uncut(mg, pairs):
     return enc.encode([q for q, _ in pairs], [p for _, p in pairs])
 
 
-def uncut(mg, pairs):
-    """megarank's token ids of pairs before any cut (BOS + the whole templated string)."""
-    from megarank.checkpoint import load_checkpoint_config
-    from megarank.data.tokenizer import PairTokenizer, load_tokenizer
-
-    cfg = load_checkpoint_config(mg)
-    enc = PairTokenizer(load_tokenizer(Path(mg) / "tokenizer"), max_length=1 << 20, template=cfg.data.template)
-    return enc.encode([q for q, _ in pairs], [p for _, p in pairs])
-
-
 def run(py, args, venv: str = "main", timeout=180) -> str:
     proc = subprocess.run([str(py), *map(str, args)], capture_output=True, text=True, env=offline_env(venv), cwd=ROOT,
                           timeout=timeout)
