@@ -51,7 +51,7 @@ def estimate_gb(base_config: Path, lora: bool) -> float:
     from megarank.training.memory import estimate
 
     cfg = load_config(str(base_config), LORA if lora else [])
-    return estimate(cfg, data_parallel=1, lora=lora).total / 2**30
+    return estimate(cfg, data_parallel=1, lora=lora).states / 2**30  # weights + gradients + Adam, no activations
 
 
 def main(argv=None) -> int:
