@@ -50,9 +50,11 @@ fc2_in              f / t                    silu(gate) x up, kept by fc2 for it
 
 ``/ t`` terms are split over the TP ranks (column-parallel outputs); the four h-wide terms are replicated over TP
 without sequence parallelism and split with it (Korthikanti's 10sbh). In Korthikanti's notation, at d = 2 and GQA
-off (g = a) this is sbh(8 + 2(3h + 3h + 3f)/(ht)) + 4as b/t: with f = 4h, sbh(8 + 30/t), where a GPT layer has
-sbh(10 + 24/t) (GeLU's 8+8 become SwiGLU's 2f + f = 12h, the output-projection input and V are counted once,
-the residual adds store nothing, RoPE's cos/sin tables are per position, not per token). Llama 3.2 1B (h 2048,
+off (g = a, a e = h) this is sbh(8 + 2(6h + 3f)/(ht)) + 4asb/t bytes: with f = 4h, sbh(8 + 36/t) against a GPT
+layer's sbh(10 + 24/t). The h-wide 8 lacks GPT's two dropout masks; of the 36, SwiGLU's 2f + f is 24 (GeLU's input
+and output: 16), the QKV output that V keeps alive 6 and the rotated q and k 4 (GPT's Q, K and V: 6), the attention
+output 2 (GPT's output-projection input: 2). The residual adds store nothing and RoPE's cos/sin tables are per
+position, not per token. Llama 3.2 1B (h 2048,
 a 32, g 8, e 64, f 8192) stores 40,448 elements = 80,896 bytes per token per layer in bf16 (+128 bytes of
 log-sum-exp).
 
@@ -66,7 +68,7 @@ fp32, its d-byte copy for the product with V, a/t x L values per token with L th
 adds a 1-byte mask and a d-byte output there.
 
 The local spec (CPU; ``transformer_impl: local``) stores more than TE's fused kernels, as counted by walking the
-autograd graph of a built model (``megarank/resources``-free probe in benchmarks/memory_bench.py): its RMSNorm
+autograd graph of a built model (tests/test_memory.py, benchmarks/memory_bench.py): its RMSNorm
 computes in fp32 (the inputs are kept at 4 bytes) and keeps the normalised value for the weight's gradient when the
 norms train (h more per norm; not with LoRA, whose norms are frozen), and its SwiGLU keeps silu(gate) beside its
 input (f / t more). With CP on the local spec, the all-gathered keys and values are kept by SDPA: 2 g e / t per
