@@ -8,6 +8,7 @@ error; with ``skip_bad_lines`` their count and the first few are logged, again e
 from __future__ import annotations
 
 import os
+from array import array
 from pathlib import Path
 from typing import Sequence
 
@@ -57,6 +58,8 @@ class _IndexedLines(Sequence):
         self.index = index
         self.stamp = index.header["files"][0]
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if hasattr(os, "posix_fadvise"):  # records are drawn at random: no read-ahead into the page cache
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         self.n_pos, self.n_neg, self.teacher = index["n_pos"], index["n_neg"], index["teacher"]
 
     def __len__(self) -> int:
@@ -100,7 +103,7 @@ class JsonlGroups(_IndexedLines):
 def _build_jsonl(path: Path, skip_bad: bool):
     def build(_):
         bad: list[str] = []
-        cols = {k: [] for k in ("offset", "length", "line", "n_pos", "n_neg", "teacher")}
+        cols = {k: array("q") for k in ("offset", "length", "line", "n_pos", "n_neg", "teacher")}  # 8 B a value
         first, prompts = None, {}
         for number, offset, length, line in _text_lines(path, bad if skip_bad else None):
             at = where(path, number)
@@ -124,7 +127,8 @@ def _build_jsonl(path: Path, skip_bad: bool):
                 prompts.setdefault(group["prompt"], number)
         if not cols["line"]:
             report_skipped(path, [], bad, "lines")  # the eager reader's "no training groups found"
-        arrays = {k: np.asarray(v, dtype=np.bool_ if k == "teacher" else np.int64) for k, v in cols.items()}
+        arrays = {k: np.frombuffer(v, dtype=np.int64).astype(np.bool_ if k == "teacher" else np.int64)
+                  for k, v in cols.items()}
         return {"bad": len(bad), "bad_first": bad[:MAX_LOGGED_BAD],
                 "spelling": list(first[1] if first else NEMO_FIELDS), "prompts": list(prompts.items())}, arrays
     return build
@@ -168,7 +172,7 @@ def _build_triples(path: Path, skip_bad: bool):
         bad: list[str] = []
         group_of: dict[str, int] = {}
         texts: list[dict[int, list]] = []  # per group: hash(text) -> [line as positive, line as negative]
-        cols = {k: [] for k in ("group", "offset", "length", "line")}
+        cols = {k: array("q") for k in ("group", "offset", "length", "line")}
         for number, offset, length, line in _text_lines(path, bad if skip_bad else None):
             at = where(path, number)
             try:
@@ -196,9 +200,9 @@ def _build_triples(path: Path, skip_bad: bool):
                 cols[key].append(value)
         if not texts:
             report_skipped(path, texts, bad, "lines")  # the eager reader's "no training groups found"
-        group = np.asarray(cols.pop("group"), dtype=np.int64)
+        group = np.frombuffer(cols.pop("group"), dtype=np.int64)
         order = np.argsort(group, kind="stable")
-        arrays = {k: np.asarray(v, dtype=np.int64)[order] for k, v in cols.items()}
+        arrays = {k: np.frombuffer(v, dtype=np.int64)[order] for k, v in cols.items()}
         arrays["ptr"] = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=len(texts)))]).astype(np.int64)
         arrays["n_pos"] = np.asarray([sum(v[0] is not None for v in t.values()) for t in texts], dtype=np.int64)
         arrays["n_neg"] = np.asarray([sum(v[1] is not None for v in t.values()) for t in texts], dtype=np.int64)
