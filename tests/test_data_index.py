@@ -254,21 +254,27 @@ def test_prefetched_batches_are_the_synchronous_ones(tmp_path, resume_at):
     source, micro_batches = _prefetch_setup(tmp_path)
     steps = 12  # over three epochs of 5 steps (40 groups / global batch 8)
 
-    def run(enabled):
-        sampler = GroupSampler(len(source), 8, dp_rank=1, dp_size=2, seed=3)
+    def sampler():
+        s = GroupSampler(len(source), 8, dp_rank=1, dp_size=2, seed=3)
         if resume_at:
-            sampler.load_state_dict({"epoch": resume_at // 5, "step_in_epoch": resume_at % 5, "seed": 3})
-        batches = BatchPrefetcher(source, sampler, micro_batches, steps - resume_at, enabled=enabled)
-        out = []
+            s.load_state_dict({"epoch": resume_at // 5, "step_in_epoch": resume_at % 5, "seed": 3})
+        return s
+
+    reference, plain = [], sampler()  # the loop without a prefetcher: draw, build, train, in turn
+    for _ in range(steps - resume_at):
+        groups = [source.get(i, e) for i, e in next(plain)]
+        reference.append((groups, micro_batches(groups), plain.state_dict()))
+    for enabled in (False, True):
+        run_sampler = sampler()
+        batches = BatchPrefetcher(source, run_sampler, micro_batches, steps - resume_at, enabled=enabled)
+        got = []
         for _ in range(steps - resume_at):
             groups, micro, waited = batches.next()
             assert waited >= 0
-            out.append((groups, micro, sampler.state_dict()))
+            got.append((groups, micro, run_sampler.state_dict()))  # the state a checkpoint would save
         batches.close()
-        return out
-
-    sync, ahead = run(False), run(True)
-    assert len(sync) == steps - resume_at and _same(sync, ahead)
+        assert len(got) == steps - resume_at and _same(got, reference)
+        assert not _same(got[1:], reference[:-1])  # (the comparison sees a one-step shift)
 
 
 def test_a_worker_error_is_raised_by_next_unchanged(tmp_path):

@@ -7,9 +7,9 @@ fast tokenizers and torch release the GIL for their heavy parts; groups files re
 in the step log line and TensorBoard).
 
 It changes nothing the run computes: the worker draws from its own copy of the sampler, which is the run's sampler
-(restored from a checkpoint, if any) one step ahead, and the loop still advances the run's sampler by one step per
-step, so a checkpoint saves the position of the last step trained, not of the one prefetched, and each step's
-batches are checked to be the ones the run's sampler hands out. An error in the worker (a bad record found when it
+(restored from a checkpoint, if any) one step ahead, and the run's sampler is moved to the position after a step
+only when that step is handed to the loop, so a checkpoint saves the position of the last step trained, not of the
+one prefetched (the epoch's shuffle is computed on the worker, not in the step). An error in the worker (a bad record found when it
 is parsed) is raised in the main thread by `next`, unchanged. `pause` waits for the worker to be idle (evaluation
 tokenizes with the same tokenizer); `close` (always called, also on SIGTERM / Ctrl-C ending the loop) drops the
 prefetched step and stops the thread.
@@ -42,23 +42,22 @@ class BatchPrefetcher:
         if self.executor is not None and steps_left > 0:
             self.pending = self.executor.submit(self._build)
 
-    def _build(self) -> tuple[list, list, list]:
+    def _build(self) -> tuple[dict, list, list]:
         batch = next(self.ahead)
+        position = self.ahead.state_dict()  # where the run's sampler is once this step is handed out
         groups = [self.source.get(i, epoch) for i, epoch in batch]
-        return batch, groups, self.micro_batches(groups)
+        return position, groups, self.micro_batches(groups)
 
     def next(self) -> tuple[list, list, float]:
         """This step's groups and micro-batches, and the seconds this call waited for them."""
         tic = time.perf_counter()
         if self.pending is None:
-            batch, groups, micro = self._build()
+            position, groups, micro = self._build()
         else:
             pending, self.pending = self.pending, None
-            batch, groups, micro = pending.result()  # the worker's exception, if any, is raised here
+            position, groups, micro = pending.result()  # the worker's exception, if any, is raised here
         waited = time.perf_counter() - tic
-        expected = next(self.sampler)
-        if batch != expected:  # cannot happen unless the sampler is moved behind the prefetcher's back
-            raise RuntimeError(f"prefetched step {batch[:3]}... is not the sampler's {expected[:3]}...")
+        self.sampler.load_state_dict(position)  # the run's sampler moves one step (not re-shuffled here)
         self.steps_left -= 1
         if self.executor is not None and self.steps_left > 0:
             self.pending = self.executor.submit(self._build)
