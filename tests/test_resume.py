@@ -4,8 +4,8 @@
   optimizer state as 2N steps straight (one process; DP=2 with the distributed optimizer; and DP=2 with packed
   token-budget micro-batches, whose split differs per step and per rank);
 - a kill in the middle of saving step 2N leaves `latest` on step N, which is complete and resumes exactly;
-- a checkpoint saved at TP=2 resumes at TP=1, DP=2 and PP=2 with its weights and optimizer state, and the
-  resume log names the layout change;
+- a checkpoint saved at TP=2 resumes at TP=1, DP=2, PP=2 and CP=2 with its weights and optimizer state, and the
+  resume log names the layout change; a CP=2 checkpoint resumes at CP=1;
 - SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0;
 - the same kill and resume with each loss beyond listwise, teacher scores (a BEIR teacher run, JSONL
   pos_scores/neg_scores) and several graded positives per group, and from a data.blend of two sources at DP=2.
@@ -78,6 +78,8 @@ RESUME_LAYOUTS = {
     "lambda": (1, ["train.loss=lambda", *_JSONL_TEACHER, *_TWO_POSITIVES]),
     "ranknet": (1, ["train.loss=ranknet", *_TWO_POSITIVES]),
     "blend_dp2": (2, [_BLEND, "parallel.use_distributed_optimizer=true"]),
+    # Context parallelism: each sequence split over the two ranks (one data-parallel replica).
+    "cp2": (2, ["parallel.context_parallel_size=2", "parallel.use_distributed_optimizer=true"]),
 }
 
 
@@ -213,12 +215,13 @@ TARGETS = {
     "tp1": (1, []),
     "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
+    "cp2": (2, ["parallel.context_parallel_size=2"]),
 }
 
 
 @pytest.fixture(scope="module")
 def resharded(tmp_path_factory):
-    """2N steps at TP=2; then step N of it resumed to 2N at TP=1 (1 process), DP=2 and PP=2."""
+    """2N steps at TP=2; then step N of it resumed to 2N at TP=1 (1 process), DP=2, PP=2 and CP=2."""
     work = tmp_path_factory.mktemp("reshard")
     source = work / "tp2"
     run(train_cmd(2, *LAYOUT_STEPS, "parallel.tensor_model_parallel_size=2", f"checkpoint.dir={source}"), cwd=work)
@@ -236,9 +239,10 @@ def resharded(tmp_path_factory):
 def test_checkpoint_saved_at_tp2_resumes_at_another_layout(resharded, target):
     work, outputs = resharded
     source, run_dir = work / "tp2", work / target
-    now = {"tp1": "TP=1 PP=1 DP=1", "dp2": "TP=1 PP=1 DP=2", "pp2": "TP=1 PP=2 DP=1"}[target]
+    now = {"tp1": "TP=1 PP=1 CP=1 DP=1", "dp2": "TP=1 PP=1 CP=1 DP=2", "pp2": "TP=1 PP=2 CP=1 DP=1",
+           "cp2": "TP=1 PP=1 CP=2 DP=1"}[target]
     # the resume says what it did: the step, and the layout change
-    assert (f"resumed from {run_dir / f'step-{N}'} at step {N} (saved at TP=2 PP=1 DP=1, now {now}: "
+    assert (f"resumed from {run_dir / f'step-{N}'} at step {N} (saved at TP=2 PP=1 CP=1 DP=1, now {now}: "
             "weights and optimizer state resharded)") in outputs[target]
     steps = list(range(N + 1, 2 * N + 1))
     want = tb_scalars(source / "tensorboard", "train/loss")
@@ -255,6 +259,25 @@ def test_checkpoint_saved_at_tp2_resumes_at_another_layout(resharded, target):
     for k in want_w:
         torch.testing.assert_close(got_w[k], want_w[k], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{target} {k} (largest: {key} {diff:.3g}): {m}")
+
+
+def test_checkpoint_saved_at_cp2_resumes_at_cp1(straight, tmp_path):
+    """Step N of the CP=2 run resumed in one process: the log names the change, and step N+1's loss (computed with
+    the loaded weights) and the later steps' (restored Adam state) follow the CP=2 run's."""
+    source, run_dir = straight["cp2"], tmp_path / "cp1"
+    run_dir.mkdir()
+    shutil.copytree(source / f"step-{N}", run_dir / f"step-{N}")
+    (run_dir / "latest").write_text(f"step-{N}\n")
+    out = run(train_cmd(1, *RESUME, "parallel.use_distributed_optimizer=true", f"checkpoint.dir={run_dir}"),
+              cwd=tmp_path).stdout
+    assert (f"(saved at TP=1 PP=1 CP=2 DP=1, now TP=1 PP=1 CP=1 DP=1: weights and optimizer state resharded)"
+            in out)
+    want = tb_scalars(source / "tensorboard", "train/loss")
+    got = tb_scalars(run_dir / "tensorboard", "train/loss")
+    assert sorted(got) == list(range(N + 1, 2 * N + 1))
+    assert got[N + 1] == pytest.approx(want[N + 1], rel=1e-5, abs=1e-6)
+    for s in range(N + 2, 2 * N + 1):
+        assert got[s] == pytest.approx(want[s], rel=1e-3, abs=1e-5), f"loss at step {s}"
 
 
 # ----------------------------------------------------------------------------------------------- preemption

@@ -10,7 +10,7 @@ A checkpoint folder (a converted model, or ``<checkpoint.dir>/step-N`` of a trai
                              amax history); only written by models that have it (the TE spec)
     optimizer/               torch_dist checkpoint of the optimizer state in model space
     train_state/rank-*.pt    per-rank step, scheduler, data position and RNG states
-    megarank_checkpoint.json {"format_version", "kind": "converted" | "train", "step", "world_size", "tp", "pp", "dp"}
+    megarank_checkpoint.json {"format_version", "kind": "converted" | "train", "step", "world_size", "tp", "pp", "cp", "dp"}
     megarank_manifest.json   size and CRC-32 of every other file (megarank/checkpoint/integrity.py)
 
 A run folder (``checkpoint.dir``) holds ``step-N/`` folders, ``latest`` (the name of the newest complete one,

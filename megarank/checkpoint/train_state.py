@@ -68,27 +68,31 @@ def load_rng_state(state: dict) -> None:
 
 
 def current_layout() -> dict:
-    """{"world_size", "tp", "pp", "dp"} of this process group (megatron's parallel state)."""
+    """{"world_size", "tp", "pp", "cp", "dp"} of this process group (megatron's parallel state)."""
     from megatron.core import parallel_state
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     if not parallel_state.model_parallel_is_initialized():
-        return {"world_size": world, "tp": 1, "pp": 1, "dp": world}
+        return {"world_size": world, "tp": 1, "pp": 1, "cp": 1, "dp": world}
     return {"world_size": world, "tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "cp": parallel_state.get_context_parallel_world_size(),
             "dp": parallel_state.get_data_parallel_world_size()}
 
 
 def layout_change(step_dir) -> str:
     """'' when this run has the layout ``step_dir`` was saved at, else e.g.
-    ' (saved at TP=2 PP=1 DP=1, now TP=1 PP=1 DP=2: weights and optimizer state resharded)'."""
+    ' (saved at TP=2 PP=1 CP=1 DP=1, now TP=1 PP=1 CP=1 DP=2: weights and optimizer state resharded)'. Checkpoints
+    written before context parallelism existed have no "cp": CP 1."""
     saved = read_marker(step_dir)
     now = current_layout()
     if not all(k in saved for k in ("tp", "pp", "dp")):
-        return f" (saved by {saved.get('world_size', '?')} ranks at an unrecorded TP/PP/DP; now TP={now['tp']} PP={now['pp']} DP={now['dp']})"
-    if all(saved[k] == now[k] for k in ("tp", "pp", "dp")):
+        return (f" (saved by {saved.get('world_size', '?')} ranks at an unrecorded TP/PP/DP; now TP={now['tp']} "
+                f"PP={now['pp']} CP={now['cp']} DP={now['dp']})")
+    saved = {"cp": 1, **saved}
+    if all(saved[k] == now[k] for k in ("tp", "pp", "cp", "dp")):
         return ""
-    fmt = lambda d: f"TP={d['tp']} PP={d['pp']} DP={d['dp']}"  # noqa: E731
+    fmt = lambda d: f"TP={d['tp']} PP={d['pp']} CP={d['cp']} DP={d['dp']}"  # noqa: E731
     return f" (saved at {fmt(saved)}, now {fmt(now)}: weights and optimizer state resharded)"
 
 
