@@ -280,3 +280,16 @@ def test_export_class_tokenizes_a_chat_template_in_one_call_like_megarank(export
     # without truncation a pair is the whole string, uncut, as before
     assert exported(*pairs[0])["input_ids"] == [BOS, *ids(exported, format_pair(*pairs[0]))]
     assert isinstance(exported(*pairs[2], truncation=True, return_tensors="pt")["input_ids"], torch.Tensor)
+
+
+def test_megarank_cut_does_not_trigger_transformers_length_warning():
+    """transformers warns once per tokenizer that a text over model_max_length 'will result in indexing errors';
+    encode cuts its rows itself, so that warning stays for the user's own calls."""
+    from megarank.data import load_tokenizer
+
+    tok = load_tokenizer(tiny_tokenizer_dir())
+    tok.model_max_length = 50
+    PairTokenizer(tok, max_length=48).encode(["Q" * 100], ["P" * 100])
+    assert not tok.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+    tok("x" * 60)
+    assert tok.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")

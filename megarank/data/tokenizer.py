@@ -158,7 +158,7 @@ class PairTokenizer:
         if not queries:
             return []
         texts = [format_pair(q, p, self.template) for q, p in zip(queries, passages)]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self._uncut(texts)["input_ids"]
         keep = self.max_length - 1
         long = [i for i, row in enumerate(ids) if len(row) > keep]
         n_query = n_passage = 0
@@ -176,9 +176,23 @@ class PairTokenizer:
             self.truncation.passage_cut += n_passage
         return [[self.bos_id, *row] for row in ids]
 
+    def _uncut(self, texts: list[str], **kwargs):
+        """The tokenizer on whole strings, without transformers' "longer than the specified maximum sequence length
+        ... indexing errors" warning (model_max_length): ``encode`` cuts the rows itself."""
+        seen = getattr(self.tokenizer, "deprecation_warnings", None)
+        key = "sequence-length-is-longer-than-the-specified-maximum"
+        warned = seen.get(key, False) if isinstance(seen, dict) else None
+        if warned is not None:
+            seen[key] = True
+        try:
+            return self.tokenizer(texts, add_special_tokens=False, **kwargs)
+        finally:
+            if warned is not None:
+                seen[key] = warned
+
     def _offsets(self, texts: list[str]) -> list:
         try:
-            return self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            return self._uncut(texts, return_offsets_mapping=True)["offset_mapping"]
         except (NotImplementedError, TypeError, KeyError) as e:
             raise DataError(f"truncating a pair to data.max_length needs a fast tokenizer (character offsets); "
                             f"{type(self.tokenizer).__name__} has none ({e})") from None
