@@ -184,3 +184,179 @@ def test_split_is_dual_chunk_swap():
     assert PackedShard.of((8, 8), (8, 8), 2, 1, None).index.tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
     with pytest.raises(ValueError, match="multiple of 2 x CP = 4"):
         chunk_positions(6, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------- the TE path, on CPU
+
+def _fake_te_cp_attention():
+    """Transformer Engine's context-parallel attention as megatron drives it, written from TE's contract (not from
+    megarank's SDPA path): ``TEDotProductAttention`` gets the CP group from ``pg_collection.cp`` and ``cp_comm_type``
+    from the layer when ``config.context_parallel_size > 1`` (extensions/transformer_engine.py:1228-1252); for THD,
+    TE's ``attn_forward_func_with_cp`` requires ``cu_seqlens_*_padded`` (global, every sequence a multiple of
+    2 x CP), takes ``cu_seqlens_*`` of the real tokens, and expects each rank's tokens in DualChunkSwap order, by
+    sequence (context_parallel.py docstring). Keys are all-gathered here (what the ring computes), positions and
+    masks derived from the cu_seqlens alone."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+    from megatron.core import parallel_state
+    from megatron.core.transformer.module import MegatronModule
+
+    class FakeTECPAttention(MegatronModule):
+        calls: list = []
+
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
+            super().__init__(config=config)
+            assert config.context_parallel_size > 1
+            self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
+            self.cp_comm_type = cp_comm_type
+            self.scale = softmax_scale or config.kv_channels ** -0.5
+            self.attn_mask_type = attn_mask_type
+
+        def forward(self, q, k, v, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+            p = packed_seq_params
+            cp, t = dist.get_world_size(self.cp_group), q.shape[0]
+            FakeTECPAttention.calls.append((p.qkv_format, self.cp_comm_type, p.max_seqlen_q))
+            assert p.qkv_format == "thd" and p.cu_seqlens_q_padded is not None and p.cu_seqlens_kv_padded is not None
+            assert "padding" in (attn_mask_type or self.attn_mask_type).name
+            padded, real = p.cu_seqlens_q_padded.tolist(), p.cu_seqlens_q.tolist()
+            assert padded[-1] == cp * t and len(real) == len(padded)
+            k_all, v_all = (torch.cat(dist_nn.all_gather(x.contiguous(), group=self.cp_group)) for x in (k, v))
+            rep = q.shape[1] // k.shape[1]
+            outs = []
+            for i in range(len(padded) - 1):
+                size, length = padded[i + 1] - padded[i], real[i + 1] - real[i]
+                assert size % (2 * cp) == 0 and 0 < length <= size
+                c, start = size // (2 * cp), padded[i] // cp
+                keys, pos = [], []
+                for r in range(cp):
+                    keys.append(torch.arange(r * t + start, r * t + start + 2 * c))
+                    pos += list(range(r * c, (r + 1) * c)) + list(range((2 * cp - 1 - r) * c, (2 * cp - r) * c))
+                keys, pos = torch.cat(keys), torch.tensor(pos)
+                qi = q[start : start + 2 * c].transpose(0, 1)  # [np, n, d]
+                ki, vi = (x[keys].repeat_interleave(rep, dim=1).transpose(0, 1) for x in (k_all, v_all))
+                logits = (qi @ ki.transpose(1, 2)) * self.scale
+                logits = logits.masked_fill(~(pos < length)[None, None, :], float("-inf"))
+                outs.append((logits.softmax(-1) @ vi).transpose(0, 1))
+            return torch.cat(outs).reshape(t, -1)
+
+    return FakeTECPAttention
+
+
+def _install_fake_te():
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from tests.test_spec_te import _fake_te_classes
+
+    provider, _ = _fake_te_classes()
+    attention = _fake_te_cp_attention()
+
+    class CPProvider(provider):
+        def core_attention(self):
+            return attention
+
+    gpt_layer_specs.HAVE_TE = True
+    gpt_layer_specs.TESpecProvider = CPProvider
+    return attention
+
+
+def _run_te_cp(root: Path) -> dict:
+    """The tiny model on megatron's TE spec (CPU stand-ins) at CP=2, packed, bf16 rules aside (fp32): megatron's THD
+    RoPE under CP, TE's CP attention contract, megarank's pooling; gradients through DDP as in ``_run``."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megarank.checkpoint import load_model_weights, save_model_weights
+    from megarank.config import padded_vocab_size
+    from megarank.data.packing import packing_multiple
+    from megarank.model.reranker import LlamaReranker
+    from megarank.model.spec import block_spec
+    from megarank.model.transformer_config import make_transformer_config
+    from megarank.parallel.init import init_distributed
+    from megarank.training.optimizer import wrap_ddp
+
+    attention = _install_fake_te()
+    cfg = _config(cp=2, packing=True)
+    init_distributed(cp=2, seed=cfg.train.seed)
+    m = cfg.model
+    config = make_transformer_config(m, cfg.parallel, "transformer_engine", cuda=False, ddp_training=True)
+    model = LlamaReranker(config, block_spec(config, "transformer_engine"),
+                          padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1),
+                          rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, pooling=m.pooling)
+    assert not model.core_rope  # megatron applies RoPE (its THD path with the CP group)
+    load_model_weights(model, root / "weights" / "model")
+    ddp = wrap_ddp(model, cfg)
+    batches = _micro_batches(True, packing_multiple(1, 1, 2), 4)
+    captured: list = []
+    ddp.zero_grad_buffer()
+    reduced = get_forward_backward_func()(
+        forward_step_func=functools.partial(_forward_step, captured), data_iterator=iter(batches), model=[ddp],
+        num_microbatches=N_MICRO, seq_length=batches[0]["input_ids"].shape[1], micro_batch_size=GROUP,
+        forward_only=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.main_grad)
+    save_model_weights(model, root / "grads-te-cp2")
+    return {"scores": torch.cat(captured), "loss": torch.stack([r["loss"] for r in reduced]).mean(),
+            "calls": list(attention.calls)}
+
+
+def _te_two_rank(root: str) -> dict:
+    root = Path(root)
+    return {"ref": _run("te-ref", root, save_weights=True), "te": _run_te_cp(root)}
+
+
+def test_te_spec_under_cp_matches_cp1(tmp_path):
+    """megarank's wiring of the TE path under CP, run on CPU: megatron's TE layer spec with stand-ins, megatron's
+    THD RoPE with the CP group, a TE-contract CP attention -> the CP=1 local scores, loss and gradients."""
+    out = run_distributed(_te_two_rank, 2, str(tmp_path), timeout=600)
+    ref = out[0]["ref"]
+    for rank in (0, 1):
+        te = out[rank]["te"]
+        assert te["calls"] and {c[:2] for c in te["calls"]} == {("thd", "p2p")}
+        assert_rel_close(te["scores"], ref["scores"], f"TE CP=2 scores (rank {rank})")
+        assert_rel_close(te["loss"], ref["loss"], f"TE CP=2 loss (rank {rank})")
+    _grads_match(tmp_path, "te-cp2", "te-ref")
+
+
+def test_validate_names_what_cp_needs():
+    from megarank.config import ConfigError, load_config, validate
+
+    def problems(*overrides, world=2):
+        try:
+            validate(load_config(TINY, ["parallel.context_parallel_size=2", *overrides]), world_size=world,
+                     check_environment=False)
+        except ConfigError as e:
+            return str(e)
+        return ""
+
+    assert problems() == ""
+    assert "model.attention_backend sdpa" in problems("model.attention_backend=megatron")
+    assert "needs data.packing=true" in problems("model.transformer_impl=transformer_engine", "model.dtype=bf16",
+                                                 "data.packing=false")
+    assert problems("model.transformer_impl=transformer_engine", "model.dtype=bf16", "data.packing=true") == ""
+    assert "world size 3 is not divisible by tensor x pipeline x context parallel size (1 x 1 x 2 = 2)" in problems(world=3)
+    assert "parallel.context_parallel_size must be >= 1" in problems("parallel.context_parallel_size=0")
+
+
+def test_batcher_pads_for_cp():
+    """Padded rows to a multiple of 2 x CP x TP; packed sequences each to 2 x CP inside their segment, the stream
+    to 2 x CP x TP; token budgets count that padding."""
+    from megarank.data.batcher import Batcher
+
+    class Tok:
+        pad_id, pad_to_multiple_of = 0, None
+
+        def pad(self, rows, multiple=0):
+            from megarank.data.tokenizer import round_up
+
+            s = round_up(max(map(len, rows)), multiple or self.pad_to_multiple_of)
+            return {"input_ids": torch.zeros(len(rows), s, dtype=torch.long), "attention_mask": torch.ones(len(rows), s)}
+
+    rows = [[1] * 5, [2] * 9]
+    assert Batcher(Tok(), context_parallel_size=2, tensor_parallel_size=2).batch(rows)["input_ids"].shape == (2, 16)
+    packed = Batcher(Tok(), packed=True, context_parallel_size=2, tensor_parallel_size=2)
+    batch = packed.batch(rows)
+    layout = batch["packed_seq_params"]
+    assert layout.seqlens == (8, 12, 4) and layout.real_lengths == (5, 9, 4) and batch["input_ids"].shape == (1, 24)
+    assert batch["attention_mask"][0].tolist() == [True] * 5 + [False] * 3 + [True] * 9 + [False] * 7
+    assert packed.cost([5, 9]) == 24

@@ -61,6 +61,13 @@ def make_transformer_config(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        # Context parallelism (megarank/parallel/context.py). TEDotProductAttention hands TE the CP group only when
+        # config.context_parallel_size > 1 (extensions/transformer_engine.py:1228-1252); the layer passes
+        # cp_comm_type to it (transformer_layer.py:295-299). "p2p", megatron's own default there (:1240-1241): TE's
+        # ring overlaps each K/V exchange with a full block of bidirectional attention; "all_gather" exposes its
+        # all-gather (and for THD needs FusedAttention or FA3), "a2a" needs heads divisible by CP.
+        context_parallel_size=parallel.context_parallel_size,
+        cp_comm_type="p2p" if parallel.context_parallel_size > 1 else None,
         pipeline_dtype=dtype,
         # Batches are padded per batch, so stages exchange activation shapes before each p2p transfer
         # (p2p_communication.py:301-304); the MoE-only allgather dispatcher rejects that
