@@ -213,12 +213,29 @@ def read_hf_disk_groups(path: str | os.PathLike, columns: Mapping[str, str], spl
     return groups.checked(skip_bad_rows, str(path))
 
 
-class IndexedArrowGroups(ArrowGroups):
-    """`ArrowGroups` on a Parquet source's Arrow copy (memory-mapped), with the per-row counts its index holds."""
+_COPY_BATCH_ROWS = 64  # rows per record batch of a Parquet source's Arrow copy: what one drawn row reads
 
-    def __init__(self, table: pa.Table, index, columns: Mapping[str, str], files: list[tuple[str, int]]):
-        super().__init__(table, index["rows"], columns, files)
+
+class IndexedArrowGroups(ArrowGroups):
+    """`ArrowGroups` on a Parquet source's Arrow copy, with the per-row counts its index holds. A drawn row reads
+    its record batch of `_COPY_BATCH_ROWS` rows (about 64 x the row's bytes) with ``pread`` through Arrow's file
+    reader, zero-copy from that buffer. The copy is not memory-mapped: with a page cache of large folios (up to
+    2 MiB each, Linux 6.x), every row touched through a map counts about 1 MiB in the rank's RSS, so that a long
+    run would show the whole copy in the RSS of every rank (benchmarks/RESULTS.md, "Training groups at scale")."""
+
+    def __init__(self, reader: pa.ipc.RecordBatchFileReader, index, columns: Mapping[str, str],
+                 files: list[tuple[str, int]]):
+        super().__init__(None, index["rows"], columns, files)
+        self.reader = reader
         self.index = index
+        self.batch_start = index["batch_start"]
+
+    def __getitem__(self, index: int) -> dict:
+        row = int(self.rows[index])
+        k = int(np.searchsorted(self.batch_start, row, side="right")) - 1
+        batch = self.reader.get_batch(k)
+        at = row - int(self.batch_start[k])
+        return self._parse(row, {name: batch.column(name)[at].as_py() for name in self.columns.values()})
 
     def group_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(positives, negatives, has teacher scores) of every good row, from the index."""
@@ -257,7 +274,7 @@ def _build_parquet(files: list[Path], columns: Mapping[str, str], skip_bad: bool
         arrow = _arrow_copy(index_path)
         tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
         groups = ArrowGroups(None, np.zeros(0, np.int64), mapped, [])
-        good, n_pos, n_neg, teacher, bad = [], [], [], [], []
+        good, n_pos, n_neg, teacher, bad, batch_starts = [], [], [], [], [], []
         start = 0
         try:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
@@ -278,7 +295,9 @@ def _build_parquet(files: list[Path], columns: Mapping[str, str], skip_bad: bool
                                 n_pos.append(len(group["pos"]))
                                 n_neg.append(len(group["neg"]))
                                 teacher.append("pos_scores" in group)
-                            writer.write_batch(batch)
+                            for k in range(0, batch.num_rows, _COPY_BATCH_ROWS):
+                                batch_starts.append(start + k)
+                                writer.write_batch(batch.slice(k, _COPY_BATCH_ROWS))
                             start += batch.num_rows
                     except (OSError, pa.ArrowException) as e:
                         raise DataError(f"{name}: is not a readable Parquet file ({e})") from None
@@ -290,7 +309,8 @@ def _build_parquet(files: list[Path], columns: Mapping[str, str], skip_bad: bool
         return {"bad": len(bad), "bad_first": bad[:5], "tables": groups.files, "columns": mapped,
                 "arrow_size": arrow.stat().st_size}, {
             "rows": np.asarray(good, np.int64), "n_pos": np.asarray(n_pos, np.int64),
-            "n_neg": np.asarray(n_neg, np.int64), "teacher": np.asarray(teacher, np.bool_)}
+            "n_neg": np.asarray(n_neg, np.int64), "teacher": np.asarray(teacher, np.bool_),
+            "batch_start": np.asarray(batch_starts, np.int64)}
     return build
 
 
@@ -310,12 +330,13 @@ def open_parquet_groups(path: str | os.PathLike, columns: Mapping[str, str],
     from .index import open_index
 
     files = parquet_files(Path(path))
-    index = open_index(path, files, "parquet", {"columns": dict(columns), "skip_bad_rows": skip_bad_rows},
+    index = open_index(path, files, "parquet", {"columns": dict(columns), "skip_bad_rows": skip_bad_rows,
+                                                "batch_rows": _COPY_BATCH_ROWS},
                        _build_parquet(files, columns, skip_bad_rows, str(path)), usable=_arrow_copy_problem)
     try:
-        table = pa.ipc.open_file(pa.memory_map(str(_arrow_copy(index.path)))).read_all()
+        reader = pa.ipc.open_file(pa.OSFile(str(_arrow_copy(index.path))))
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: its index's Arrow copy {_arrow_copy(index.path)} cannot be read ({e}); delete "
                         f"{index.path} to rebuild it") from None
-    groups = IndexedArrowGroups(table, index, index.header["columns"], [tuple(f) for f in index.header["tables"]])
+    groups = IndexedArrowGroups(reader, index, index.header["columns"], [tuple(f) for f in index.header["tables"]])
     return groups, groups.skipped(str(path))
