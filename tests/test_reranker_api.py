@@ -27,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 PAIRS = [("what is x?", "x is the 24th letter of the alphabet"), ("hello", "world"),
          ("a b c", "d e f g h i j k l m n o p"), ("é ü?", "naïve café \n with lines"), ("q", "")]
-DIVISIBLE_BY_1 = ["model.make_vocab_size_divisible_by=1"]  # the HF side padded as the converted checkpoint was
+DIVISIBLE_BY_1 = ["model.make_vocab_size_divisible_by=1"]
+# Long documents (hundreds of tokens, up to the model's max_length) for context-parallel scoring.
+LONG_PAIRS = [("which letters come after x?", " ".join(f"y{i} z{i}" for i in range(300))),
+              ("count", " ".join(str(i) for i in range(700)))]  # the HF side padded as the converted checkpoint was
 
 
 @pytest.fixture(scope="module")
@@ -226,17 +229,25 @@ def _two_ranks(step, hf, pairs) -> dict:
            "rows": tuple(sa["embedding.word_embeddings.weight"].shape), "tp2_step": a.score(pairs),
            "tp2_hf": b.score(pairs)}
     out["dp2"] = Reranker.from_checkpoint(step, dtype="fp32").score(pairs)  # new groups: TP=1, DP=2
+    # Context parallelism: each pair's tokens split over the two ranks (packed, then padded batches).
+    cp2 = ["parallel.context_parallel_size=2"]
+    out["cp2"] = Reranker.from_checkpoint(step, dtype="fp32", overrides=cp2).score(pairs + LONG_PAIRS)
+    out["cp2_padded"] = Reranker.from_checkpoint(step, dtype="fp32", overrides=cp2 + ["data.packing=false"]).score(
+        pairs + LONG_PAIRS)
     return out
 
 
-def test_tp2_and_dp2_load_the_same_shards_and_give_every_rank_every_score(folders, rerankers):
+def test_tp2_dp2_and_cp2_load_the_same_shards_and_give_every_rank_every_score(folders, rerankers):
     ref = rerankers["step"].score(PAIRS)
+    long_ref = rerankers["step"].score(PAIRS + LONG_PAIRS)
     results = run_distributed(_two_ranks, 2, str(folders["step"]), str(folders["hf"]), PAIRS, timeout=300)
     for rank, out in enumerate(results):
         assert out["same_shards"], rank
         assert out["rows"] == (151, 64), "302 padded rows at TP=2 (301 stored), half per rank"
         for name in ("tp2_step", "tp2_hf", "dp2"):
             assert (out[name] - ref).abs().max().item() <= TOL, (rank, name)
+        for name in ("cp2", "cp2_padded"):
+            assert (out[name] - long_ref).abs().max().item() <= TOL, (rank, name)
 
 
 def test_a_checkpoint_trained_at_tp2_scores_in_one_process_unless_tp2_is_asked_for(folders, rerankers, tmp_path,
