@@ -222,8 +222,26 @@ def group_metrics(scores: Tensor, relevance: Tensor) -> dict:
     """{"acc": fraction of groups whose top-scored passage is a positive, "mrr": mean reciprocal rank of the group's
     best-ranked positive}. A negative scored as high as the best positive ranks above it (ties count against), so
     with one positive at index 0 these are the former accuracy@1 and MRR of the positive."""
+    rank = positive_ranks(scores, relevance)
+    return {"acc": (rank == 1).float().mean(), "mrr": (1.0 / rank).mean()}
+
+
+@torch.no_grad()
+def positive_ranks(scores: Tensor, relevance: Tensor) -> Tensor:
+    """[G] float32: the rank of each group's best-ranked positive (1 = top; a negative scored as high ranks above
+    it). ``group_metrics`` is the mean of ``rank == 1`` (acc) and of ``1 / rank`` (mrr)."""
     s, rel, _ = _grouped(scores.detach(), relevance, None)
     pos = rel > 0
     best = s.masked_fill(~pos, float("-inf")).amax(dim=1, keepdim=True)
-    rank = 1 + ((s >= best) & ~pos).sum(dim=1).to(torch.float32)
-    return {"acc": (rank == 1).float().mean(), "mrr": (1.0 / rank).mean()}
+    return 1 + ((s >= best) & ~pos).sum(dim=1).to(torch.float32)
+
+
+@torch.no_grad()
+def per_group_losses(loss_fn, scores: Tensor, relevance: Tensor, teacher: Tensor | None = None) -> Tensor:
+    """[G] float64, no gradient: ``loss_fn(scores, relevance, teacher)`` (a mean over groups, e.g. a
+    ``group_loss`` partial) of each group alone. Every loss here is the mean over groups of a per-group value, so
+    the mean of these is ``loss_fn`` over all the groups, up to rounding; the trained loss is computed as before,
+    these are only read (per-source training loss, validation)."""
+    s = scores.detach().reshape(relevance.shape)
+    return torch.stack([loss_fn(s[g], relevance[g : g + 1], None if teacher is None else teacher[g : g + 1])
+                        .detach().double() for g in range(relevance.shape[0])])

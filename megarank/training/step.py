@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megarank.model.inputs import model_inputs
 from megarank.parallel.init import any_rank, device
-from megarank.training.loss import group_loss, group_metrics
+from megarank.training.loss import group_loss, group_metrics, per_group_losses
 from megarank.training.optimizer import inner_optimizers
 
 _LOGGED = ("loss", "acc", "mrr")
@@ -33,16 +33,22 @@ def loss_function(loss) -> Callable:
     return partial(group_loss, loss) if isinstance(loss, str) else loss
 
 
-def _loss_func(loss_fn: Callable, relevance: torch.Tensor, teacher, weight: float, scores: torch.Tensor):
+def _loss_func(loss_fn: Callable, relevance: torch.Tensor, teacher, weight: float, scores: torch.Tensor,
+               sources=None):
     """The micro-batch's mean loss over its groups, times ``weight`` (its share of the step's groups x the
     number of micro-batches; 1.0 when every micro-batch holds as many groups, see
-    megarank.data.batcher.Batcher.micro_batches), so the mean over micro-batches is the mean over groups."""
+    megarank.data.batcher.Batcher.micro_batches), so the mean over micro-batches is the mean over groups.
+    ``sources`` (a blend's micro-batch: each group's source number) adds each group's own loss, detached, beside
+    the trained loss, which stays as it is (megarank/training/validation.py reports them per source)."""
     loss = loss_fn(scores, relevance, teacher)
     stats = group_metrics(scores, relevance)
     if weight != 1.0:
         loss, stats = loss * weight, {k: v * weight for k, v in stats.items()}
     # The schedule divides the returned loss in place: log a detached copy.
-    return loss, {"loss": loss.detach().clone(), "acc": stats["acc"], "mrr": stats["mrr"]}
+    logged = {"loss": loss.detach().clone(), "acc": stats["acc"], "mrr": stats["mrr"]}
+    if sources is not None:
+        logged.update(group_losses=per_group_losses(loss_fn, scores, relevance, teacher), group_sources=sources)
+    return loss, logged
 
 
 def forward_step(data_iterator, model, loss_fn: Callable):
@@ -56,7 +62,8 @@ def forward_step(data_iterator, model, loss_fn: Callable):
     teacher = batch.get("teacher")
     if teacher is not None:
         teacher = teacher.to(scores.device, non_blocking=True)
-    return scores, partial(_loss_func, loss_fn, relevance, teacher, batch.get("loss_weight", 1.0))
+    return scores, partial(_loss_func, loss_fn, relevance, teacher, batch.get("loss_weight", 1.0),
+                           sources=batch.get("source"))
 
 
 def check_pipeline_shapes(model_config, micro_batches: list) -> None:
@@ -114,7 +121,8 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss) -> di
     (``variable_seq_lengths``), so ``seq_length`` and ``micro_batch_size`` below are ignored by the p2p code
     (schedules.py:104-107).
 
-    Returns {"skipped": bool, "grad_norm", "lr", and on the last stage "loss", "acc", "mrr"}.
+    Returns {"skipped": bool, "grad_norm", "lr", and on the last stage "loss", "acc", "mrr"; with micro-batches
+    that carry a "source" tensor (a blend's) also this rank's "group_losses" and "group_sources", one per group}.
     """
     check_pipeline_shapes(ddp_model.config, micro_batches)
     ddp_model.zero_grad_buffer()
@@ -134,11 +142,13 @@ def train_step(ddp_model, optimizer, scheduler, micro_batches: list, loss) -> di
     if last_stage:  # one host copy for all metrics
         means = torch.stack([torch.stack([o[k].float() for k in _LOGGED]) for o in outputs]).mean(0).tolist()
         local = dict(zip(_LOGGED, means))
+        per_group = {k: torch.cat([o[k].cpu() for o in outputs]) for k in ("group_losses", "group_sources")
+                     if k in outputs[0]}
     lr = optimizer.param_groups[0]["lr"]
     applied, grad_norm = guarded_optimizer_step(optimizer, not last_stage or math.isfinite(local["loss"]))
     if applied:
         scheduler.step(increment=1)
     result = {"skipped": not applied, "lr": lr, "grad_norm": grad_norm}
     if last_stage:
-        result.update(_mean_over_dp(local))
+        result.update(_mean_over_dp(local), **per_group)
     return result
