@@ -261,6 +261,22 @@ class DataConfig:
                                         "proportion to the weights, each source running its own epochs "
                                         "(docs/data.md#blends); instead of data.train_path / format / train_split / "
                                         "train_run / columns. [] = one source, data.train_path.")
+    valid_path: Optional[str] = _f(None, "Held-out validation groups: a groups file or folder (or a BEIR folder) read "
+                                   "like the training source, in data.valid_format; its loss (train.loss), acc@1 and "
+                                   "MRR are reported every train.eval_interval steps and at the end "
+                                   "(docs/data.md#validation). null = none (see data.valid_fraction).")
+    valid_format: Optional[Literal["jsonl", "beir", "nemo_corpus", "parquet", "hf_disk", "triples"]] = _f(
+        None, "The format of data.valid_path; null = data.format (required with data.blend). Parquet / hf_disk read "
+              "data.columns.")
+    valid_split: Optional[str] = _f(None, "data.valid_path's BEIR qrels split (its first-stage run: "
+                                    "candidates/<split>.*) or hf_disk DatasetDict split; null = data.train_split.")
+    valid_fraction: float = _f(0.0, "Hold out this fraction of each training source's groups (round(fraction x "
+                               "groups), at least 1), chosen by train.seed, never drawn for training and validated "
+                               "as data.valid_path is (per source for a blend); in [0, 1), 0 = off. Changes the "
+                               "training data: a resume checks it.")
+    valid_max_groups: int = _f(256, "Validation groups evaluated, at most, per source (held-out part of each "
+                               "training source, and data.valid_path): the first ones of data.valid_path, a seeded "
+                               "sample of the held-out ones. Keeps the validation pass cheap.")
     eval_path: Optional[str] = _f(None, "BEIR folder for evaluation; null = no evaluation during training.")
     eval_split: str = _f("test", "Qrels split for evaluation.")
     eval_run: Optional[str] = _f(None, "First-stage run to rerank; null = <eval_path>/candidates/<split>.*.tsv.")
@@ -312,13 +328,14 @@ class TrainConfig:
     seed: int = _f(1234, "Seed of weights init, data order and dropout.")
     max_nonfinite_steps: int = _f(5, "Stop after this many consecutive steps with NaN/Inf loss or gradients (each is skipped).")
     log_interval: int = _f(1, "Log a line every N steps.")
-    eval_interval: int = _f(0, "Evaluate on data.eval_path every N steps; 0 = only at the end if eval_path is set.")
+    eval_interval: int = _f(0, "Evaluate on data.eval_path and the validation groups (data.valid_path, "
+                            "data.valid_fraction) every N steps; 0 = only at the end, when they are set.")
     allow_changed_data: bool = _f(
         False,
         "Resume a run folder although what it trains on changed. A resume compares the config with the saved "
         "config.yaml of the step it resumes and refuses, before the model is built, any change of the training "
         "data (data.format, train_path, train_split, train_run, teacher_run, blend, n_passages, positives_per_group, "
-        "negatives_top_k, columns, rotate_positives, sample_negatives, repeat_negatives), the input (data.template, "
+        "negatives_top_k, columns, rotate_positives, sample_negatives, repeat_negatives, valid_fraction), the input (data.template, "
         "max_length, max_query_length), the objective (train.loss, teacher_temperature, distill_weight) or the score (model.pooling, temperature); true resumes anyway, with a warning listing "
         "the changes. Free to change on resume: steps, the lr schedule, optimizer settings, intervals, batch split, "
         "parallel layout, dtype, checkpoint and logging keys (docs/checkpoints.md). train.seed and the architecture "
@@ -840,6 +857,7 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
     if d.max_query_length is not None and not 1 <= d.max_query_length < d.max_length - 1:
         errs.append(f"data.max_query_length must be null or in [1, data.max_length - 1) = [1, {d.max_length - 1}) "
                     f"(got {d.max_query_length}): the passage needs room too")
+    errs += _valid_errors(cfg)
     if d.blend:
         return errs + _blend_errors(cfg)
     if d.format != "beir" and d.train_path is None:
@@ -851,6 +869,29 @@ def _train_errors(cfg: Config, env: bool = True) -> list[str]:
     if d.format == "beir" and changed:
         errs.append(f"data.{changed[0]} applies to groups files (data.format {', '.join(GROUP_FILE_FORMATS)}), "
                     "not to format=beir")
+    return errs
+
+
+def _valid_errors(cfg: Config) -> list[str]:
+    """data.valid_*: a fraction in [0, 1), a positive cap, valid_format / valid_split only beside valid_path, a
+    format for it beside a blend, teacher scores for a teacher loss."""
+    d, t = cfg.data, cfg.train
+    errs = []
+    if not (0.0 <= d.valid_fraction < 1.0):
+        errs.append(f"data.valid_fraction must be in [0, 1) (got {d.valid_fraction}; 0 = no held-out groups)")
+    if d.valid_max_groups < 1:
+        errs.append(f"data.valid_max_groups must be >= 1 (got {d.valid_max_groups})")
+    if d.valid_path is None:
+        errs += [f"data.{key} describes data.valid_path, which is not set"
+                 for key in ("valid_format", "valid_split") if getattr(d, key) is not None]
+        return errs
+    if d.blend and d.valid_format is None:
+        errs.append("data.valid_format is required with data.blend: the blend's sources name their own formats")
+    fmt = d.valid_format or d.format
+    if fmt == "beir" and t.loss in TEACHER_LOSSES and (d.blend or d.teacher_run is None):
+        errs.append(f"data.valid_path with format beir: train.loss={t.loss} needs teacher scores of its queries in "
+                    "data.teacher_run (a single BEIR training source's); or validate on groups with "
+                    "pos_scores/neg_scores")
     return errs
 
 

@@ -66,7 +66,8 @@ def training_inputs(cfg) -> dict:
         inputs = _single_source_inputs(d, t)
     inputs.update({"data.n_passages": d.n_passages, "data.positives_per_group": d.positives_per_group,
                    "data.template": d.template, "data.max_length": d.max_length,
-                   "data.max_query_length": d.max_query_length, "train.loss": t.loss})
+                   "data.max_query_length": d.max_query_length, "train.loss": t.loss,
+                   "data.valid_fraction": d.valid_fraction})  # which groups are held out of training
     if t.loss == "kl":
         inputs["train.teacher_temperature"] = t.teacher_temperature
     if t.loss in TEACHER_LOSSES:

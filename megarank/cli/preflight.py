@@ -149,6 +149,10 @@ def check_train_config(cfg) -> None:
             errors.append(f"data.blend[{i}].path {e.path} {problem} (format {e.format} expects {_EXPECTED[e.format]})")
         if e.run is not None and (problem := input_problem(e.run, "file")):
             errors.append(f"data.blend[{i}].run {e.run} {problem}")
+    valid_format, valid_split = d.valid_format or d.format, d.valid_split or d.train_split
+    if d.valid_path is not None and (problem := train_path_problem(valid_format, d.valid_path, valid_split)):
+        errors.append(f"data.valid_path {d.valid_path} {problem} (format {valid_format} expects "
+                      f"{_EXPECTED[valid_format]})")
     if d.eval_path is not None and (problem := beir_problem(d.eval_path, d.eval_split)):
         errors.append(f"data.eval_path {d.eval_path} {problem}")
     for key, path, kind in (("data.train_run", d.train_run, "file"), ("data.eval_run", d.eval_run, "file"),
