@@ -19,10 +19,11 @@ from megarank.data import (
     sample_data_dir,
 )
 from megarank.data.formats import check_prompts, open_groups
+from megarank.data.holdout import TrainingPart
 from megarank.data.tokenizer_factory import make_pair_tokenizer, resolve_tokenizer_dir, tiny_tokenizer_dir
 from megarank.training.loss import group_loss
 
-__all__ = ["blend_names", "make_blend", "make_group_source", "make_loss", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir",
+__all__ = ["blend_names", "make_blend", "make_group_source", "make_loss", "make_valid_source", "make_micro_batcher", "make_pair_tokenizer", "make_sampler", "resolve_tokenizer_dir", "tiny_tokenizer_dir",
            "training_groups_file"]
 
 
@@ -33,14 +34,32 @@ def make_group_source(cfg: Config):
     d = cfg.data
     if d.blend:
         return make_blend(cfg)
-    return _source(cfg, d.format, d.train_path, d.train_split, d.train_run, dataclasses.asdict(d.columns))
+    return _training_part(cfg, _source(cfg, d.format, d.train_path, d.train_split, d.train_run,
+                                       dataclasses.asdict(d.columns)), 0)
+
+
+def _training_part(cfg: Config, source, number: int):
+    """``source`` less its held-out groups (``data.valid_fraction``; megarank/data/holdout.py), or ``source``."""
+    fraction = cfg.data.valid_fraction
+    return TrainingPart(source, fraction, cfg.train.seed, number) if fraction > 0 else source
+
+
+def make_valid_source(cfg: Config):
+    """``data.valid_path`` read as a training source of ``data.valid_format`` (or ``data.format``) is, at its
+    ``data.valid_split`` (or ``data.train_split``), with ``data.columns``; None without it."""
+    d = cfg.data
+    if d.valid_path is None:
+        return None
+    return _source(cfg, d.valid_format or d.format, d.valid_path, d.valid_split or d.train_split, None,
+                   dataclasses.asdict(d.columns))
 
 
 def make_blend(cfg: Config) -> BlendedGroupSource:
     """``data.blend``: each entry's source read as a single source of its format is, blended by weight
     (megarank/data/blend.py), named by its path's last part (made unique) in the per-source counts."""
     entries = cfg.data.blend
-    sources = [_source(cfg, e.format, e.path, e.split, e.run, dataclasses.asdict(e.columns)) for e in entries]
+    sources = [_training_part(cfg, _source(cfg, e.format, e.path, e.split, e.run, dataclasses.asdict(e.columns)), i)
+               for i, e in enumerate(entries)]
     return BlendedGroupSource(sources, [e.weight for e in entries], blend_names(cfg), seed=cfg.train.seed,
                               query_prefixes=[e.query_prefix for e in entries])
 
