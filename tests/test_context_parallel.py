@@ -26,13 +26,14 @@ PAD_ID, VOCAB = 258, 259
 LENGTHS = [(1990, 1203, 617), (1500, 1788, 33)]  # real tokens per row, per micro-batch
 
 
-def _config(tp=1, pp=1, cp=1, sp=False, pooling="avg", packing=False):
+def _config(tp=1, pp=1, cp=1, sp=False, pooling="avg", packing=False, extra=()):
     from megarank.config import load_config
 
     return load_config(TINY, [
         f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
         f"parallel.context_parallel_size={cp}", f"parallel.sequence_parallel={str(sp).lower()}",
         f"model.pooling={pooling}", f"data.packing={str(packing).lower()}", "parallel.use_distributed_optimizer=false",
+        *extra,
     ])
 
 
@@ -60,7 +61,7 @@ def _micro_batches(packed: bool, multiple: int, seq_multiple: int) -> list:
 def listwise_loss(scores: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy over the group, the positive first."""
     logits = scores.float().view(-1, GROUP)
-    return torch.nn.functional.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long))
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
 
 
 def _loss_func(captured: list, scores):
@@ -71,12 +72,14 @@ def _loss_func(captured: list, scores):
 
 def _forward_step(captured: list, data_iterator, model):
     from megarank.model.inputs import model_inputs
+    from megarank.parallel.init import device
 
-    args, kwargs = model_inputs(next(data_iterator), torch.device("cpu"))
+    args, kwargs = model_inputs(next(data_iterator), device())
     return model(*args, **kwargs), functools.partial(_loss_func, captured)
 
 
-def _run(tag: str, root: Path, *, tp=1, pp=1, cp=1, sp=False, pooling="avg", packed=False, save_weights=False) -> dict:
+def _run(tag: str, root: Path, *, tp=1, pp=1, cp=1, sp=False, pooling="avg", packed=False, save_weights=False,
+         extra=()) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megarank.checkpoint import load_model_weights, save_model_weights
@@ -85,7 +88,7 @@ def _run(tag: str, root: Path, *, tp=1, pp=1, cp=1, sp=False, pooling="avg", pac
     from megarank.parallel.init import init_distributed
     from megarank.training.optimizer import wrap_ddp
 
-    cfg = _config(tp, pp, cp, sp, pooling, packed)
+    cfg = _config(tp, pp, cp, sp, pooling, packed, extra)
     init_distributed(tp=tp, pp=pp, cp=cp, seed=cfg.train.seed)
     model = build_model(cfg.model, cfg.parallel, ddp_training=True)
     weights = root / "weights" / "model"
@@ -360,3 +363,36 @@ def test_batcher_pads_for_cp():
     assert layout.seqlens == (8, 12, 4) and layout.real_lengths == (5, 9, 4) and batch["input_ids"].shape == (1, 24)
     assert batch["attention_mask"][0].tolist() == [True] * 5 + [False] * 3 + [True] * 9 + [False] * 7
     assert packed.cost([5, 9]) == 24
+
+
+# ----------------------------------------------------------------------------------------------- on two GPUs
+
+def _two_gpus() -> bool:
+    from megarank.config import transformer_engine_available
+
+    return transformer_engine_available() and torch.cuda.device_count() >= 2
+
+
+def _te_gpu(root: str) -> dict:
+    root = Path(root)
+    te = ["model.transformer_impl=transformer_engine", "model.dtype=bf16"]
+    return {"cp1": _run("gpu-cp1", root, packed=True, save_weights=True, extra=te),
+            "cp2": _run("gpu-cp2", root, cp=2, packed=True, extra=te)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs Transformer Engine and two CUDA devices (CP=2 over NCCL)")
+def test_te_cp2_equals_cp1_in_bf16_on_two_gpus(tmp_path):
+    """Transformer Engine's own context-parallel attention (p2p ring, THD) in bf16: CP=2 gives the CP=1 scores
+    (both TE, both packed, the same weights) within bf16's rounding, and gradients pointing the same way."""
+    out = run_distributed(_te_gpu, 2, str(tmp_path), timeout=600, cpu_only=False)
+    ref = out[0]["cp1"]
+    for rank in (0, 1):
+        got = out[rank]["cp2"]
+        assert_rel_close(got["scores"].float().cpu(), ref["scores"].float().cpu(), f"TE CP=2 scores, rank {rank}",
+                         rtol=2e-2)
+    expected_all, got_all = _plain(tmp_path / "grads-gpu-cp1"), _plain(tmp_path / "grads-gpu-cp2")
+    for key, expected in expected_all.items():
+        a, e = got_all[key].double().flatten(), expected.double().flatten()
+        cosine = (a @ e / (a.norm() * e.norm()).clamp(min=1e-30)).item()
+        assert cosine >= 0.99, f"{key}: gradient cosine {cosine:.4f}"
