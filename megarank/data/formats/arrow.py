@@ -330,7 +330,8 @@ def open_parquet_groups(path: str | os.PathLike, columns: Mapping[str, str],
     from .index import open_index
 
     files = parquet_files(Path(path))
-    index = open_index(path, files, "parquet", {"columns": dict(columns), "skip_bad_rows": skip_bad_rows,
+    named = {field_name: columns.get(field_name, field_name) for field_name in FIELDS}  # {} and the defaults alike
+    index = open_index(path, files, "parquet", {"columns": named, "skip_bad_rows": skip_bad_rows,
                                                 "batch_rows": _COPY_BATCH_ROWS},
                        _build_parquet(files, columns, skip_bad_rows, str(path)), usable=_arrow_copy_problem)
     try:
