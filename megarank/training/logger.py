@@ -50,17 +50,32 @@ class MetricsLogger:
         elapsed = time.time() - self.start
         eta = elapsed / max(steps_done_this_run, 1) * (self.total_steps - step)
         groups = metrics.get("groups") or {}  # a blend's groups per source in this step's global batch
+        source_loss = metrics.get("source_loss") or {}  # and the mean loss of each source's groups
         log.info(
             "step %d/%d | loss %.4f | acc %.3f | mrr %.3f | lr %.3e | grad norm %.3f | %.0f tokens/s | MFU %s | "
-            "elapsed %s | ETA %s%s%s",
+            "elapsed %s | ETA %s%s%s%s",
             step, self.total_steps, metrics["loss"], metrics["acc"], metrics["mrr"], metrics["lr"],
             metrics["grad_norm"], metrics["tokens_per_s"], _fmt_mfu(metrics.get("mfu")), _fmt_duration(elapsed),
             _fmt_duration(eta), f" | groups {', '.join(f'{name} {n}' for name, n in groups.items())}" if groups else "",
+            f" | loss by source {', '.join(f'{name} {v:.4f}' for name, v in source_loss.items())}" if source_loss else "",
             f" | data wait {1000 * metrics['data_wait']:.1f} ms" if "data_wait" in metrics else "",
         )
-        values = {k: v for k, v in metrics.items() if k != "groups" and (k != "mfu" or _finite(v))}
+        values = {k: v for k, v in metrics.items() if k not in ("groups", "source_loss") and (k != "mfu" or _finite(v))}
         values.update({f"groups/{name}": n for name, n in groups.items()})
+        values.update({f"{name}/loss": v for name, v in source_loss.items()})
         self.scalars("train", step, values)
+
+    def validation(self, step: int, metrics: dict) -> None:
+        """The held-out validation line (megarank/training/validation.py): loss, acc@1 and MRR over all validation
+        groups, then per set when there are several; TensorBoard ``valid/loss`` ... and ``valid/<set>/loss`` ..."""
+        if not self.enabled:
+            return
+        names = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in metrics if "/" in k))
+        log.info("valid step %d | loss %.4f | acc %.3f | mrr %.3f | groups %d%s", step, metrics["loss"],
+                 metrics["acc"], metrics["mrr"], metrics["groups"],
+                 "".join(f" | {n}: loss {metrics[n + '/loss']:.4f} acc {metrics[n + '/acc']:.3f} "
+                         f"mrr {metrics[n + '/mrr']:.3f} groups {metrics[n + '/groups']}" for n in names))
+        self.scalars("valid", step, metrics)
 
     def scalars(self, prefix: str, step: int, values: dict) -> None:
         if self.writer is not None:

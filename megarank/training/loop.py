@@ -1,6 +1,7 @@
 """The training loop: build everything from the config, resume, step, log, evaluate, checkpoint, stop."""
 import logging
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,8 @@ from megarank.hardware import peak_flops
 from megarank.model import build_model
 from megarank.parallel.init import device, init_distributed
 from megarank.training.data import (
-    make_group_source, make_loss, make_micro_batcher, make_pair_tokenizer, make_sampler, resolve_tokenizer_dir,
+    make_group_source, make_loss, make_micro_batcher, make_pair_tokenizer, make_sampler, make_valid_source,
+    resolve_tokenizer_dir,
 )
 from megarank.training.flops import mfu, micro_batches_flops, peak_dtype
 from megarank.training.logger import MetricsLogger
@@ -23,6 +25,7 @@ from megarank.training.preemption import PreemptionWatcher
 from megarank.training.prefetch import BatchPrefetcher
 from megarank.training.watchdog import start_agent_watchdog
 from megarank.training.step import train_step
+from megarank.training.validation import Validator, per_source_loss, tag_sources, validation_sets
 
 log = logging.getLogger("megarank.train")
 
@@ -112,6 +115,14 @@ def _evaluate(cfg, model, pair_tokenizer, metrics_logger, step) -> None:
     metrics_logger.scalars("eval", step, ours)
 
 
+def _validate(validator, model, metrics_logger, step) -> Optional[dict]:
+    """Collective: the held-out validation pass (megarank/training/validation.py), logged on the logging rank."""
+    metrics = validator.run(model)
+    if metrics is not None and _is_logging_rank():
+        metrics_logger.validation(step, metrics)
+    return metrics
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) training as configured. Returns the last step's metrics on the logging rank."""
     p, t = cfg.parallel, cfg.train
@@ -127,6 +138,10 @@ def train(cfg: Config) -> dict:
     loss = make_loss(cfg)
     sampler = make_sampler(cfg, len(source), parallel_state.get_data_parallel_rank(),
                            parallel_state.get_data_parallel_world_size())
+    valid_sets = validation_sets(cfg, source, make_valid_source(cfg))  # held-out groups, data.valid_path's
+    training_counts = pair_tokenizer.truncation.copy()
+    validator = Validator(valid_sets, micro_batches, loss) if valid_sets else None
+    pair_tokenizer.truncation = training_counts  # the truncation counts are the training pairs'
     # A resume or checkpoint.load overwrites every weight right after: skip megatron's random init.
     model = build_model(cfg.model, cfg.parallel, init_weights=not checkpoints.loads_weights, ddp_training=True)
     ddp = wrap_ddp(model, cfg, syncs_params_before_reads=True)  # saves sync before reading weights (below)
@@ -145,9 +160,13 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(_is_logging_rank(), t.steps, tb_dir, _wandb_run(cfg, run_dir))
     watcher = PreemptionWatcher(str(run_dir) if run_dir else None, reports=_is_logging_rank())
     peak = _mfu_peak(cfg) if _is_logging_rank() else float("nan")
-    counts_blend = isinstance(source, BlendedGroupSource) and _is_logging_rank()  # only the logging rank reports
+    is_blend = isinstance(source, BlendedGroupSource)
+    counts_blend = is_blend and _is_logging_rank()  # only the logging rank reports
     if counts_blend:
         log.info("blend: %s", source.describe())
+    if validator is not None and _is_logging_rank():
+        log.info("validation groups: %s", validator.describe())
+    valid = None
     metrics, start_step, saved_step, interrupted = {}, step, None, None
     truncation_logged = False
     # Step N+1's groups and micro-batches are built on a worker thread while step N trains (data_wait: how long
@@ -156,8 +175,11 @@ def train(cfg: Config) -> dict:
     while step < t.steps:
         tic = time.time()
         groups, micro, data_wait = batches.next()
+        if is_blend:  # each group's source travels with its micro-batch: the loss per source
+            tag_sources(micro, source, sampler.last_global_batch())
         blend_counts = source.source_counts(sampler.last_global_batch()) if counts_blend else None
         result = train_step(ddp, optimizer, scheduler, micro, loss)
+        per_group = {k: result.pop(k) for k in ("group_losses", "group_sources") if k in result}
         step += 1
         nonfinite = nonfinite + 1 if result["skipped"] else 0
         if nonfinite >= t.max_nonfinite_steps:
@@ -171,13 +193,18 @@ def train(cfg: Config) -> dict:
         if result["skipped"] and _is_logging_rank():  # every skipped step, not only those on a log step
             log.warning("step %d skipped: non-finite loss or gradients (%d in a row)", step, nonfinite)
         if step % t.log_interval == 0 or step == t.steps:
+            if per_group:  # a blend, on the last pipeline stage: collective over data parallel
+                metrics["source_loss"] = per_source_loss(per_group, source.names)
             logger.step(step, metrics, step - start_step)
             if not truncation_logged:  # once per run
                 _log_truncation(pair_tokenizer)
                 truncation_logged = True
-        if cfg.data.eval_path and t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
-            batches.pause()  # evaluation tokenizes with the same tokenizer: not while the worker does
-            _evaluate(cfg, ddp, pair_tokenizer, logger, step)
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+            if validator is not None:
+                valid = _validate(validator, ddp, logger, step)
+            if cfg.data.eval_path:
+                batches.pause()  # evaluation tokenizes with the same tokenizer: not while the worker does
+                _evaluate(cfg, ddp, pair_tokenizer, logger, step)
         if watcher.should_stop():
             saved = checkpoints.save(step, {"nonfinite": nonfinite})
             if saved is not None:
@@ -193,6 +220,8 @@ def train(cfg: Config) -> dict:
         if checkpoints.maybe_save(step, t.steps, {"nonfinite": nonfinite}) is not None:
             saved_step = step
     batches.close()
+    if step >= t.steps and validator is not None and interrupted is None:
+        valid = _validate(validator, ddp, logger, step)
     if step >= t.steps and cfg.data.eval_path and interrupted is None:
         _evaluate(cfg, ddp, pair_tokenizer, logger, step)
     watcher.restore()
@@ -201,4 +230,6 @@ def train(cfg: Config) -> dict:
     if interrupted is not None:
         raise interrupted
     metrics.update(step=step, saved_step=saved_step)
+    if valid is not None:
+        metrics["valid"] = valid
     return metrics
