@@ -197,13 +197,14 @@ def train(cfg: Config) -> dict:
                 metrics["source_loss"] = per_source_loss(per_group, source.names)
             logger.step(step, metrics, step - start_step)
             if not truncation_logged:  # once per run
+                batches.pause()  # the counts, with the worker's step complete (not half of it)
                 _log_truncation(pair_tokenizer)
                 truncation_logged = True
         if t.eval_interval and step % t.eval_interval == 0 and step < t.steps:
+            batches.pause()  # validation and evaluation tokenize with the same tokenizer: not while the worker does
             if validator is not None:
                 valid = _validate(validator, ddp, logger, step)
             if cfg.data.eval_path:
-                batches.pause()  # evaluation tokenizes with the same tokenizer: not while the worker does
                 _evaluate(cfg, ddp, pair_tokenizer, logger, step)
         if watcher.should_stop():
             saved = checkpoints.save(step, {"nonfinite": nonfinite})
