@@ -8,7 +8,9 @@
   resume log names the layout change; a CP=2 checkpoint resumes at CP=1;
 - SIGTERM, SIGUSR1 and the `.save_and_exit` file save at a step boundary and exit 0;
 - the same kill and resume with each loss beyond listwise, teacher scores (a BEIR teacher run, JSONL
-  pos_scores/neg_scores) and several graded positives per group, and from a data.blend of two sources at DP=2.
+  pos_scores/neg_scores) and several graded positives per group, and from a data.blend of two sources at DP=2
+  (a quarter of each held out by data.valid_fraction and validated every other step: the same held-out groups and
+  validation losses after the resume).
 """
 import json
 import shutil
@@ -45,6 +47,10 @@ def _assert_same_run(straight_dir, resumed_dir, resumed_tb, steps) -> None:
         got = tb_scalars(resumed_tb, tag)
         assert sorted(got) == list(steps), f"{tag}: the resumed run logged steps {sorted(got)}"
         assert {s: got[s] for s in steps} == {s: want[s] for s in steps}, tag
+    want = tb_scalars(straight_dir / "tensorboard", "valid/loss")  # held-out validation, where the run has it
+    if want:
+        got = tb_scalars(resumed_tb, "valid/loss")
+        assert got and got == {s: want[s] for s in got}, "valid/loss"
     final = f"step-{steps[-1]}"
     assert_bit_identical(read_plain_tensors(straight_dir / final / "model"),
                          read_plain_tensors(resumed_dir / final / "model"), "weights")
@@ -77,7 +83,9 @@ RESUME_LAYOUTS = {
     "plistmle": (1, ["train.loss=plistmle", *_TWO_POSITIVES]),
     "lambda": (1, ["train.loss=lambda", *_JSONL_TEACHER, *_TWO_POSITIVES]),
     "ranknet": (1, ["train.loss=ranknet", *_TWO_POSITIVES]),
-    "blend_dp2": (2, [_BLEND, "parallel.use_distributed_optimizer=true"]),
+    # ... with a quarter of each source held out and validated every other step (megarank/training/validation.py)
+    "blend_dp2": (2, [_BLEND, "parallel.use_distributed_optimizer=true", "data.valid_fraction=0.25",
+                      "train.eval_interval=2"]),
     # Context parallelism: each sequence split over the two ranks (one data-parallel replica).
     "cp2": (2, ["parallel.context_parallel_size=2", "parallel.use_distributed_optimizer=true"]),
 }
