@@ -65,9 +65,20 @@ def _parquet(tmp_path):
     return folder
 
 
+def _hf_disk(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = range(12)
+    train = Dataset.from_dict({"query": [f"q{i}" for i in rows], "pos_doc": [[f"p{i}"] for i in rows],
+                               "neg_doc": [[f"n{i}", ""] if i == 9 else [f"n{i}", f"m{i}"] for i in rows]})
+    DatasetDict({"train": train, "test": train.select(range(2))}).save_to_disk(tmp_path / "ds", num_shards={
+        "train": 3, "test": 1})
+    return tmp_path / "ds"
+
+
 COLUMNS = {"query": "question", "pos_doc": "positive", "neg_doc": "negative"}
 FILES = {"jsonl": (_jsonl, "jsonl", {}), "flag": (_flag, "jsonl", {}), "triples": (_triples, "triples", {}),
-         "parquet": (_parquet, "parquet", COLUMNS)}
+         "parquet": (_parquet, "parquet", COLUMNS), "hf_disk": (_hf_disk, "hf_disk", {})}
 
 
 @pytest.mark.parametrize("kind", FILES)

@@ -47,10 +47,10 @@ def read_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str
 
 def open_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str, str]] = None,
                 split: str = "train", skip_bad: bool = False) -> tuple[Sequence[dict], int]:
-    """`read_groups` for training: the same groups, the same errors, but JSONL, triples and Parquet are read
+    """`read_groups` for training: the same groups, the same errors, but JSONL, triples, Parquet, `hf_disk` are read
     through an index built once (`index.py`) and memory-mapped, each group parsed when it is indexed
-    (`indexed.py`, `arrow.open_parquet_groups`); ``hf_disk`` is memory-mapped as it is and ``nemo_corpus`` is read
-    as `read_groups` reads it."""
+    (`indexed.py`; Parquet and ``hf_disk`` through an Arrow copy beside the index, `arrow.open_parquet_groups`);
+    ``nemo_corpus`` is read as `read_groups` reads it."""
     if fmt == "jsonl":
         from .indexed import open_jsonl_groups
 
@@ -63,6 +63,10 @@ def open_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str
         from .arrow import open_parquet_groups
 
         return open_parquet_groups(path, columns or {}, skip_bad_rows=skip_bad)
+    if fmt == "hf_disk":
+        from .arrow import open_hf_disk_groups
+
+        return open_hf_disk_groups(path, columns or {}, split=split, skip_bad_rows=skip_bad)
     return read_groups(fmt, path, columns=columns, split=split, skip_bad=skip_bad)
 
 

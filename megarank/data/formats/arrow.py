@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from array import array
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -250,38 +251,66 @@ def _arrow_copy(index_path: Path) -> Path:
     return Path(f"{index_path}.arrow")
 
 
-def _build_parquet(files: list[Path], columns: Mapping[str, str], skip_bad: bool, label: str):
-    """The index builder of a Parquet source: its rows decoded one batch at a time into an uncompressed Arrow
-    file beside the index (memory-mapped by every rank), each row checked as `ArrowGroups.checked` checks it."""
-    def build(index_path: Path):
-        opened, mapped, names = [], None, []
-        for file in files:
-            try:
-                pf = pq.ParquetFile(file, memory_map=True)
-            except (OSError, pa.ArrowException) as e:
-                raise DataError(f"{file}: is not a readable Parquet file ({e})") from None
-            found = column_map(pf.schema_arrow, columns, str(file))
-            if mapped is not None and found != mapped:
-                raise DataError(f"{file}: has columns {sorted(found.values())} but {files[0]} has "
-                                f"{sorted(mapped.values())}; the files of one training set need the same columns")
-            mapped, names = found, list(found.values())
-            opened.append((str(file), pf))
+def _parquet_sources(files: list[Path], columns: Mapping[str, str]):
+    """``(mapped columns, [(file name, schema, batches(names)), ...])`` of Parquet files, columns checked."""
+    opened, mapped = [], None
+    for file in files:
         try:
-            schema = pa.unify_schemas([pa.schema([pf.schema_arrow.field(n) for n in names]) for _, pf in opened],
+            pf = pq.ParquetFile(file, memory_map=True)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{file}: is not a readable Parquet file ({e})") from None
+        found = column_map(pf.schema_arrow, columns, str(file))
+        if mapped is not None and found != mapped:
+            raise DataError(f"{file}: has columns {sorted(found.values())} but {files[0]} has "
+                            f"{sorted(mapped.values())}; the files of one training set need the same columns")
+        mapped = found
+        opened.append((str(file), pf.schema_arrow,
+                       lambda names, pf=pf: pf.iter_batches(batch_size=_BATCH_ROWS, columns=names)))
+    return mapped, opened
+
+
+def _hf_disk_sources(files: list[Path], columns: Mapping[str, str]):
+    """The same for the Arrow stream files of a ``save_to_disk`` folder (memory-mapped while the index is built)."""
+    opened, mapped = [], None
+    for file in files:
+        table = _mapped_stream(file)
+        found = column_map(table.schema, columns, str(file))
+        if mapped is not None and found != mapped:
+            raise DataError(f"{file}: has columns {sorted(found.values())} but {files[0]} has "
+                            f"{sorted(mapped.values())}; the files of one training set need the same columns")
+        mapped = found
+        opened.append((str(file), table.schema,
+                       lambda names, table=table: table.select(names).to_batches(max_chunksize=_BATCH_ROWS)))
+    return mapped, opened
+
+
+def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad: bool, label: str,
+                rows_named_by: str | None = None):
+    """The index builder of an Arrow-backed source (`sources`: `_parquet_sources` or `_hf_disk_sources`): its rows
+    decoded one batch at a time into an uncompressed Arrow file beside the index, in record batches of
+    `_COPY_BATCH_ROWS` rows, each row checked as `ArrowGroups.checked` checks it. Rows are named per file, or
+    over the whole dataset as `rows_named_by` (a ``save_to_disk`` folder)."""
+    def build(index_path: Path):
+        mapped, opened = sources(files, columns)
+        names = list(mapped.values())
+        try:
+            schema = pa.unify_schemas([pa.schema([sch.field(n) for n in names]) for _, sch, _ in opened],
                                       promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise DataError(f"{opened[-1][0]}: its column types differ from {opened[0][0]}'s ({e})") from None
         arrow = _arrow_copy(index_path)
         tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
-        groups = ArrowGroups(None, np.zeros(0, np.int64), mapped, [])
-        good, n_pos, n_neg, teacher, bad, batch_starts = [], [], [], [], [], []
+        groups = ArrowGroups(None, np.zeros(0, np.int64), mapped, [(rows_named_by, 0)] if rows_named_by else [])
+        good, n_pos, n_neg, teacher, bad, batch_starts = (array("q") for _ in range(6))
+        bad = []
         start = 0
         try:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for name, pf in opened:
-                    groups.files.append((name, start))
+                for name, _, batches in opened:
+                    if not rows_named_by:
+                        groups.files.append((name, start))
                     try:
-                        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=names):
+                        for batch in batches(names):
                             batch = batch.select(names).cast(schema)
                             for offset, obj in enumerate(batch.to_pylist()):
                                 try:
@@ -300,17 +329,17 @@ def _build_parquet(files: list[Path], columns: Mapping[str, str], skip_bad: bool
                                 writer.write_batch(batch.slice(k, _COPY_BATCH_ROWS))
                             start += batch.num_rows
                     except (OSError, pa.ArrowException) as e:
-                        raise DataError(f"{name}: is not a readable Parquet file ({e})") from None
+                        raise DataError(f"{name}: cannot be read ({e})") from None
             if not good:
                 report_skipped(label, good, bad, "rows")
             os.replace(tmp, arrow)
         finally:
             tmp.unlink(missing_ok=True)
+        as_int64 = lambda a: np.frombuffer(a, dtype=np.int64).copy()  # noqa: E731
         return {"bad": len(bad), "bad_first": bad[:5], "tables": groups.files, "columns": mapped,
                 "arrow_size": arrow.stat().st_size}, {
-            "rows": np.asarray(good, np.int64), "n_pos": np.asarray(n_pos, np.int64),
-            "n_neg": np.asarray(n_neg, np.int64), "teacher": np.asarray(teacher, np.bool_),
-            "batch_start": np.asarray(batch_starts, np.int64)}
+            "rows": as_int64(good), "n_pos": as_int64(n_pos), "n_neg": as_int64(n_neg),
+            "teacher": as_int64(teacher).astype(np.bool_), "batch_start": as_int64(batch_starts)}
     return build
 
 
@@ -323,17 +352,15 @@ def _arrow_copy_problem(index) -> str:
     return "" if size == index.header.get("arrow_size") else f"its Arrow copy {arrow} has another size"
 
 
-def open_parquet_groups(path: str | os.PathLike, columns: Mapping[str, str],
-                        skip_bad_rows: bool = False) -> tuple[IndexedArrowGroups, int]:
-    """`read_parquet_groups` through an index (megarank/data/formats/index.py): the rows are decoded once into an
-    Arrow file that every rank memory-maps; ``(groups, n_skipped)``."""
+def _open_copy(path, files: list[Path], kind: str, columns: Mapping[str, str], skip_bad: bool, sources,
+               rows_named_by: str | None = None) -> tuple[IndexedArrowGroups, int]:
     from .index import open_index
 
-    files = parquet_files(Path(path))
     named = {field_name: columns.get(field_name, field_name) for field_name in FIELDS}  # {} and the defaults alike
-    index = open_index(path, files, "parquet", {"columns": named, "skip_bad_rows": skip_bad_rows,
-                                                "batch_rows": _COPY_BATCH_ROWS},
-                       _build_parquet(files, columns, skip_bad_rows, str(path)), usable=_arrow_copy_problem)
+    index = open_index(path, files, kind, {"columns": named, "skip_bad_rows": skip_bad,
+                                           "batch_rows": _COPY_BATCH_ROWS},
+                       _build_copy(sources, columns, files, skip_bad, str(path), rows_named_by),
+                       usable=_arrow_copy_problem)
     try:
         reader = pa.ipc.open_file(pa.OSFile(str(_arrow_copy(index.path))))
     except (OSError, pa.ArrowException) as e:
@@ -341,3 +368,23 @@ def open_parquet_groups(path: str | os.PathLike, columns: Mapping[str, str],
                         f"{index.path} to rebuild it") from None
     groups = IndexedArrowGroups(reader, index, index.header["columns"], [tuple(f) for f in index.header["tables"]])
     return groups, groups.skipped(str(path))
+
+
+def open_parquet_groups(path: str | os.PathLike, columns: Mapping[str, str],
+                        skip_bad_rows: bool = False) -> tuple[IndexedArrowGroups, int]:
+    """`read_parquet_groups` through an index (megarank/data/formats/index.py): the rows are decoded once into an
+    uncompressed Arrow file beside the index, from which a drawn row's 64-row batch is read; ``(groups,
+    n_skipped)``."""
+    return _open_copy(path, parquet_files(Path(path)), "parquet", columns, skip_bad_rows, _parquet_sources)
+
+
+def open_hf_disk_groups(path: str | os.PathLike, columns: Mapping[str, str], split: str = "train",
+                        skip_bad_rows: bool = False) -> tuple[IndexedArrowGroups, int]:
+    """`read_hf_disk_groups` through an index, as `open_parquet_groups`: the rows are checked once (not on every
+    rank at every start) and copied in 64-row batches; ``(groups, n_skipped)``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: is not a folder (a datasets save_to_disk folder is expected)")
+    folder = dataset_folder(path, split)
+    return _open_copy(path, arrow_files(folder), "hf_disk", columns, skip_bad_rows, _hf_disk_sources,
+                      rows_named_by=str(folder))
