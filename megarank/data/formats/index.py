@@ -2,14 +2,14 @@
 
 A groups file read through an index is not parsed into Python objects on each rank: one pass (the first process
 to get there) checks every record as the eager readers do and records where each one is (byte offsets of JSONL
-lines, the lines of each triples query, the good rows of a Parquet file copied to an Arrow file) in compact
-numpy arrays; every rank then memory-maps those arrays (the OS page cache holds one copy per machine) and parses
+lines, the lines of each triples query, the good rows of a Parquet file or ``datasets`` folder copied to an Arrow
+file) in compact numpy arrays; every rank then memory-maps those arrays (the OS page cache holds one copy per machine) and parses
 a record when it is drawn.
 
 Where it lives: ``<data path>.megarank-index`` beside the data when that folder is writable, else
 ``$XDG_CACHE_HOME/megarank/index/<name>.<hash of the absolute path>.megarank-index`` (``~/.cache`` by default);
-``MEGARANK_INDEX_DIR`` puts every index in that folder instead. A Parquet source's Arrow copy sits beside its
-index (``... .megarank-index.arrow``).
+``MEGARANK_INDEX_DIR`` puts every index in that folder instead. A Parquet or ``datasets`` source's Arrow copy
+sits beside its index (``... .megarank-index.arrow``).
 
 When it is rebuilt: the index records each data file's size, modification time (ns) and a hash of its first and
 last 64 KiB, the format, the reader's parameters (columns, ``skip_bad_lines``) and this module's version; any
