@@ -6,7 +6,8 @@
   micro-batches (the default) and with padded ones (data.packing=false, one process and TP=2);
 - the NaN/Inf guard skips and counts bad steps (weights, Adam state and LR untouched) and stops after
   train.max_nonfinite_steps in a row;
-- log lines, TensorBoard event files and keep-last-K pruning.
+- log lines, TensorBoard event files and keep-last-K pruning;
+- held-out validation after every step gives the one-process values at every layout.
 """
 import json
 import math
@@ -29,8 +30,12 @@ STEPS = 3
 # Adam divides by |g| + eps: a gradient element that cancels to ~0 has its fp32 reduction-order noise (~1e-10)
 # amplified to lr * noise / eps in the weights. eps 1e-6 (not 1e-8) keeps that far below the tolerance without
 # changing any update of a gradient element that matters (|g| >> 1e-6).
+# Held-out validation (megarank/training/validation.py) after every step, on 5 of the sample's JSONL groups: the
+# same values at every layout, and the training unchanged by it (tests/test_validation.py).
+_VALID = [f"data.valid_path={Path(__file__).resolve().parents[1] / 'megarank/resources/sample/train_groups.jsonl'}",
+          "data.valid_format=jsonl", "data.valid_max_groups=5", "train.eval_interval=1"]
 COMMON = [f"train.steps={STEPS}", "train.log_interval=1", "train.lr_warmup_steps=0", "train.clip_grad=0.1",
-          "data.max_length=256", "train.adam_eps=1.0e-6"]
+          "data.max_length=256", "train.adam_eps=1.0e-6", *_VALID]
 LAYOUTS = {
     "dp2": (2, ["parallel.use_distributed_optimizer=true"]),
     "dp2_no_distributed_optimizer": (2, ["parallel.use_distributed_optimizer=false"]),
@@ -83,7 +88,8 @@ def test_layout_matches_one_process(layout_runs, layout):
     lines = log_lines(outputs[layout])
     assert sorted(lines) == list(range(1, STEPS + 1))
     assert len(re.findall(r"step 1/\d+ \|", outputs[layout])) == 1
-    for tag, rel in (("train/loss", 1e-5), ("train/grad_norm", 1e-5), ("train/lr", 1e-7), ("train/acc", 1e-7)):
+    for tag, rel in (("train/loss", 1e-5), ("train/grad_norm", 1e-5), ("train/lr", 1e-7), ("train/acc", 1e-7),
+                     ("valid/loss", 1e-5), ("valid/mrr", 1e-6), ("valid/groups", 0)):
         ref, got = tb_scalars(ref_dir / "tensorboard", tag), tb_scalars(run_dir / "tensorboard", tag)
         assert sorted(got) == list(range(1, STEPS + 1)), tag
         for step in ref:
