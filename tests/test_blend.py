@@ -199,6 +199,13 @@ def test_a_tiny_run_trains_from_a_blend_of_two_formats_and_logs_per_source_count
     tb = {name: tb_scalars(two_formats / "tb", f"train/groups/{name}") for name in ("a.jsonl", "b.parquet")}
     assert [tb["a.jsonl"][s] for s in (1, 2, 3)] == [float(a) for a, _ in counts]
     assert [tb["b.parquet"][s] for s in (1, 2, 3)] == [float(b) for _, b in counts]
+    # each source's mean loss in the step (sources without a group left out); weighted by the counts, the step's loss
+    for step, (a, b) in enumerate(counts, start=1):
+        losses = {name: tb_scalars(two_formats / "tb", f"train/{name}/loss").get(step) for name in tb}
+        assert {n for n, v in losses.items() if v is not None} == {n for n, c in zip(tb, (a, b)) if int(c)}
+        mean = sum(int(c) * (losses[n] or 0.0) for n, c in zip(tb, (a, b))) / 4
+        assert mean == pytest.approx(tb_scalars(two_formats / "tb", "train/loss")[step], rel=1e-5)
+    assert len(re.findall(r"\| loss by source a\.jsonl \d\.\d{4}", out)) == sum(int(a) > 0 for a, _ in counts)
 
 
 def _readme_block(title: str) -> list[str]:
