@@ -5,8 +5,9 @@ and the same groups as Parquet.
         [--old-groups 100000] [--phases generate,index,ranks,train] [--out report.json]
 
 - generate: ``--groups`` query groups (a query of 6-14 words, 1 positive and 4 negatives of 60-100 words, words
-  drawn from a 5,000-word random vocabulary) written to ``DIR/groups-N.jsonl`` and ``DIR/groups-N.parquet``
-  (snappy, row groups of 65,536 rows), outside the repository; kept for the next run.
+  drawn from a 5,000-word random vocabulary) written to ``DIR/groups-N.jsonl``, ``DIR/groups-N.parquet``
+  (snappy, row groups of 65,536 rows) and ``DIR/groups-N.hf`` (``datasets`` ``save_to_disk``, 4 shards), outside
+  the repository; kept for the next run. ``--formats`` picks which of the three the other phases measure.
 - index: the index of each file built from nothing in a fresh process (wall time and that process's peak RSS),
   then opened again (reuse).
 - ranks: DP=2 without a model: two processes at once, each builds its source (``GroupsFileSource`` over the eager
@@ -28,7 +29,6 @@ import datetime
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -90,6 +90,17 @@ def generate(folder: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     return jsonl, parquet
 
 
+def hf_disk_copy(parquet: Path) -> Path:
+    """The same rows as a ``datasets`` ``save_to_disk`` folder (4 shards), made once beside the Parquet file."""
+    from datasets import Dataset
+    import pyarrow.parquet as pq
+
+    out = parquet.with_suffix(".hf")
+    if not (out / "state.json").is_file():
+        Dataset(pq.read_table(parquet)).save_to_disk(str(out), num_shards=4)
+    return out
+
+
 def head_jsonl(src: Path, n: int) -> Path:
     """The first n lines of a generated JSONL file (the eager reader's smaller input)."""
     out = src.with_name(f"groups-{n}-head-of-{src.stem}.jsonl")
@@ -136,7 +147,7 @@ def child(args) -> dict:
     from megarank.data.formats import open_groups
     from megarank.data.formats.index import index_path
 
-    fmt = "parquet" if args.file.endswith(".parquet") else "jsonl"
+    fmt = "hf_disk" if Path(args.file).is_dir() else "parquet" if args.file.endswith(".parquet") else "jsonl"
     if args.child == "index":
         idx = index_path(args.file)
         for p in (idx, Path(f"{idx}.arrow")):
@@ -144,7 +155,7 @@ def child(args) -> dict:
         t0 = time.perf_counter()
         groups, _ = open_groups(fmt, args.file)
         build = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = memory()["VmHWM"]  # this process's own peak (ru_maxrss would carry the parent's across fork+exec)
         t0 = time.perf_counter()
         groups, _ = open_groups(fmt, args.file)
         reuse = time.perf_counter() - t0
@@ -222,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--old-groups", type=int, default=100_000, help="groups the eager reader is measured on")
     p.add_argument("--dir", default="/tmp/megarank-data-bench")
     p.add_argument("--phases", default="generate,index,ranks,train")
+    p.add_argument("--formats", default="jsonl,parquet,hf_disk")
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--draw-steps", type=int, default=20)
     p.add_argument("--train-steps", type=int, default=30)
@@ -239,23 +251,31 @@ def main(argv=None) -> int:
     folder = Path(args.dir)
     t0 = time.time()
     jsonl, parquet = generate(folder, args.groups)
+    hf = hf_disk_copy(parquet)
+    hf_bytes = sum(f.stat().st_size for f in hf.rglob("*.arrow"))
     print(f"data: {jsonl} ({jsonl.stat().st_size / GIB:.2f} GiB), {parquet} ({parquet.stat().st_size / GIB:.2f} GiB)"
+          f", {hf} ({hf_bytes / GIB:.2f} GiB)"
           f"{f'; generated in {time.time() - t0:.0f} s' if 'generate' in phases else ''}", flush=True)
+    formats = args.formats.split(",")
+    chosen = [(fmt, f) for fmt, f in (("jsonl", jsonl), ("parquet", parquet), ("hf_disk", hf)) if fmt in formats]
     report = {"groups": args.groups, "jsonl_bytes": jsonl.stat().st_size, "parquet_bytes": parquet.stat().st_size}
     if "index" in phases:
-        report["index"] = [run_child("--child", "index", "--file", f) for f in (jsonl, parquet)]
+        report["index"] = [run_child("--child", "index", "--file", f) for _, f in chosen]
         for r in report["index"]:
             print(f"index {Path(r['file']).name}: built in {r['build_s']:.1f} s (peak RSS of the builder "
                   f"{r['peak_rss'] / GIB:.2f} GiB), reopened in {r['reuse_s']:.3f} s; {r['index_bytes']}", flush=True)
     if "ranks" in phases:
         report["ranks"] = []
-        old_files = (jsonl, parquet) if args.old_groups >= args.groups else \
-            (head_jsonl(jsonl, args.old_groups), head_parquet(parquet, args.old_groups))
-        for fmt, new_file, old_file in (("jsonl", jsonl, old_files[0]), ("parquet", parquet, old_files[1])):
+        small = args.old_groups < args.groups
+        heads = {"jsonl": lambda: head_jsonl(jsonl, args.old_groups),
+                 "parquet": lambda: head_parquet(parquet, args.old_groups),
+                 "hf_disk": lambda: hf}  # a save_to_disk folder is memory-mapped by the old reader: measured whole
+        for fmt, new_file in chosen:
+            old_file = heads[fmt]() if small else new_file
             for reader, file in (("old", old_file), ("new", new_file)):
                 if reader == "new":
-                    run_child("--child", "index", "--file", file) if not Path(f"{file}.megarank-index").exists() \
-                        else None
+                    if not Path(f"{file}.megarank-index").exists():
+                        run_child("--child", "index", "--file", file)
                 rows = ranks(file, reader, args)
                 report["ranks"].extend(rows)
                 print(f"DP=2 {fmt} {reader} reader, {rows[0]['groups']} groups: first batch "
@@ -266,8 +286,7 @@ def main(argv=None) -> int:
                       f"{1000 * max(r['draw_s_per_step'] for r in rows):.1f} ms per step of {args.global_batch // 2} "
                       "groups", flush=True)
     if "train" in phases:
-        report["train"] = [train(f, fmt, args.train_steps, folder) for f, fmt in ((jsonl, "jsonl"),
-                                                                                  (parquet, "parquet"))]
+        report["train"] = [train(f, fmt, args.train_steps, folder) for fmt, f in chosen]
         for r in report["train"]:
             print(f"train tiny DP=2 {Path(r['file']).name}: launch -> first step {r['launch_to_first_step_s']:.1f} s; "
                   f"step {1000 * r['step_s_median']:.1f} ms, data wait {1000 * r['data_wait_s_median']:.2f} ms median "
