@@ -152,7 +152,7 @@ class ParallelConfig:
         "Context-parallel size (CP): every sequence of a micro-batch is split over CP ranks (each holds chunks r and "
         "2CP-1-r of the sequence, megatron's and Transformer Engine's DualChunkSwap layout), attention sees the whole "
         "sequence, pooling and the score combine the ranks' parts. For 8K-32K-token documents. World size = "
-        "TP x PP x CP x DP. Sequences are padded to a multiple of 2 x CP x TP (each rank's share splits over TP); on the "
+        "TP x PP x CP x DP. Batches are padded to a multiple of CP x lcm(data.pad_to_multiple_of, 2 x TP), packed sequences each to 2 x CP; on the "
         "transformer_engine spec it needs data.packing=true (TE's context-parallel attention takes a padding mask "
         "only for packed, THD, batches).",
     )

@@ -363,6 +363,10 @@ def test_batcher_pads_for_cp():
     assert layout.seqlens == (8, 12, 4) and layout.real_lengths == (5, 9, 4) and batch["input_ids"].shape == (1, 24)
     assert batch["attention_mask"][0].tolist() == [True] * 5 + [False] * 3 + [True] * 9 + [False] * 7
     assert packed.cost([5, 9]) == 24
+    from megarank.data.packing import packing_multiple
+
+    # each rank's share keeps the pad multiple (FP8: 16 tokens per rank) and splits over TP
+    assert packing_multiple(16, 1, 2) == 32 and packing_multiple(16, 2, 2) == 32 and packing_multiple(1, 2, 4) == 16
 
 
 # ----------------------------------------------------------------------------------------------- on two GPUs

@@ -86,8 +86,10 @@ RESUME_LAYOUTS = {
     # ... with a quarter of each source held out and validated every other step (megarank/training/validation.py)
     "blend_dp2": (2, [_BLEND, "parallel.use_distributed_optimizer=true", "data.valid_fraction=0.25",
                       "train.eval_interval=2"]),
-    # Context parallelism: each sequence split over the two ranks (one data-parallel replica).
-    "cp2": (2, ["parallel.context_parallel_size=2", "parallel.use_distributed_optimizer=true"]),
+    # Context parallelism: each sequence split over the two ranks (one data-parallel replica), packed token-budget
+    # micro-batches (each sequence padded to 4 inside the stream), the distributed optimizer over the CP ranks.
+    "cp2": (2, ["parallel.context_parallel_size=2", "parallel.use_distributed_optimizer=true",
+                "train.micro_batch_tokens=2000", "data.packing=true"]),
 }
 
 
@@ -276,8 +278,8 @@ def test_checkpoint_saved_at_cp2_resumes_at_cp1(straight, tmp_path):
     run_dir.mkdir()
     shutil.copytree(source / f"step-{N}", run_dir / f"step-{N}")
     (run_dir / "latest").write_text(f"step-{N}\n")
-    out = run(train_cmd(1, *RESUME, "parallel.use_distributed_optimizer=true", f"checkpoint.dir={run_dir}"),
-              cwd=tmp_path).stdout
+    out = run(train_cmd(1, *RESUME, "parallel.use_distributed_optimizer=true", "train.micro_batch_tokens=2000",
+                        "data.packing=true", f"checkpoint.dir={run_dir}"), cwd=tmp_path).stdout
     assert (f"(saved at TP=1 PP=1 CP=2 DP=1, now TP=1 PP=1 CP=1 DP=1: weights and optimizer state resharded)"
             in out)
     want = tb_scalars(source / "tensorboard", "train/loss")

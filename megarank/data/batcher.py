@@ -17,7 +17,7 @@ the longest row rounded up to ``multiple``, or [1, T] packed with the stream's l
 
 The multiple (``Batcher.multiple``) is the one rule for a batch's length: padded, ``data.pad_to_multiple_of``
 (or 1); packed, ``packing_multiple(pad_to_multiple_of, TP)`` so that sequence parallelism can split the stream.
-With context parallelism (CP > 1) both are ``packing_multiple(pad_to_multiple_of, TP, CP)`` (2 x CP x TP): every
+With context parallelism (CP > 1) both are ``packing_multiple(pad_to_multiple_of, TP, CP)`` (CP x lcm(pad, 2 x TP)): every
 padded row, and every sequence of a packed stream (``seq_multiple`` = 2 x CP, padded inside its segment), splits
 into the 2 x CP chunks of megarank/parallel/context.py, and each rank's share still splits over TP.
 Token budgets count what the model runs with it (``batch_cost``). The TP size is passed in: this package never

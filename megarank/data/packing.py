@@ -56,11 +56,13 @@ class PackedLayout:
 
 
 def packing_multiple(pad_to_multiple_of: int, tensor_parallel_size: int, context_parallel_size: int = 1) -> int:
-    """The stream length's multiple: the data's pad multiple and the TP size (sequence parallelism); with context
-    parallelism 2 x CP x TP, so that every CP rank's share (a multiple of 2 x CP per sequence, divided by CP) still
-    splits over the TP ranks."""
-    cp = context_parallel_size or 1
-    return math.lcm(pad_to_multiple_of or 1, (tensor_parallel_size or 1) * (2 * cp if cp > 1 else 1))
+    """The stream length's multiple: the data's pad multiple and the TP size (sequence parallelism). With context
+    parallelism, CP x lcm(pad multiple, 2 x TP): every CP rank's share (1/CP of the stream) is then itself a multiple
+    of the pad multiple (FP8 needs 16 tokens per rank, config.validate) and of TP, and the stream of 2 x CP."""
+    pad, tp, cp = pad_to_multiple_of or 1, tensor_parallel_size or 1, context_parallel_size or 1
+    if cp > 1:
+        return cp * math.lcm(pad, 2 * tp)
+    return math.lcm(pad, tp)
 
 
 def pack_rows(rows, pad_id: int, multiple: int = 1, seq_multiple: int = 1) -> dict:
