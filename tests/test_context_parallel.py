@@ -80,13 +80,10 @@ def _forward_step(captured: list, data_iterator, model):
 
 def _run(tag: str, root: Path, *, tp=1, pp=1, cp=1, sp=False, pooling="avg", packed=False, save_weights=False,
          extra=()) -> dict:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megarank.checkpoint import load_model_weights, save_model_weights
     from megarank.data.packing import packing_multiple
     from megarank.model import build_model
     from megarank.parallel.init import init_distributed
-    from megarank.training.optimizer import wrap_ddp
 
     cfg = _config(tp, pp, cp, sp, pooling, packed, extra)
     init_distributed(tp=tp, pp=pp, cp=cp, seed=cfg.train.seed)
@@ -96,9 +93,20 @@ def _run(tag: str, root: Path, *, tp=1, pp=1, cp=1, sp=False, pooling="avg", pac
         save_model_weights(model, weights)
     else:
         load_model_weights(model, weights)
-    ddp = wrap_ddp(model, cfg)
     multiple = packing_multiple(1, tp, cp) if (packed or cp > 1) else 1
     batches = _micro_batches(packed, multiple, 2 * cp if packed and cp > 1 else 1)
+    return _step_and_save_grads(model, cfg, batches, root / f"grads-{tag}")
+
+
+def _step_and_save_grads(model, cfg, batches, grads_dir: Path) -> dict:
+    """One forward+backward of ``batches`` on the DDP-wrapped model through megatron's schedule; the reduced
+    gradients written as a dist checkpoint (global layout) to ``grads_dir``. -> scores and loss (last stage)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megarank.checkpoint import save_model_weights
+    from megarank.training.optimizer import wrap_ddp
+
+    ddp = wrap_ddp(model, cfg)
     captured: list = []
     ddp.zero_grad_buffer()
     reduced = get_forward_backward_func()(
@@ -111,7 +119,7 @@ def _run(tag: str, root: Path, *, tp=1, pp=1, cp=1, sp=False, pooling="avg", pac
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.main_grad)
-    save_model_weights(model, root / f"grads-{tag}")
+    save_model_weights(model, grads_dir)
     if not captured:
         return {"scores": None, "loss": None}
     return {"scores": torch.cat(captured), "loss": torch.stack([r["loss"] for r in reduced]).mean()}
@@ -266,16 +274,14 @@ def _install_fake_te():
 def _run_te_cp(root: Path) -> dict:
     """The tiny model on megatron's TE spec (CPU stand-ins) at CP=2, packed, bf16 rules aside (fp32): megatron's THD
     RoPE under CP, TE's CP attention contract, megarank's pooling; gradients through DDP as in ``_run``."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megarank.checkpoint import load_model_weights, save_model_weights
+    from megarank.checkpoint import load_model_weights
     from megarank.config import padded_vocab_size
     from megarank.data.packing import packing_multiple
     from megarank.model.reranker import LlamaReranker
     from megarank.model.spec import block_spec
     from megarank.model.transformer_config import make_transformer_config
     from megarank.parallel.init import init_distributed
-    from megarank.training.optimizer import wrap_ddp
 
     attention = _install_fake_te()
     cfg = _config(cp=2, packing=True)
@@ -287,20 +293,8 @@ def _run_te_cp(root: Path) -> dict:
                           rope_theta=m.rope_theta, rope_scaling=m.rope_scaling, pooling=m.pooling)
     assert not model.core_rope  # megatron applies RoPE (its THD path with the CP group)
     load_model_weights(model, root / "weights" / "model")
-    ddp = wrap_ddp(model, cfg)
-    batches = _micro_batches(True, packing_multiple(1, 1, 2), 4)
-    captured: list = []
-    ddp.zero_grad_buffer()
-    reduced = get_forward_backward_func()(
-        forward_step_func=functools.partial(_forward_step, captured), data_iterator=iter(batches), model=[ddp],
-        num_microbatches=N_MICRO, seq_length=batches[0]["input_ids"].shape[1], micro_batch_size=GROUP,
-        forward_only=False)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.main_grad)
-    save_model_weights(model, root / "grads-te-cp2")
-    return {"scores": torch.cat(captured), "loss": torch.stack([r["loss"] for r in reduced]).mean(),
-            "calls": list(attention.calls)}
+    out = _step_and_save_grads(model, cfg, _micro_batches(True, packing_multiple(1, 1, 2), 4), root / "grads-te-cp2")
+    return {**out, "calls": list(attention.calls)}
 
 
 def _te_two_rank(root: str) -> dict:

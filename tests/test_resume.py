@@ -280,8 +280,7 @@ def test_checkpoint_saved_at_cp2_resumes_at_cp1(straight, tmp_path):
     (run_dir / "latest").write_text(f"step-{N}\n")
     out = run(train_cmd(1, *RESUME, "parallel.use_distributed_optimizer=true", "train.micro_batch_tokens=2000",
                         "data.packing=true", f"checkpoint.dir={run_dir}"), cwd=tmp_path).stdout
-    assert (f"(saved at TP=1 PP=1 CP=2 DP=1, now TP=1 PP=1 CP=1 DP=1: weights and optimizer state resharded)"
-            in out)
+    assert "(saved at TP=1 PP=1 CP=2 DP=1, now TP=1 PP=1 CP=1 DP=1: weights and optimizer state resharded)" in out
     want = tb_scalars(source / "tensorboard", "train/loss")
     got = tb_scalars(run_dir / "tensorboard", "train/loss")
     assert sorted(got) == list(range(N + 1, 2 * N + 1))
