@@ -188,6 +188,21 @@ def test_index_dir_from_the_environment(tmp_path, monkeypatch):
     assert not (tmp_path / "g.jsonl.megarank-index").exists()
 
 
+def test_an_index_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch):
+    import megarank.data.formats.index as index_module
+
+    path = _jsonl(tmp_path, n=6, bad=False)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_module.tempfile, "mkstemp", full_disk)
+    with pytest.raises(DataError) as e:
+        open_groups("jsonl", path)
+    assert str(e.value) == (f"{path}: cannot write its index {index_path(path)} (No space left on device); free "
+                            "space there or set MEGARANK_INDEX_DIR to a writable folder")
+
+
 def test_two_processes_build_one_index(tmp_path):
     path = _write(tmp_path / "big.jsonl", [_group(i) for i in range(20000)])
     script = textwrap.dedent(f"""

@@ -195,11 +195,15 @@ def open_index(data_path: str | os.PathLike, files: Sequence[Path], kind: str, p
             return _checked(index)
         log.info("indexing %s (the index %s cannot be used: %s)", data_path, path, why)
         try:
-            fields, arrays = build(path)
-        except DataError as e:
-            _write(path, {**key, "error": str(e)}, {})
-            raise
-        _write(path, {**key, **fields}, arrays)
+            try:
+                fields, arrays = build(path)
+            except DataError as e:
+                _write(path, {**key, "error": str(e)}, {})
+                raise
+            _write(path, {**key, **fields}, arrays)
+        except OSError as e:  # a full disk, a read-only folder: one sentence naming both
+            raise DataError(f"{data_path}: cannot write its index {path} ({e.strerror or e}); free space there or "
+                            "set MEGARANK_INDEX_DIR to a writable folder") from None
         index, why = _read(path)
         if index is None:
             raise DataError(f"{data_path}: its index {path} does not read back after it was written ({why})")
