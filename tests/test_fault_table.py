@@ -155,10 +155,13 @@ def _restore(c: Ctx) -> None:
 
 def _snapshot(root: Path) -> dict[str, str]:
     """{relative path: sha256} of every file under root; a run's lock file is left out (it holds whoever ran
-    last, which is not an output)."""
+    last, which is not an output), and so is a groups file's index (``<file>.megarank-index``: a cache beside the
+    data, written whole through a temp file and a rename, that records a bad line's error so that every rank fails
+    with the same sentence; docs/data.md "Large groups files: the index")."""
     out = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink() and "lock" not in path.name:
+        if (path.is_file() and not path.is_symlink() and "lock" not in path.name
+                and ".megarank-index" not in path.name):
             out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
