@@ -48,6 +48,13 @@ def _env() -> dict:
     return run_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(GRACE_S))
 
 
+def _as_a_foreground_job() -> None:
+    """In the child before exec: SIGINT at its default, as a terminal's foreground job has it. A test run started
+    in the background of a non-interactive shell (``pytest ... &``) inherits SIGINT ignored, and Python then keeps it
+    ignored (no KeyboardInterrupt): the commands that rely on Python's default handling would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _latest(run_dir: Path) -> str:
     try:
         return (run_dir / "latest").read_text().strip()
@@ -288,7 +295,7 @@ def _ctrl_c(cmd: list[str], cwd: Path, log_path: Path, after: str, presses: int 
     -> (exit code, output, seconds from the last press to the exit)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_as_a_foreground_job)
     try:
         wait_for(lambda: after in log_path.read_text(), 240, repr(after), proc)
         for press in range(presses):
@@ -377,7 +384,7 @@ def test_ctrl_c_to_evaluate_prints_one_line_and_leaves_no_partial_run_file(strai
     log_path = tmp_path / "evaluate.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_as_a_foreground_job)
     try:
         wait_for(lambda: (parts / "part-000000.trec").exists(), 240, "the first saved part", proc)
         os.killpg(proc.pid, signal.SIGINT)
