@@ -121,7 +121,6 @@ class PaddedShard(PackedSeqParams):
     length: int = 0  # S, the global padded length
     positions: Optional[torch.Tensor] = None  # [S / CP] global positions of the local columns
     key_order: Optional[torch.Tensor] = None  # [S] positions of the all-gathered keys
-    context_size: int = 1
     context_group: object = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -129,8 +128,7 @@ class PaddedShard(PackedSeqParams):
     def of(cls, length: int, cp_size: int, cp_rank: int, cp_group, device=None) -> "PaddedShard":
         return cls(qkv_format="sbhd", length=length,
                    positions=chunk_positions(length, cp_size, cp_rank).to(device),
-                   key_order=gathered_order(length, cp_size).to(device),
-                   context_size=cp_size, context_group=cp_group)
+                   key_order=gathered_order(length, cp_size).to(device), context_group=cp_group)
 
 
 @dataclass
@@ -147,7 +145,6 @@ class PackedShard:
     lengths: tuple
     seqlens: tuple  # P_i, the global segments
     context_size: int
-    context_rank: int
     context_group: object = field(default=None, repr=False)
 
     @classmethod
@@ -159,7 +156,7 @@ class PackedShard:
             index.append(pos + start)
             start += p
         return cls(torch.cat(index), torch.cat(positions), tuple(p // cp_size for p in seqlens), tuple(lengths),
-                   tuple(seqlens), cp_size, cp_rank, cp_group)
+                   tuple(seqlens), cp_size, cp_group)
 
     def key_plan(self, device) -> list:
         """For every segment: (local offset, local length, index of its keys in the all-gathered local streams,
