@@ -107,6 +107,21 @@ def _sbatch(env, out: Path, name: str, args, wait=True, options=(), **popen):
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+def _wait_until_ended(env, job_id: str, timeout: float = 60) -> float:
+    """Until no process of the job is left: squeue lists it as COMPLETING (CG) after scancel until slurmd has
+    seen every process of every step end (KillWait=30 s at most, then SIGKILL). Returns the seconds waited."""
+    start = time.time()
+    deadline = start + timeout
+    while True:
+        proc = subprocess.run(_client("squeue", "-h", "-j", job_id, "-o", "%T"), env=env, capture_output=True,
+                              text=True)
+        states = proc.stdout.split() if proc.returncode == 0 else []  # an unknown id: purged, so ended
+        if not any(s in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED") for s in states):
+            return time.time() - start
+        assert time.time() < deadline, f"job {job_id} still {states} {timeout:.0f} s after it was cancelled"
+        time.sleep(0.2)
+
+
 def _log(path: Path) -> str:
     return path.read_text() if path.exists() else "(no job output)"
 
@@ -236,6 +251,9 @@ def test_plain_scancel_saves_and_a_resubmit_finishes_bit_exact(cluster, referenc
     finally:
         if sbatch.poll() is None:
             sbatch.kill()
+    # `sbatch --wait` returns once the job is CANCELLED, while its processes still run (state COMPLETING: the
+    # workers finish their step and save within KillWait); only then is every line written.
+    print(f"after sbatch --wait returned, the cancelled job's processes ran {_wait_until_ended(env, job[0]):.1f} s more")
     log = _log(out)
     # srun stops relaying the step's output once it is cancelled; every rank's full output is in LOG_DIR.
     ranks = "".join(p.read_text() for p in (work / "rank-logs").glob(f"{job[0]}_*/attempt_*/*/std*.log"))
