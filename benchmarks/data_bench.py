@@ -1,13 +1,15 @@
 """Training groups at scale (issue 17 item 3): today's eager reader vs the indexed one, on a generated JSONL file
-and the same groups as Parquet.
+and the same groups as Parquet, a ``datasets`` folder and NeMo AutoModel's corpus-id form.
 
     .venv/bin/python benchmarks/data_bench.py [--groups 1000000] [--dir /tmp/megarank-data-bench]
         [--old-groups 100000] [--phases generate,index,ranks,train] [--out report.json]
 
 - generate: ``--groups`` query groups (a query of 6-14 words, 1 positive and 4 negatives of 60-100 words, words
   drawn from a 5,000-word random vocabulary) written to ``DIR/groups-N.jsonl``, ``DIR/groups-N.parquet``
-  (snappy, row groups of 65,536 rows) and ``DIR/groups-N.hf`` (``datasets`` ``save_to_disk``, 4 shards), outside
-  the repository; kept for the next run. ``--formats`` picks which of the three the other phases measure.
+  (snappy, row groups of 65,536 rows), ``DIR/groups-N.hf`` (``datasets`` ``save_to_disk``, 4 shards) and
+  ``DIR/groups-N.nemo/train.json`` (``nemo_corpus``: every passage a document of one Parquet corpus folder, the
+  records naming them by id), outside the repository; kept for the next run. ``--formats`` picks which of the four
+  the other phases measure.
 - index: the index of each file built from nothing in a fresh process (wall time and that process's peak RSS),
   then opened again (reuse).
 - ranks: DP=2 without a model: two processes at once, each builds its source (``GroupsFileSource`` over the eager
@@ -101,6 +103,46 @@ def hf_disk_copy(parquet: Path) -> Path:
     return out
 
 
+def nemo_copy(parquet: Path) -> Path:
+    """The same groups in NeMo AutoModel's corpus-id form, made once beside the Parquet file: ``train.json`` whose
+    records name their passages by id in ``corpus/`` (merlin_metadata.json + train.parquet, 5 documents per group,
+    ids ``d0``, ``d1``, ...)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = parquet.with_suffix(".nemo")
+    path = out / "train.json"
+    if path.is_file():
+        return path
+    corpus = out / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (corpus / "merlin_metadata.json").write_text(json.dumps({"class": "TextQADataset", "corpus_id": "gen"}))
+    tmp_json, tmp_pq = path.with_suffix(".tmp"), corpus / "train.parquet.tmp"
+    writer, doc = None, 0
+    with open(tmp_json, "w", encoding="utf-8") as f:
+        f.write('{"corpus": [{"path": "corpus"}], "data": [')
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=65536):
+            ids, texts = [], []
+            for q, pos, neg in zip(*(batch.column(c).to_pylist() for c in ("query", "pos_doc", "neg_doc"))):
+                refs = []
+                for text in pos + neg:
+                    ids.append(f"d{doc}")
+                    texts.append(text)
+                    refs.append(f"d{doc}")
+                    doc += 1
+                f.write(("," if doc > len(refs) else "") + json.dumps({
+                    "question_id": f"q{doc}", "question": q, "corpus_id": "gen",
+                    "pos_doc": [{"id": r} for r in refs[:len(pos)]], "neg_doc": [{"id": r} for r in refs[len(pos):]]}))
+            table = pa.table({"id": ids, "text": texts})
+            writer = writer or pq.ParquetWriter(tmp_pq, table.schema, compression="snappy")
+            writer.write_table(table, row_group_size=65536)
+        f.write("]}")
+    writer.close()
+    os.replace(tmp_pq, corpus / "train.parquet")
+    os.replace(tmp_json, path)
+    return path
+
+
 def head_jsonl(src: Path, n: int) -> Path:
     """The first n lines of a generated JSONL file (the eager reader's smaller input)."""
     out = src.with_name(f"groups-{n}-head-of-{src.stem}.jsonl")
@@ -147,7 +189,8 @@ def child(args) -> dict:
     from megarank.data.formats import open_groups
     from megarank.data.formats.index import index_path
 
-    fmt = "hf_disk" if Path(args.file).is_dir() else "parquet" if args.file.endswith(".parquet") else "jsonl"
+    fmt = ("hf_disk" if Path(args.file).is_dir() else "parquet" if args.file.endswith(".parquet")
+           else "nemo_corpus" if args.file.endswith(".json") else "jsonl")
     if args.child == "index":
         idx = index_path(args.file)
         for p in (idx, Path(f"{idx}.arrow")):
@@ -233,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--old-groups", type=int, default=100_000, help="groups the eager reader is measured on")
     p.add_argument("--dir", default="/tmp/megarank-data-bench")
     p.add_argument("--phases", default="generate,index,ranks,train")
-    p.add_argument("--formats", default="jsonl,parquet,hf_disk")
+    p.add_argument("--formats", default="jsonl,parquet,hf_disk,nemo_corpus")
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--draw-steps", type=int, default=20)
     p.add_argument("--train-steps", type=int, default=30)
@@ -251,13 +294,18 @@ def main(argv=None) -> int:
     folder = Path(args.dir)
     t0 = time.time()
     jsonl, parquet = generate(folder, args.groups)
-    hf = hf_disk_copy(parquet)
-    hf_bytes = sum(f.stat().st_size for f in hf.rglob("*.arrow"))
-    print(f"data: {jsonl} ({jsonl.stat().st_size / GIB:.2f} GiB), {parquet} ({parquet.stat().st_size / GIB:.2f} GiB)"
-          f", {hf} ({hf_bytes / GIB:.2f} GiB)"
-          f"{f'; generated in {time.time() - t0:.0f} s' if 'generate' in phases else ''}", flush=True)
     formats = args.formats.split(",")
-    chosen = [(fmt, f) for fmt, f in (("jsonl", jsonl), ("parquet", parquet), ("hf_disk", hf)) if fmt in formats]
+    hf = hf_disk_copy(parquet) if "hf_disk" in formats else None
+    nemo = nemo_copy(parquet) if "nemo_corpus" in formats else None
+    sizes = [f"{jsonl} ({jsonl.stat().st_size / GIB:.2f} GiB)", f"{parquet} ({parquet.stat().st_size / GIB:.2f} GiB)"]
+    if hf:
+        sizes.append(f"{hf} ({sum(f.stat().st_size for f in hf.rglob('*.arrow')) / GIB:.2f} GiB)")
+    if nemo:
+        sizes.append(f"{nemo.parent} ({sum(f.stat().st_size for f in nemo.parent.rglob('*')) / GIB:.2f} GiB)")
+    print(f"data: {', '.join(sizes)}{f'; generated in {time.time() - t0:.0f} s' if 'generate' in phases else ''}",
+          flush=True)
+    chosen = [(fmt, f) for fmt, f in (("jsonl", jsonl), ("parquet", parquet), ("hf_disk", hf), ("nemo_corpus", nemo))
+              if fmt in formats]
     report = {"groups": args.groups, "jsonl_bytes": jsonl.stat().st_size, "parquet_bytes": parquet.stat().st_size}
     if "index" in phases:
         report["index"] = [run_child("--child", "index", "--file", f) for _, f in chosen]
@@ -269,7 +317,8 @@ def main(argv=None) -> int:
         small = args.old_groups < args.groups
         heads = {"jsonl": lambda: head_jsonl(jsonl, args.old_groups),
                  "parquet": lambda: head_parquet(parquet, args.old_groups),
-                 "hf_disk": lambda: hf}  # a save_to_disk folder is memory-mapped by the old reader: measured whole
+                 "hf_disk": lambda: hf,  # a save_to_disk folder is memory-mapped by the old reader: measured whole
+                 "nemo_corpus": lambda: nemo}  # measured whole too (a head would need its own corpus)
         for fmt, new_file in chosen:
             old_file = heads[fmt]() if small else new_file
             for reader, file in (("old", old_file), ("new", new_file)):

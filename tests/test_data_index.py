@@ -76,9 +76,36 @@ def _hf_disk(tmp_path):
     return tmp_path / "ds"
 
 
+def _nemo(tmp_path, bad=True):
+    """A NeMo AutoModel corpus-id file over two corpora (Parquet in row groups of 3, and JSON Lines with integer
+    ids), with two bad records (an id absent from its corpus, an empty pos_doc)."""
+    corpora = {"wiki": [(f"w{k}", f"wiki text {k} é") for k in range(40)],
+               "news": [(k, f"news text {k}") for k in range(25)]}
+    (tmp_path / "wiki").mkdir()
+    (tmp_path / "wiki" / "merlin_metadata.json").write_text(json.dumps({"class": "TextQADataset", "corpus_id": "wiki"}))
+    pq.write_table(pa.table({"id": [i for i, _ in corpora["wiki"]], "text": [t for _, t in corpora["wiki"]]}),
+                   tmp_path / "wiki" / "train.parquet", row_group_size=3)
+    (tmp_path / "news" / "data").mkdir(parents=True)
+    (tmp_path / "news" / "merlin_metadata.json").write_text(json.dumps({"class": "TextQADataset", "corpus_id": "news"}))
+    _write(tmp_path / "news" / "data" / "train.jsonl", [json.dumps({"id": i, "text": t}) for i, t in corpora["news"]])
+    data = []
+    for i in range(14):
+        corpus, ids = ("wiki", [f"w{k}" for k in range(40)]) if i % 2 else ("news", list(range(25)))
+        data.append({"question_id": f"q{i}", "question": f"question {i}", "corpus_id": corpus,
+                     "pos_doc": [{"id": ids[(3 * i) % len(ids)]}] + ([ids[(3 * i + 1) % len(ids)]] if i % 3 else []),
+                     "neg_doc": [ids[(5 * i + k) % len(ids)] for k in range(i % 4 + 1)]})
+    if bad:
+        data[4]["neg_doc"].append({"id": "missing"})
+        data[9]["pos_doc"] = []
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"corpus": [{"path": "wiki"}, {"path": "news"}], "data": data}))
+    return path
+
+
 COLUMNS = {"query": "question", "pos_doc": "positive", "neg_doc": "negative"}
 FILES = {"jsonl": (_jsonl, "jsonl", {}), "flag": (_flag, "jsonl", {}), "triples": (_triples, "triples", {}),
-         "parquet": (_parquet, "parquet", COLUMNS), "hf_disk": (_hf_disk, "hf_disk", {})}
+         "parquet": (_parquet, "parquet", COLUMNS), "hf_disk": (_hf_disk, "hf_disk", {}),
+         "nemo_corpus": (_nemo, "nemo_corpus", {})}
 
 
 @pytest.mark.parametrize("kind", FILES)
@@ -168,6 +195,44 @@ def test_a_missing_parquet_arrow_copy_is_rebuilt(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger=INDEX_LOG):
         groups, _ = open_groups("parquet", folder, columns=COLUMNS, skip_bad=True)
     assert "Arrow copy" in caplog.text and list(groups) == list(eager)
+
+
+def test_source_checks_indexed_nemo_corpus_groups_from_their_counts(tmp_path):
+    path = _nemo(tmp_path)
+    eager, lazy = read_groups("nemo_corpus", path, skip_bad=True)[0], open_groups("nemo_corpus", path, skip_bad=True)[0]
+    with pytest.raises(DataError) as a:
+        GroupsFileSource(eager, 3)
+    with pytest.raises(DataError) as b:
+        GroupsFileSource(lazy, 3)
+    assert str(a.value) == str(b.value) and "train.json data[0]: the group has 1 negatives" in str(a.value)
+    a, b = (GroupsFileSource(groups, 3, seed=5, repeat_negatives=True) for groups in (eager, lazy))
+    assert len(eager) == len(lazy) == 12
+    assert [a.get(i, e) for i in range(12) for e in range(3)] == [b.get(i, e) for i in range(12) for e in range(3)]
+
+
+def test_a_changed_nemo_corpus_is_indexed_again(tmp_path, caplog):
+    """The corpus folders are named inside the JSON: the index records their files and is rebuilt when one changes,
+    also when it had recorded an error that the corpus fix repairs."""
+    path = _nemo(tmp_path, bad=False)
+    groups, _ = open_groups("nemo_corpus", path)
+    assert groups[0]["pos"] == ["news text 0"] and groups[1]["pos"] == ["wiki text 3 é", "wiki text 4 é"]
+    corpus = tmp_path / "news" / "data" / "train.jsonl"
+    corpus.write_text(corpus.read_text().replace("news text 0", "news text zero"))
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        groups, _ = open_groups("nemo_corpus", path)
+    assert f"corpus folder {tmp_path / 'news'} changed since ({corpus})" in caplog.text
+    assert groups[0]["pos"] == ["news text zero"] == read_groups("nemo_corpus", path)[0][0]["pos"]
+    top = json.loads(path.read_text())
+    top["data"][2]["neg_doc"].append(99)
+    path.write_text(json.dumps(top))
+    for _ in range(2):  # the error, then the same sentence from the index that recorded it
+        with pytest.raises(DataError, match=r"train\.json data\[2\]: neg_doc\[3\] id '99' is not in corpus 'news'"):
+            open_groups("nemo_corpus", path)
+    _write(corpus, [json.dumps({"id": i, "text": f"news text {i}"}) for i in range(100)])  # the corpus is fixed
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        caplog.clear()
+        groups, _ = open_groups("nemo_corpus", path)
+    assert "changed since" in caplog.text and groups[2]["neg"][-1] == "news text 99"
 
 
 def test_a_file_changed_under_a_running_reader_is_one_sentence(tmp_path):

@@ -77,7 +77,7 @@ def _source(cfg: Config, fmt: str, path, split: str, run_path, columns: dict):
     n_neg = d.n_passages - 1
     with_teacher = cfg.train.loss in TEACHER_LOSSES
     if fmt != "beir":
-        # JSONL, triples, Parquet: through an index built once and memory-mapped (megarank/data/formats/index.py)
+        # every groups format: through an index built once and memory-mapped (megarank/data/formats/index.py)
         groups, _ = open_groups(fmt, path, columns=columns, split=split, skip_bad=d.skip_bad_lines)
         if fmt == "jsonl":
             check_prompts(groups, d.template)  # FlagEmbedding's per-line prompt must be in the one template

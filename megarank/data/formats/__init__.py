@@ -49,8 +49,9 @@ def open_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str
                 split: str = "train", skip_bad: bool = False) -> tuple[Sequence[dict], int]:
     """`read_groups` for training: the same groups, the same errors, but JSONL, triples, Parquet, `hf_disk` are read
     through an index built once (`index.py`) and memory-mapped, each group parsed when it is indexed
-    (`indexed.py`; Parquet and ``hf_disk`` through an Arrow copy beside the index, `arrow.open_parquet_groups`);
-    ``nemo_corpus`` is read as `read_groups` reads it."""
+    (`indexed.py`; Parquet and ``hf_disk`` through an Arrow copy beside the index, `arrow.open_parquet_groups`;
+    ``nemo_corpus`` through its resolved document rows and an Arrow copy of its corpora,
+    `nemo_corpus.open_nemo_corpus_groups`)."""
     if fmt == "jsonl":
         from .indexed import open_jsonl_groups
 
@@ -67,6 +68,10 @@ def open_groups(fmt: str, path: str | os.PathLike, columns: Optional[Mapping[str
         from .arrow import open_hf_disk_groups
 
         return open_hf_disk_groups(path, columns or {}, split=split, skip_bad_rows=skip_bad)
+    if fmt == "nemo_corpus":
+        from .nemo_corpus import open_nemo_corpus_groups
+
+        return open_nemo_corpus_groups(path, skip_bad_records=skip_bad)
     return read_groups(fmt, path, columns=columns, split=split, skip_bad=skip_bad)
 
 

@@ -344,6 +344,8 @@ def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad
 
 
 def _arrow_copy_problem(index) -> str:
+    if index.header.get("error"):  # a recorded error has no copy: it stands until the files change
+        return ""
     arrow = _arrow_copy(index.path)
     try:
         size = arrow.stat().st_size

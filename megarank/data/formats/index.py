@@ -169,15 +169,16 @@ def open_index(data_path: str | os.PathLike, files: Sequence[Path], kind: str, p
                usable: Callable[[Index], str] = lambda index: "") -> Index:
     """The index of `data_path` (its data `files`, read by reader `kind` with `params`), built by
     ``build(index_path) -> (header fields, arrays)`` when missing, stale or corrupt (or when ``usable(index)``, a
-    check of what the builder wrote beside it, says why not). ``build`` may raise a DataError: it is recorded in
-    the index (``"error"``), so the other ranks fail at once with the same sentence."""
+    check of what the builder wrote beside it or of files it found while reading, says why not; it is called on a
+    recorded error too). ``build`` may raise a DataError: it is recorded in the index (``"error"``, with the
+    error's ``index_fields`` if it has them), so the other ranks fail at once with the same sentence."""
     path = index_path(data_path)
     key = {"version": VERSION, "kind": kind, "params": params, "files": [file_stamp(Path(f)) for f in files]}
 
     def fits(index: Optional[Index]) -> str:
         if index is None:
             return "missing"
-        return _mismatch(index.header, key) or ("" if index.header.get("error") else usable(index))
+        return _mismatch(index.header, key) or usable(index)
 
     index, why = _read(path)
     if index is not None and not (why := fits(index)):
@@ -198,7 +199,7 @@ def open_index(data_path: str | os.PathLike, files: Sequence[Path], kind: str, p
             try:
                 fields, arrays = build(path)
             except DataError as e:
-                _write(path, {**key, "error": str(e)}, {})
+                _write(path, {**key, "error": str(e), **getattr(e, "index_fields", {})}, {})
                 raise
             _write(path, {**key, **fields}, arrays)
         except OSError as e:  # a full disk, a read-only folder: one sentence naming both

@@ -10,6 +10,11 @@ that ``datasets.load_dataset(folder)`` finds, with ``id`` and ``text`` columns (
 
 Every record is checked when the file is read (fields, types, a non-empty ``pos_doc``, every id in its corpus);
 its texts are looked up when a group is built. Records are named ``<file> data[i]`` (i from 0).
+
+Training opens the file through an index (`open_nemo_corpus_groups`, megarank/data/formats/index.py): one process
+reads the JSON and the corpora once, checks every record, and writes the questions and the resolved document rows
+as arrays, and the corpora's texts as an Arrow copy; every rank then reads a group's texts when it is drawn,
+instead of parsing the JSON and holding an id -> row dictionary of every corpus.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from array import array
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -185,11 +192,11 @@ def _record(at: str, item: Any, corpora: dict[str, Corpus]) -> tuple[str, str, s
     return at, question, corpus.corpus_id, pos, _doc_ids(at, "neg_doc", item["neg_doc"], corpus)
 
 
-def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
-                            ) -> tuple[NemoCorpusGroups, int]:
-    """The groups of a corpus-id JSON file: ``(groups, n_skipped)``; with `skip_bad_records`, bad records are
-    counted and skipped (a bad file or corpus is always an error)."""
-    path = Path(path)
+def _read_records(path: Path, skip_bad_records: bool, folders: list[Path] | None = None
+                  ) -> tuple[list[tuple[str, str, str, list[str], list[str]]], dict[str, Corpus], list[str]]:
+    """The good records of a corpus-id JSON file, its corpora and the bad records' errors (with
+    `skip_bad_records`; else the first bad record is raised). `folders`, if given, receives the corpus folders the
+    file names as soon as they are known (before they are read)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -199,6 +206,8 @@ def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = Fa
                         "and 'data'") from None
     if not isinstance(top, dict) or "corpus" not in top or not isinstance(top.get("data"), list):
         raise DataError(f"{path}: expected one JSON object with 'corpus' and a 'data' list")
+    if folders is not None:
+        folders.extend(_corpus_paths(path, top["corpus"]))
     corpora = _load_corpora(path, top)
     records, bad = [], []
     for i, item in enumerate(top["data"]):
@@ -208,5 +217,176 @@ def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = Fa
             if not skip_bad_records:
                 raise
             bad.append(str(e))
+    return records, corpora, bad
+
+
+def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
+                            ) -> tuple[NemoCorpusGroups, int]:
+    """The groups of a corpus-id JSON file: ``(groups, n_skipped)``; with `skip_bad_records`, bad records are
+    counted and skipped (a bad file or corpus is always an error)."""
+    path = Path(path)
+    records, corpora, bad = _read_records(path, skip_bad_records)
     groups = NemoCorpusGroups(records, corpora)
     return groups, report_skipped(path, groups, bad, "records")
+
+
+# ----------------------------------------------------------------------------------------------- through an index
+
+_COPY_BATCH_ROWS = 64  # corpus rows per record batch of the Arrow copy: what one drawn document reads
+
+
+class IndexedNemoCorpusGroups(Sequence):
+    """The groups of a corpus-id file from its index: the same dicts as `NemoCorpusGroups`. The questions and
+    each record's document rows are memory-mapped arrays; a document's text is read from the corpora's Arrow copy
+    (its 64-row record batch, ``pread``, as `arrow.IndexedArrowGroups` reads a row)."""
+
+    def __init__(self, path: Path, index, reader: pa.ipc.RecordBatchFileReader):
+        self.path = path
+        self.index = index
+        self.reader = reader
+        self.records = index["records"]  # the position of each good record in the file's 'data' list
+        self.question_start = index["question_start"]
+        self.questions = index["questions"]
+        self.pos_start, self.pos_rows = index["pos_start"], index["pos_rows"]
+        self.neg_start, self.neg_rows = index["neg_start"], index["neg_rows"]
+        self.batch_start = index["batch_start"]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _texts(self, rows: np.ndarray) -> list[str]:
+        texts = []
+        for row in rows.tolist():
+            k = int(np.searchsorted(self.batch_start, row, side="right")) - 1
+            texts.append(self.reader.get_batch(k).column(0)[row - int(self.batch_start[k])].as_py())
+        return texts
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"group {index} of {len(self)}")
+        index %= len(self)
+        q0, q1 = int(self.question_start[index]), int(self.question_start[index + 1])
+        return {"query": bytes(self.questions[q0:q1]).decode("utf-8"),
+                "pos": self._texts(self.pos_rows[self.pos_start[index]:self.pos_start[index + 1]]),
+                "neg": self._texts(self.neg_rows[self.neg_start[index]:self.neg_start[index + 1]]),
+                "at": f"{where(self.path)} data[{int(self.records[index])}]"}
+
+    def group_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positives, negatives, has teacher scores) of every good record, from the index (no teacher scores in
+        this format)."""
+        return (np.diff(self.pos_start), np.diff(self.neg_start), np.zeros(len(self), dtype=np.bool_))
+
+    def skipped(self) -> int:
+        h = self.index.header
+        return report_skipped(self.path, self, h["bad_first"] + [""] * (h["bad"] - len(h["bad_first"])), "records")
+
+
+def _folder_stamps(folders: list[Path]) -> dict[str, list[dict]]:
+    """What identifies the corpus folders' content: the stamp (`index.file_stamp`) of every file under each
+    (megarank's own index files left out: a corpus folder may hold the JSON file and its index)."""
+    from .index import SUFFIX, file_stamp
+
+    stamps = {}
+    for folder in folders:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and SUFFIX not in p.name) if folder.is_dir() else []
+        stamps[str(folder)] = [file_stamp(f) for f in files]
+    return stamps
+
+
+def _build_index(path: Path, skip_bad_records: bool):
+    def build(index_path: Path):
+        folders: list[Path] = []
+        try:
+            records, corpora, bad = _read_records(path, skip_bad_records, folders)
+            if not records:
+                report_skipped(path, records, bad, "records")  # the eager reader's error
+        except DataError as e:  # recorded with the corpus folders it was read against: fixing one rebuilds
+            e.index_fields = {"corpus_folders": _folder_stamps(folders)}
+            raise
+        first_row, rows_in = {}, 0
+        for corpus_id, corpus in corpora.items():
+            first_row[corpus_id] = rows_in
+            rows_in += corpus.table.num_rows
+        questions, question_start, item = bytearray(), array("q", [0]), array("q")
+        pos_start, pos_rows, neg_start, neg_rows = array("q", [0]), array("q"), array("q", [0]), array("q")
+        for at, question, corpus_id, pos, neg in records:
+            item.append(int(at[at.rindex("[") + 1:-1]))
+            questions += question.encode("utf-8")
+            question_start.append(len(questions))
+            corpus, base = corpora[corpus_id], first_row[corpus_id]
+            pos_rows.extend(base + corpus.rows[d] for d in pos)
+            pos_start.append(len(pos_rows))
+            neg_rows.extend(base + corpus.rows[d] for d in neg)
+            neg_start.append(len(neg_rows))
+        arrow = _arrow_copy(index_path)
+        tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
+        batch_start = array("q")
+        schema = pa.schema([("text", pa.string())])
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                start = 0
+                for corpus in corpora.values():
+                    texts = corpus.table.column("text")
+                    for k in range(0, corpus.table.num_rows, _COPY_BATCH_ROWS):
+                        batch_start.append(start + k)
+                        chunk = texts.slice(k, _COPY_BATCH_ROWS).combine_chunks()
+                        writer.write_batch(pa.record_batch([chunk], schema=schema))
+                    start += corpus.table.num_rows
+            os.replace(tmp, arrow)
+        finally:
+            tmp.unlink(missing_ok=True)
+        as_int64 = lambda a: np.frombuffer(a, dtype=np.int64).copy()  # noqa: E731
+        return {"bad": len(bad), "bad_first": bad[:5], "arrow_size": arrow.stat().st_size,
+                "corpus_folders": _folder_stamps(folders)}, {
+            "records": as_int64(item), "questions": np.frombuffer(bytes(questions), dtype=np.uint8),
+            "question_start": as_int64(question_start), "pos_start": as_int64(pos_start),
+            "pos_rows": as_int64(pos_rows), "neg_start": as_int64(neg_start), "neg_rows": as_int64(neg_rows),
+            "batch_start": as_int64(batch_start)}
+    return build
+
+
+def _arrow_copy(index_path: Path) -> Path:
+    return Path(f"{index_path}.arrow")
+
+
+def _index_problem(index) -> str:
+    """Why an index's Arrow copy or the corpus folders it was built from no longer fit ("" when they do): the
+    folders are named inside the JSON, so the index records their files' stamps and this compares them."""
+    was = index.header.get("corpus_folders", {})
+    now = _folder_stamps([Path(folder) for folder in was])
+    for folder in was:
+        if now[folder] != was[folder]:
+            changed = sorted({f["path"] for f in now[folder]} ^ {f["path"] for f in was[folder]}) or sorted(
+                f["path"] for f in now[folder] if f not in was[folder])
+            return f"corpus folder {folder} changed since ({', '.join(changed[:3]) or 'its files'})"
+    if index.header.get("error"):
+        return ""
+    arrow = _arrow_copy(index.path)
+    try:
+        if arrow.stat().st_size != index.header.get("arrow_size"):
+            return f"its Arrow copy {arrow} has another size"
+    except OSError:
+        return f"its Arrow copy {arrow} is missing"
+    return ""
+
+
+def open_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
+                            ) -> tuple[IndexedNemoCorpusGroups, int]:
+    """`read_nemo_corpus_groups` through an index (megarank/data/formats/index.py): the same groups and errors,
+    the JSON and the corpora read once; ``(groups, n_skipped)``. The index is rebuilt when the JSON file or any
+    corpus file (metadata, train split) changes."""
+    from .index import open_index
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    index = open_index(path, [path], "nemo_corpus", {"skip_bad_records": skip_bad_records,
+                                                      "batch_rows": _COPY_BATCH_ROWS},
+                       _build_index(path, skip_bad_records), usable=_index_problem)
+    try:
+        reader = pa.ipc.open_file(pa.OSFile(str(_arrow_copy(index.path))))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: its index's Arrow copy {_arrow_copy(index.path)} cannot be read ({e}); delete "
+                        f"{index.path} to rebuild it") from None
+    groups = IndexedNemoCorpusGroups(path, index, reader)
+    return groups, groups.skipped()
