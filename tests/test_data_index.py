@@ -91,7 +91,8 @@ def _nemo(tmp_path, bad=True):
     data = []
     for i in range(14):
         corpus, ids = ("wiki", [f"w{k}" for k in range(40)]) if i % 2 else ("news", list(range(25)))
-        data.append({"question_id": f"q{i}", "question": f"question {i}", "corpus_id": corpus,
+        data.append({"question_id": f"q{i}", "question": f"question {i}" + (" \ud800 é" if i == 5 else ""),
+                     "corpus_id": corpus,
                      "pos_doc": [{"id": ids[(3 * i) % len(ids)]}] + ([ids[(3 * i + 1) % len(ids)]] if i % 3 else []),
                      "neg_doc": [ids[(5 * i + k) % len(ids)] for k in range(i % 4 + 1)]})
     if bad:

@@ -71,10 +71,18 @@ def text_lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, 
     Lines are decoded one at a time so that a non-UTF-8 byte is reported with its line; with a `bad` list
     such a line is recorded there and skipped instead of raising.
     """
+    for number, _, _, line in located_text_lines(path, bad):
+        yield number, line
+
+
+def located_text_lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, int, int, str]]:
+    """`text_lines` with where each line is: (number, byte offset, length in bytes with its end, line)."""
     _check_readable(path)
     try:
         with open(path, "rb") as f:
+            offset = 0
             for number, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
                 try:
                     line = _decode(path, number, raw)
                 except DataError as e:
@@ -83,7 +91,7 @@ def text_lines(path: Path, bad: list[str] | None = None) -> Iterator[tuple[int, 
                     bad.append(str(e))
                     continue
                 if line.strip():
-                    yield number, line.rstrip("\r\n")
+                    yield number, start, len(raw), line.rstrip("\r\n")
     except OSError as e:  # permission denied, I/O error: one sentence naming the file
         raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 

@@ -3,17 +3,19 @@
 A groups file read through an index is not parsed into Python objects on each rank: one pass (the first process
 to get there) checks every record as the eager readers do and records where each one is (byte offsets of JSONL
 lines, the lines of each triples query, the good rows of a Parquet file or ``datasets`` folder copied to an Arrow
-file) in compact numpy arrays; every rank then memory-maps those arrays (the OS page cache holds one copy per machine) and parses
+file, a NeMo corpus-id file's questions and resolved document rows beside an Arrow copy of its corpora) in compact
+numpy arrays; every rank then memory-maps those arrays (the OS page cache holds one copy per machine) and parses
 a record when it is drawn.
 
 Where it lives: ``<data path>.megarank-index`` beside the data when that folder is writable, else
 ``$XDG_CACHE_HOME/megarank/index/<name>.<hash of the absolute path>.megarank-index`` (``~/.cache`` by default);
-``MEGARANK_INDEX_DIR`` puts every index in that folder instead. A Parquet or ``datasets`` source's Arrow copy
-sits beside its index (``... .megarank-index.arrow``).
+``MEGARANK_INDEX_DIR`` puts every index in that folder instead. A Parquet, ``datasets`` or corpus-id source's
+Arrow copy sits beside its index (``... .megarank-index.arrow``).
 
 When it is rebuilt: the index records each data file's size, modification time (ns) and a hash of its first and
 last 64 KiB, the format, the reader's parameters (columns, ``skip_bad_lines``) and this module's version; any
-difference, or an index that does not read back whole (its CRC-32), is rebuilt with one log line saying why.
+difference, or an index that does not read back whole (its CRC-32), is rebuilt with one log line saying why (as is
+one whose reader's own check fails: a missing Arrow copy, a changed corpus folder of a corpus-id file).
 Builders take ``flock(<index>.lock)``: the first process builds, the others wait and then read what it wrote. The
 index is written to a temporary file and renamed into place, so nothing half-written is ever read.
 """

@@ -15,38 +15,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DataError, where
-from ..readers import _check_readable, _decode, json_object
+from ..readers import _check_readable, _decode, json_object, located_text_lines
 from .index import open_index, check_unchanged
 from .jsonl import _SPELLING, MAX_LOGGED_BAD, _spelling, parse_line, report_skipped
 from .records import FLAG_FIELDS, NEMO_FIELDS, record_error
 from .triples import _NAMES, _triple
-
-
-def _raw_lines(path: Path):
-    """(1-based line number, byte offset, raw bytes) of every line of `path`."""
-    try:
-        with open(path, "rb") as f:
-            offset = 0
-            for number, raw in enumerate(f, start=1):
-                yield number, offset, raw
-                offset += len(raw)
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _text_lines(path: Path, bad: list[str] | None):
-    """`readers.text_lines` with each line's byte offset and length: (number, offset, length, text)."""
-    _check_readable(path)
-    for number, offset, raw in _raw_lines(path):
-        try:
-            line = _decode(path, number, raw)
-        except DataError as e:
-            if bad is None:
-                raise
-            bad.append(str(e))
-            continue
-        if line.strip():
-            yield number, offset, len(raw), line.rstrip("\r\n")
 
 
 class _IndexedLines(Sequence):
@@ -105,7 +78,7 @@ def _build_jsonl(path: Path, skip_bad: bool):
         bad: list[str] = []
         cols = {k: array("q") for k in ("offset", "length", "line", "n_pos", "n_neg", "teacher")}  # 8 B a value
         first, prompts = None, {}
-        for number, offset, length, line in _text_lines(path, bad if skip_bad else None):
+        for number, offset, length, line in located_text_lines(path, bad if skip_bad else None):
             at = where(path, number)
             try:
                 obj = json_object(path, number, line)
@@ -173,7 +146,7 @@ def _build_triples(path: Path, skip_bad: bool):
         group_of: dict[str, int] = {}
         texts: list[dict[int, list]] = []  # per group: hash(text) -> [line as positive, line as negative]
         cols = {k: array("q") for k in ("group", "offset", "length", "line")}
-        for number, offset, length, line in _text_lines(path, bad if skip_bad else None):
+        for number, offset, length, line in located_text_lines(path, bad if skip_bad else None):
             at = where(path, number)
             try:
                 query, positive, negative = _triple(at, line)

@@ -266,7 +266,7 @@ class IndexedNemoCorpusGroups(Sequence):
             raise IndexError(f"group {index} of {len(self)}")
         index %= len(self)
         q0, q1 = int(self.question_start[index]), int(self.question_start[index + 1])
-        return {"query": bytes(self.questions[q0:q1]).decode("utf-8"),
+        return {"query": bytes(self.questions[q0:q1]).decode("utf-8", "surrogatepass"),
                 "pos": self._texts(self.pos_rows[self.pos_start[index]:self.pos_start[index + 1]]),
                 "neg": self._texts(self.neg_rows[self.neg_start[index]:self.neg_start[index + 1]]),
                 "at": f"{where(self.path)} data[{int(self.records[index])}]"}
@@ -311,7 +311,7 @@ def _build_index(path: Path, skip_bad_records: bool):
         pos_start, pos_rows, neg_start, neg_rows = array("q", [0]), array("q"), array("q", [0]), array("q")
         for at, question, corpus_id, pos, neg in records:
             item.append(int(at[at.rindex("[") + 1:-1]))
-            questions += question.encode("utf-8")
+            questions += question.encode("utf-8", "surrogatepass")  # JSON may hold a lone surrogate (\ud800)
             question_start.append(len(questions))
             corpus, base = corpora[corpus_id], first_row[corpus_id]
             pos_rows.extend(base + corpus.rows[d] for d in pos)
