@@ -217,6 +217,10 @@ def test_a_changed_nemo_corpus_is_indexed_again(tmp_path, caplog):
     path = _nemo(tmp_path, bad=False)
     groups, _ = open_groups("nemo_corpus", path)
     assert groups[0]["pos"] == ["news text 0"] and groups[1]["pos"] == ["wiki text 3 é", "wiki text 4 é"]
+    (tmp_path / "news" / "notes.txt").write_text("not read by the reader")
+    with caplog.at_level(logging.INFO, logger=INDEX_LOG):
+        open_groups("nemo_corpus", path)
+    assert "indexing" not in caplog.text  # a file the reader does not look at changes nothing
     corpus = tmp_path / "news" / "data" / "train.jsonl"
     corpus.write_text(corpus.read_text().replace("news text 0", "news text zero"))
     with caplog.at_level(logging.INFO, logger=INDEX_LOG):

@@ -282,13 +282,15 @@ class IndexedNemoCorpusGroups(Sequence):
 
 
 def _folder_stamps(folders: list[Path]) -> dict[str, list[dict]]:
-    """What identifies the corpus folders' content: the stamp (`index.file_stamp`) of every file under each
-    (megarank's own index files left out: a corpus folder may hold the JSON file and its index)."""
-    from .index import SUFFIX, file_stamp
+    """What identifies the corpus folders' content: the stamp (`index.file_stamp`) of every file under each that
+    the reader looks at (the metadata and every .parquet / .jsonl / .json file: a new one may change the train
+    split), so that other files in the folder (logs, megarank's own index) do not force a rebuild."""
+    from .index import file_stamp
 
     stamps = {}
     for folder in folders:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and SUFFIX not in p.name) if folder.is_dir() else []
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES) \
+            if folder.is_dir() else []
         stamps[str(folder)] = [file_stamp(f) for f in files]
     return stamps
 
