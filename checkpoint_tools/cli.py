@@ -1,4 +1,4 @@
-"""``megarank-convert`` / ``python -m checkpoint_tools``: hf-to-megatron, megatron-to-hf, verify."""
+"""``megarank-convert`` / ``python -m checkpoint_tools``: hf-to-megatron, megatron-to-hf, lora-to-peft, verify."""
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,12 @@ modeling files, sharded safetensors + model.safetensors.index.json and the token
 AutoModelForSequenceClassification.from_pretrained(DST, trust_remote_code=True) and
 sentence_transformers.CrossEncoder(DST, trust_remote_code=True)."""
 
+PEFT_HELP = """Read a LoRA training step (model.lora_rank > 0) and write a PEFT adapter folder: adapter_config.json
+and adapter_model.safetensors, on the HF module names of the exported reranker (q/k/v/o_proj, gate/up/down_proj; the
+fused megatron adapters split exactly), with the trained score head (and final norm, if it trained) as
+modules_to_save. Load it on the base's export: peft.PeftModel.from_pretrained(AutoModelForSequenceClassification
+.from_pretrained(BASE_EXPORT, trust_remote_code=True), DST); it scores as the merged export (megatron-to-hf on SRC)."""
+
 VERIFY_HELP = """Load SRC_HF and the megarank checkpoint on CPU in fp32, score a few built-in query/passage pairs with
 both, print the scores and the max abs difference, and exit 1 when it is above --tol. The HF side runs SRC_HF's
 weights in the bidirectional reranker network of the export's modeling file (what a conversion preserves), with the
@@ -44,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help=(
         "also show the upstream warnings hidden by default (listed in megarank/warnings_filter.py); accepted "
         "anywhere on the line, same as MEGARANK_VERBOSE=1"))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-megatron,megatron-to-hf,verify}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{hf-to-megatron,megatron-to-hf,lora-to-peft,verify}")
 
     p = sub.add_parser("hf-to-megatron", help="HF Llama folder -> megarank checkpoint folder", description=IMPORT_HELP)
     p.add_argument("src", metavar="SRC", help="HF model folder (config.json + *.safetensors [+ index] + tokenizer files)")
@@ -83,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     _common_output(p)
 
+    p = sub.add_parser("lora-to-peft", help="LoRA training step -> PEFT adapter folder", description=PEFT_HELP)
+    p.add_argument("src", metavar="SRC", help="LoRA step folder, or a LoRA run directory with a `latest` file")
+    p.add_argument("dst", metavar="DST", help="adapter folder to create")
+    p.add_argument("--base-model", metavar="DIR", default=None, help=(
+        "the HF export of the step's base (megarank-convert megatron-to-hf BASE DIR): checked to be that base and "
+        "written as base_model_name_or_path"))
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (otherwise an existing DST is an error)")
+
     p = sub.add_parser("verify", help="compare HF and megarank scores on built-in pairs", description=VERIFY_HELP)
     p.add_argument("src_hf", metavar="SRC_HF", help="HF model folder (the conversion's source, or an export)")
     p.add_argument("dst_megatron", metavar="DST_MEGATRON", help="megarank checkpoint folder")
@@ -113,6 +128,11 @@ def run(args) -> int:
             raise ConversionError(f"--max-shard-size: {e}") from None
         print(megatron_to_hf(args.src, args.dst, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype,
                              max_shard_size=shard, overwrite=args.overwrite, quiet=args.quiet))
+        return 0
+    if args.command == "lora-to-peft":
+        from checkpoint_tools.peft_export import lora_to_peft
+
+        print(lora_to_peft(args.src, args.dst, base_model=args.base_model, overwrite=args.overwrite))
         return 0
     from checkpoint_tools.verify import verify
 

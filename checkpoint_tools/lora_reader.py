@@ -31,6 +31,7 @@ class MergedLoRAWeights:
             base = checked_base(ckpt)
         except CheckpointError as e:
             raise ConversionError(str(e)) from None
+        self.base_dir = base
         self.base, self.trained = MegatronWeights(base), MegatronWeights(ckpt)
         self.adapter_keys = [k for k in self.trained.shapes if ADAPTER_SUFFIX + "." in k]
         self.rank, self.alpha = model_cfg.lora_rank, model_cfg.lora_alpha
@@ -52,11 +53,15 @@ class MergedLoRAWeights:
         sharded = ShardedTensor.from_rank_offsets(key, target, (0, i, shape[0]), replica_id=0)
         return self.trained._load({key: sharded})[key][0]
 
+    def read_adapters(self, i: int) -> dict:
+        """Layer ``i``'s adapter tensors as trained (``...<target>_adapter.lora_a [r, in]`` / ``lora_b [out, r]``)."""
+        return {k: self._adapter_slice(k, i) for k in self.adapter_keys}
+
     def read_layer(self, i: int) -> dict:
         from megarank.model.adapters import merge_lora
 
         layer = self.base.read_layer(i)
-        layer.update({k: self._adapter_slice(k, i) for k in self.adapter_keys})
+        layer.update(self.read_adapters(i))
         return merge_lora(layer, self.rank, self.alpha)
 
     def num_bytes(self, keys=None) -> int:

@@ -139,3 +139,59 @@ def test_a_lora_step_into_a_model_without_adapters_is_a_one_line_error(straight,
     cfg = load_config(TINY)
     with pytest.raises(CheckpointError, match="holds LoRA adapters only.*export it merged first"):
         load_model_weights(build_model(cfg.model, cfg.parallel), straight / f"step-{2 * N}")
+
+
+def _peft_scores(base_export, adapter, pair_tokenizer, pairs):
+    """PEFT's own loader: the base export under transformers with the adapter folder on it."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(base_export), trust_remote_code=True,
+                                                              attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
+    batch = pair_tokenizer([q for q, _ in pairs], [p for _, p in pairs])
+    with torch.no_grad():
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits[:, 0]
+    return scores.float(), model
+
+
+def test_a_peft_adapter_on_the_base_export_scores_as_the_merged_export(straight, base, tmp_path, one_rank, capsys):
+    """`megarank-convert lora-to-peft`: PEFT (`PeftModel.from_pretrained` on the base's export) scores the step as
+    megarank does (<= 1e-5, fp32), and PEFT's own merge gives the merged export's weights; a folder that is not the
+    base's export, or a step without adapters, is a one-line error and writes nothing."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from megarank import Reranker
+    from tests.test_reranker_api import transformers_scores
+
+    step = straight / f"step-{2 * N}"
+    base_hf, merged, adapter = tmp_path / "base-hf", tmp_path / "merged", tmp_path / "adapter"
+    assert convert(["megatron-to-hf", str(base), str(base_hf), "--quiet"]) == 0
+    assert convert(["megatron-to-hf", str(step), str(merged), "--quiet"]) == 0
+    capsys.readouterr()
+    assert convert(["lora-to-peft", str(step), str(adapter), "--base-model", str(base_hf)]) == 0
+    assert "lora-to-peft: " in capsys.readouterr().out
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_hf) and config["r"] == 4 and config["lora_alpha"] == 8
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"} and config["modules_to_save"] == ["score"]
+    lora = Reranker.from_checkpoint(step, dtype="fp32")
+    ours = lora.score(PAIRS)
+    theirs, model = _peft_scores(base_hf, adapter, lora.pair_tokenizer, PAIRS)
+    base_scores = transformers_scores(base_hf, lora.pair_tokenizer, PAIRS)
+    assert (base_scores - ours).abs().max().item() > 1e-3, "the adapter changes nothing: the comparison proves nothing"
+    assert (theirs - ours).abs().max().item() <= TOL, (theirs, ours)
+    peft_merged = model.merge_and_unload().state_dict()
+    exported = {k: v for f in sorted(merged.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert exported.keys() <= peft_merged.keys()
+    worst = max((peft_merged[k].float() - v.float()).abs().max().item() for k, v in exported.items())
+    assert worst <= 1e-6, worst
+
+    capsys.readouterr()  # transformers' loading bars
+    assert convert(["lora-to-peft", str(step), str(tmp_path / "wrong"), "--base-model", str(merged)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megarank-convert lora-to-peft: error: --base-model") and "differs" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "wrong").exists()
+    assert convert(["lora-to-peft", str(base), str(tmp_path / "full")]) == 2
+    assert "holds full weights, not LoRA adapters" in capsys.readouterr().err and not (tmp_path / "full").exists()
