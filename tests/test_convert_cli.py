@@ -15,7 +15,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def test_every_option_is_explained():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"hf-to-megatron", "megatron-to-hf", "verify"}
+    assert set(sub.choices) == {"hf-to-megatron", "megatron-to-hf", "lora-to-peft", "verify"}
     for name, p in sub.choices.items():
         assert p.description, name
         for action in p._actions:
