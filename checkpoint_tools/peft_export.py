@@ -138,10 +138,11 @@ def lora_to_peft(src, dst, *, base_model=None, overwrite: bool = False) -> str:
         "target_modules": hf_modules(targets), "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": ["score"] + (["model.norm"] if m.lora_train_final_norm else []),
-        "megarank_source": str(ckpt), "megarank_base": str(weights.base_dir),
     }
+    # Where it came from goes in the safetensors header: PEFT warns about any adapter_config.json key it lacks.
+    metadata = {"format": "pt", "megarank_source": str(ckpt), "megarank_base": str(weights.base_dir)}
     with atomic_output_dir(dst) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     base_note = f"base {base_dir}" if base_dir else "no --base-model: set base_model_name_or_path or pass the base yourself"

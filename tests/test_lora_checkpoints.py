@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 
 import pytest
 
@@ -159,7 +160,7 @@ def test_a_peft_adapter_on_the_base_export_scores_as_the_merged_export(straight,
     """`megarank-convert lora-to-peft`: PEFT (`PeftModel.from_pretrained` on the base's export) scores the step as
     megarank does (<= 1e-5, fp32), and PEFT's own merge gives the merged export's weights; a folder that is not the
     base's export, or a step without adapters, is a one-line error and writes nothing."""
-    pytest.importorskip("peft")
+    peft = pytest.importorskip("peft")
     from safetensors.torch import load_file
 
     from megarank import Reranker
@@ -167,8 +168,8 @@ def test_a_peft_adapter_on_the_base_export_scores_as_the_merged_export(straight,
 
     step = straight / f"step-{2 * N}"
     base_hf, merged, adapter = tmp_path / "base-hf", tmp_path / "merged", tmp_path / "adapter"
-    assert convert(["megatron-to-hf", str(base), str(base_hf), "--quiet"]) == 0
     assert convert(["megatron-to-hf", str(step), str(merged), "--quiet"]) == 0
+    assert convert(["megatron-to-hf", str(base), str(base_hf), "--quiet", "--tokenizer", str(merged)]) == 0
     capsys.readouterr()
     assert convert(["lora-to-peft", str(step), str(adapter), "--base-model", str(base_hf)]) == 0
     assert "lora-to-peft: " in capsys.readouterr().out
@@ -182,6 +183,9 @@ def test_a_peft_adapter_on_the_base_export_scores_as_the_merged_export(straight,
     base_scores = transformers_scores(base_hf, lora.pair_tokenizer, PAIRS)
     assert (base_scores - ours).abs().max().item() > 1e-3, "the adapter changes nothing: the comparison proves nothing"
     assert (theirs - ours).abs().max().item() <= TOL, (theirs, ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. PEFT's "Unexpected keyword arguments" for config keys
+        peft.PeftConfig.from_pretrained(str(adapter))
     peft_merged = model.merge_and_unload().state_dict()
     exported = {k: v for f in sorted(merged.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     assert exported.keys() <= peft_merged.keys()
@@ -195,3 +199,37 @@ def test_a_peft_adapter_on_the_base_export_scores_as_the_merged_export(straight,
     assert len(err.splitlines()) == 1 and not (tmp_path / "wrong").exists()
     assert convert(["lora-to-peft", str(base), str(tmp_path / "full")]) == 2
     assert "holds full weights, not LoRA adapters" in capsys.readouterr().err and not (tmp_path / "full").exists()
+
+
+def test_the_peft_adapter_loads_through_transformers_and_sentence_transformers(straight, base, tmp_path, one_rank):
+    """The two other ways users put an adapter on a model: transformers' ``model.load_adapter`` and
+    sentence-transformers' ``CrossEncoder.load_adapter`` on the base export score as the merged export does."""
+    pytest.importorskip("peft")
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForSequenceClassification
+
+    from megarank import Reranker
+
+    step = straight / f"step-{2 * N}"
+    base_hf, merged, adapter = tmp_path / "base-hf", tmp_path / "merged", tmp_path / "adapter"
+    assert convert(["megatron-to-hf", str(step), str(merged), "--quiet"]) == 0
+    assert convert(["megatron-to-hf", str(base), str(base_hf), "--quiet", "--tokenizer", str(merged)]) == 0
+    assert convert(["lora-to-peft", str(step), str(adapter), "--base-model", str(base_hf)]) == 0
+    batch = Reranker.from_checkpoint(step, dtype="fp32").pair_tokenizer([q for q, _ in PAIRS], [p for _, p in PAIRS])
+
+    def logits(folder, adapter_dir=None):
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), trust_remote_code=True,
+                                                                   attn_implementation="eager").eval()
+        if adapter_dir is not None:
+            model.load_adapter(str(adapter_dir))
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).logits[:, 0]
+
+    want = logits(merged)
+    assert (logits(base_hf) - want).abs().max().item() > 1e-3
+    assert (logits(base_hf, adapter) - want).abs().max().item() <= TOL
+    st_merged = CrossEncoder(str(merged), trust_remote_code=True).predict(PAIRS, convert_to_tensor=True)
+    st_base = CrossEncoder(str(base_hf), trust_remote_code=True)
+    st_base.load_adapter(str(adapter))
+    got = st_base.predict(PAIRS, convert_to_tensor=True)
+    assert (got.float() - st_merged.float()).abs().max().item() <= TOL, (got, st_merged)
