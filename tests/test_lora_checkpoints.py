@@ -233,3 +233,29 @@ def test_the_peft_adapter_loads_through_transformers_and_sentence_transformers(s
     st_base.load_adapter(str(adapter))
     got = st_base.predict(PAIRS, convert_to_tensor=True)
     assert (got.float() - st_merged.float()).abs().max().item() <= TOL, (got, st_merged)
+
+
+def test_a_trained_final_norm_travels_in_the_peft_adapter(base, tmp_path, one_rank):
+    """model.lora_train_final_norm: the final norm trains in full, and the adapter carries it (modules_to_save
+    ``model.norm``), so PEFT on the base export still scores as the merged export."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from megarank import Reranker
+    from tests.test_reranker_api import transformers_scores
+
+    run(train_cmd(1, "train.steps=2", "checkpoint.save_interval=2", *LORA, "model.lora_train_final_norm=true",
+                  f"checkpoint.load={base}", f"checkpoint.dir={tmp_path / 'run'}"), cwd=tmp_path)
+    step = tmp_path / "run" / "step-2"
+    base_hf, merged, adapter = tmp_path / "base-hf", tmp_path / "merged", tmp_path / "adapter"
+    assert convert(["megatron-to-hf", str(step), str(merged), "--quiet"]) == 0
+    assert convert(["megatron-to-hf", str(base), str(base_hf), "--quiet"]) == 0
+    assert convert(["lora-to-peft", str(step), str(adapter), "--base-model", str(base_hf)]) == 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["score", "model.norm"]
+    tokenizer = Reranker.from_checkpoint(step, dtype="fp32").pair_tokenizer
+    want = transformers_scores(merged, tokenizer, PAIRS)
+    got, model = _peft_scores(base_hf, adapter, tokenizer, PAIRS)
+    assert (got - want).abs().max().item() <= TOL, (got, want)
+    norm = model.merge_and_unload().state_dict()["model.norm.weight"]
+    base_norm = {k: v for f in base_hf.glob("*.safetensors") for k, v in load_file(str(f)).items()}["model.norm.weight"]
+    assert not torch.equal(norm, base_norm), "the final norm did not train: the test proves nothing"
