@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pyarrow.types as pat
 
 from ..errors import DataError
+from .index import bad_fields, open_index, recorded_bad
 from .jsonl import report_skipped
 from .records import parse_group
 
@@ -214,12 +215,12 @@ def read_hf_disk_groups(path: str | os.PathLike, columns: Mapping[str, str], spl
     return groups.checked(skip_bad_rows, str(path))
 
 
-_COPY_BATCH_ROWS = 64  # rows per record batch of a Parquet source's Arrow copy: what one drawn row reads
+COPY_BATCH_ROWS = 64  # rows per record batch of an index's Arrow copy: what one drawn row reads
 
 
 class IndexedArrowGroups(ArrowGroups):
     """`ArrowGroups` on a Parquet source's Arrow copy, with the per-row counts its index holds. A drawn row reads
-    its record batch of `_COPY_BATCH_ROWS` rows (about 64 x the row's bytes) with ``pread`` through Arrow's file
+    its record batch of `COPY_BATCH_ROWS` rows (about 64 x the row's bytes) with ``pread`` through Arrow's file
     reader, zero-copy from that buffer. The copy is not memory-mapped: with a page cache of large folios (up to
     2 MiB each, Linux 6.x), every row touched through a map counts about 1 MiB in the rank's RSS, so that a long
     run would show the whole copy in the RSS of every rank (benchmarks/RESULTS.md, "Training groups at scale")."""
@@ -233,9 +234,7 @@ class IndexedArrowGroups(ArrowGroups):
 
     def __getitem__(self, index: int) -> dict:
         row = int(self.rows[index])
-        k = int(np.searchsorted(self.batch_start, row, side="right")) - 1
-        batch = self.reader.get_batch(k)
-        at = row - int(self.batch_start[k])
+        batch, at = copy_row(self.reader, self.batch_start, row)
         return self._parse(row, {name: batch.column(name)[at].as_py() for name in self.columns.values()})
 
     def group_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,11 +242,18 @@ class IndexedArrowGroups(ArrowGroups):
         return self.index["n_pos"], self.index["n_neg"], self.index["teacher"]
 
     def skipped(self, label: str) -> int:
-        h = self.index.header
-        return report_skipped(label, self, h["bad_first"] + [""] * (h["bad"] - len(h["bad_first"])), "rows")
+        return report_skipped(label, self, recorded_bad(self.index), "rows")
 
 
-def _arrow_copy(index_path: Path) -> Path:
+def copy_row(reader: pa.ipc.RecordBatchFileReader, batch_start: np.ndarray, row: int) -> tuple[pa.RecordBatch, int]:
+    """Row ``row`` of an index's Arrow copy: its record batch (read with ``pread``) and its place in it.
+    ``batch_start``: the first row of each batch."""
+    k = int(np.searchsorted(batch_start, row, side="right")) - 1
+    return reader.get_batch(k), row - int(batch_start[k])
+
+
+def arrow_copy(index_path: Path) -> Path:
+    """The Arrow copy beside an index (Parquet, ``datasets`` and corpus-id sources)."""
     return Path(f"{index_path}.arrow")
 
 
@@ -288,7 +294,7 @@ def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad
                 rows_named_by: str | None = None):
     """The index builder of an Arrow-backed source (`sources`: `_parquet_sources` or `_hf_disk_sources`): its rows
     decoded one batch at a time into an uncompressed Arrow file beside the index, in record batches of
-    `_COPY_BATCH_ROWS` rows, each row checked as `ArrowGroups.checked` checks it. Rows are named per file, or
+    `COPY_BATCH_ROWS` rows, each row checked as `ArrowGroups.checked` checks it. Rows are named per file, or
     over the whole dataset as `rows_named_by` (a ``save_to_disk`` folder)."""
     def build(index_path: Path):
         mapped, opened = sources(files, columns)
@@ -298,7 +304,7 @@ def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad
                                       promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise DataError(f"{opened[-1][0]}: its column types differ from {opened[0][0]}'s ({e})") from None
-        arrow = _arrow_copy(index_path)
+        arrow = arrow_copy(index_path)
         tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
         groups = ArrowGroups(None, np.zeros(0, np.int64), mapped, [(rows_named_by, 0)] if rows_named_by else [])
         good, n_pos, n_neg, teacher, bad, batch_starts = (array("q") for _ in range(6))
@@ -324,9 +330,9 @@ def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad
                                 n_pos.append(len(group["pos"]))
                                 n_neg.append(len(group["neg"]))
                                 teacher.append("pos_scores" in group)
-                            for k in range(0, batch.num_rows, _COPY_BATCH_ROWS):
+                            for k in range(0, batch.num_rows, COPY_BATCH_ROWS):
                                 batch_starts.append(start + k)
-                                writer.write_batch(batch.slice(k, _COPY_BATCH_ROWS))
+                                writer.write_batch(batch.slice(k, COPY_BATCH_ROWS))
                             start += batch.num_rows
                     except (OSError, pa.ArrowException) as e:
                         raise DataError(f"{name}: cannot be read ({e})") from None
@@ -336,17 +342,18 @@ def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad
         finally:
             tmp.unlink(missing_ok=True)
         as_int64 = lambda a: np.frombuffer(a, dtype=np.int64).copy()  # noqa: E731
-        return {"bad": len(bad), "bad_first": bad[:5], "tables": groups.files, "columns": mapped,
+        return {**bad_fields(bad), "tables": groups.files, "columns": mapped,
                 "arrow_size": arrow.stat().st_size}, {
             "rows": as_int64(good), "n_pos": as_int64(n_pos), "n_neg": as_int64(n_neg),
             "teacher": as_int64(teacher).astype(np.bool_), "batch_start": as_int64(batch_starts)}
     return build
 
 
-def _arrow_copy_problem(index) -> str:
+def arrow_copy_problem(index) -> str:
+    """Why an index's Arrow copy cannot be used ("" when it can, or when the index recorded an error)."""
     if index.header.get("error"):  # a recorded error has no copy: it stands until the files change
         return ""
-    arrow = _arrow_copy(index.path)
+    arrow = arrow_copy(index.path)
     try:
         size = arrow.stat().st_size
     except OSError:
@@ -356,17 +363,15 @@ def _arrow_copy_problem(index) -> str:
 
 def _open_copy(path, files: list[Path], kind: str, columns: Mapping[str, str], skip_bad: bool, sources,
                rows_named_by: str | None = None) -> tuple[IndexedArrowGroups, int]:
-    from .index import open_index
-
     named = {field_name: columns.get(field_name, field_name) for field_name in FIELDS}  # {} and the defaults alike
     index = open_index(path, files, kind, {"columns": named, "skip_bad_rows": skip_bad,
-                                           "batch_rows": _COPY_BATCH_ROWS},
+                                           "batch_rows": COPY_BATCH_ROWS},
                        _build_copy(sources, columns, files, skip_bad, str(path), rows_named_by),
-                       usable=_arrow_copy_problem)
+                       usable=arrow_copy_problem)
     try:
-        reader = pa.ipc.open_file(pa.OSFile(str(_arrow_copy(index.path))))
+        reader = pa.ipc.open_file(pa.OSFile(str(arrow_copy(index.path))))
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: its index's Arrow copy {_arrow_copy(index.path)} cannot be read ({e}); delete "
+        raise DataError(f"{path}: its index's Arrow copy {arrow_copy(index.path)} cannot be read ({e}); delete "
                         f"{index.path} to rebuild it") from None
     groups = IndexedArrowGroups(reader, index, index.header["columns"], [tuple(f) for f in index.header["tables"]])
     return groups, groups.skipped(str(path))

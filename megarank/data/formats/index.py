@@ -36,6 +36,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..errors import DataError
+from .jsonl import MAX_LOGGED_BAD
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,19 @@ def open_index(data_path: str | os.PathLike, files: Sequence[Path], kind: str, p
         return _checked(index)
     finally:
         os.close(lock_fd)
+
+
+def bad_fields(bad: list[str]) -> dict:
+    """The header fields a builder records about the bad records it skipped: their count and the first few (as
+    many as ``report_skipped`` logs in full)."""
+    return {"bad": len(bad), "bad_first": bad[:MAX_LOGGED_BAD]}
+
+
+def recorded_bad(index: Index) -> list[str]:
+    """The skipped records an index recorded, as ``report_skipped`` takes them: the first few in full, "" for the
+    rest (only their count is kept)."""
+    h = index.header
+    return h["bad_first"] + [""] * (h["bad"] - len(h["bad_first"]))
 
 
 def _checked(index: Index) -> Index:

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import DataError, where
 from ..readers import _check_readable, _decode, json_object, located_text_lines
-from .index import open_index, check_unchanged
-from .jsonl import _SPELLING, MAX_LOGGED_BAD, _spelling, parse_line, report_skipped
+from .index import bad_fields, check_unchanged, open_index, recorded_bad
+from .jsonl import _SPELLING, _spelling, parse_line, report_skipped
 from .records import FLAG_FIELDS, NEMO_FIELDS, record_error
 from .triples import _NAMES, _triple
 
@@ -53,8 +53,7 @@ class _IndexedLines(Sequence):
 
     def skipped(self) -> int:
         """Log the skipped lines recorded at the build (as the eager reader logs them); their count."""
-        h = self.index.header
-        return report_skipped(self.path, self, h["bad_first"] + [""] * (h["bad"] - len(h["bad_first"])), "lines")
+        return report_skipped(self.path, self, recorded_bad(self.index), "lines")
 
 
 class JsonlGroups(_IndexedLines):
@@ -102,7 +101,7 @@ def _build_jsonl(path: Path, skip_bad: bool):
             report_skipped(path, [], bad, "lines")  # the eager reader's "no training groups found"
         arrays = {k: np.frombuffer(v, dtype=np.int64).astype(np.bool_ if k == "teacher" else np.int64)
                   for k, v in cols.items()}
-        return {"bad": len(bad), "bad_first": bad[:MAX_LOGGED_BAD],
+        return {**bad_fields(bad),
                 "spelling": list(first[1] if first else NEMO_FIELDS), "prompts": list(prompts.items())}, arrays
     return build
 
@@ -180,7 +179,7 @@ def _build_triples(path: Path, skip_bad: bool):
         arrays["n_pos"] = np.asarray([sum(v[0] is not None for v in t.values()) for t in texts], dtype=np.int64)
         arrays["n_neg"] = np.asarray([sum(v[1] is not None for v in t.values()) for t in texts], dtype=np.int64)
         arrays["teacher"] = np.zeros(len(texts), dtype=np.bool_)
-        return {"bad": len(bad), "bad_first": bad[:MAX_LOGGED_BAD]}, arrays
+        return bad_fields(bad), arrays
     return build
 
 

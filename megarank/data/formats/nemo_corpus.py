@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError, data_error, where
 from ..readers import json_object, text_lines
+from .arrow import COPY_BATCH_ROWS, arrow_copy, arrow_copy_problem, copy_row
+from .index import bad_fields, file_stamp, open_index, recorded_bad
 from .jsonl import report_skipped
 from .records import query_text, record_error
 
@@ -193,10 +195,10 @@ def _record(at: str, item: Any, corpora: dict[str, Corpus]) -> tuple[str, str, s
 
 
 def _read_records(path: Path, skip_bad_records: bool, folders: list[Path] | None = None
-                  ) -> tuple[list[tuple[str, str, str, list[str], list[str]]], dict[str, Corpus], list[str]]:
-    """The good records of a corpus-id JSON file, its corpora and the bad records' errors (with
-    `skip_bad_records`; else the first bad record is raised). `folders`, if given, receives the corpus folders the
-    file names as soon as they are known (before they are read)."""
+                  ) -> tuple[list[tuple[str, str, str, list[str], list[str]]], list[int], dict[str, Corpus], list[str]]:
+    """The good records of a corpus-id JSON file, their positions in its 'data' list, its corpora and the bad
+    records' errors (with `skip_bad_records`; else the first bad record is raised). `folders`, if given, receives
+    the corpus folders the file names as soon as they are known (before they are read)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -209,15 +211,16 @@ def _read_records(path: Path, skip_bad_records: bool, folders: list[Path] | None
     if folders is not None:
         folders.extend(_corpus_paths(path, top["corpus"]))
     corpora = _load_corpora(path, top)
-    records, bad = [], []
+    records, positions, bad = [], [], []
     for i, item in enumerate(top["data"]):
         try:
             records.append(_record(f"{where(path)} data[{i}]", item, corpora))
+            positions.append(i)
         except DataError as e:
             if not skip_bad_records:
                 raise
             bad.append(str(e))
-    return records, corpora, bad
+    return records, positions, corpora, bad
 
 
 def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
@@ -225,14 +228,12 @@ def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = Fa
     """The groups of a corpus-id JSON file: ``(groups, n_skipped)``; with `skip_bad_records`, bad records are
     counted and skipped (a bad file or corpus is always an error)."""
     path = Path(path)
-    records, corpora, bad = _read_records(path, skip_bad_records)
+    records, _, corpora, bad = _read_records(path, skip_bad_records)
     groups = NemoCorpusGroups(records, corpora)
     return groups, report_skipped(path, groups, bad, "records")
 
 
 # ----------------------------------------------------------------------------------------------- through an index
-
-_COPY_BATCH_ROWS = 64  # corpus rows per record batch of the Arrow copy: what one drawn document reads
 
 
 class IndexedNemoCorpusGroups(Sequence):
@@ -257,8 +258,8 @@ class IndexedNemoCorpusGroups(Sequence):
     def _texts(self, rows: np.ndarray) -> list[str]:
         texts = []
         for row in rows.tolist():
-            k = int(np.searchsorted(self.batch_start, row, side="right")) - 1
-            texts.append(self.reader.get_batch(k).column(0)[row - int(self.batch_start[k])].as_py())
+            batch, at = copy_row(self.reader, self.batch_start, row)
+            texts.append(batch.column(0)[at].as_py())
         return texts
 
     def __getitem__(self, index: int) -> dict:
@@ -277,16 +278,13 @@ class IndexedNemoCorpusGroups(Sequence):
         return (np.diff(self.pos_start), np.diff(self.neg_start), np.zeros(len(self), dtype=np.bool_))
 
     def skipped(self) -> int:
-        h = self.index.header
-        return report_skipped(self.path, self, h["bad_first"] + [""] * (h["bad"] - len(h["bad_first"])), "records")
+        return report_skipped(self.path, self, recorded_bad(self.index), "records")
 
 
 def _folder_stamps(folders: list[Path]) -> dict[str, list[dict]]:
     """What identifies the corpus folders' content: the stamp (`index.file_stamp`) of every file under each that
     the reader looks at (the metadata and every .parquet / .jsonl / .json file: a new one may change the train
     split), so that other files in the folder (logs, megarank's own index) do not force a rebuild."""
-    from .index import file_stamp
-
     stamps = {}
     for folder in folders:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _DATA_SUFFIXES) \
@@ -299,7 +297,7 @@ def _build_index(path: Path, skip_bad_records: bool):
     def build(index_path: Path):
         folders: list[Path] = []
         try:
-            records, corpora, bad = _read_records(path, skip_bad_records, folders)
+            records, positions, corpora, bad = _read_records(path, skip_bad_records, folders)
             if not records:
                 report_skipped(path, records, bad, "records")  # the eager reader's error
         except DataError as e:  # recorded with the corpus folders it was read against: fixing one rebuilds
@@ -309,10 +307,9 @@ def _build_index(path: Path, skip_bad_records: bool):
         for corpus_id, corpus in corpora.items():
             first_row[corpus_id] = rows_in
             rows_in += corpus.table.num_rows
-        questions, question_start, item = bytearray(), array("q", [0]), array("q")
+        questions, question_start = bytearray(), array("q", [0])
         pos_start, pos_rows, neg_start, neg_rows = array("q", [0]), array("q"), array("q", [0]), array("q")
-        for at, question, corpus_id, pos, neg in records:
-            item.append(int(at[at.rindex("[") + 1:-1]))
+        for _, question, corpus_id, pos, neg in records:
             questions += question.encode("utf-8", "surrogatepass")  # JSON may hold a lone surrogate (\ud800)
             question_start.append(len(questions))
             corpus, base = corpora[corpus_id], first_row[corpus_id]
@@ -320,7 +317,7 @@ def _build_index(path: Path, skip_bad_records: bool):
             pos_start.append(len(pos_rows))
             neg_rows.extend(base + corpus.rows[d] for d in neg)
             neg_start.append(len(neg_rows))
-        arrow = _arrow_copy(index_path)
+        arrow = arrow_copy(index_path)
         tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
         batch_start = array("q")
         schema = pa.schema([("text", pa.string())])
@@ -329,26 +326,22 @@ def _build_index(path: Path, skip_bad_records: bool):
                 start = 0
                 for corpus in corpora.values():
                     texts = corpus.table.column("text")
-                    for k in range(0, corpus.table.num_rows, _COPY_BATCH_ROWS):
+                    for k in range(0, corpus.table.num_rows, COPY_BATCH_ROWS):
                         batch_start.append(start + k)
-                        chunk = texts.slice(k, _COPY_BATCH_ROWS).combine_chunks()
+                        chunk = texts.slice(k, COPY_BATCH_ROWS).combine_chunks()
                         writer.write_batch(pa.record_batch([chunk], schema=schema))
                     start += corpus.table.num_rows
             os.replace(tmp, arrow)
         finally:
             tmp.unlink(missing_ok=True)
         as_int64 = lambda a: np.frombuffer(a, dtype=np.int64).copy()  # noqa: E731
-        return {"bad": len(bad), "bad_first": bad[:5], "arrow_size": arrow.stat().st_size,
+        return {**bad_fields(bad), "arrow_size": arrow.stat().st_size,
                 "corpus_folders": _folder_stamps(folders)}, {
-            "records": as_int64(item), "questions": np.frombuffer(bytes(questions), dtype=np.uint8),
+            "records": np.asarray(positions, dtype=np.int64), "questions": np.frombuffer(bytes(questions), dtype=np.uint8),
             "question_start": as_int64(question_start), "pos_start": as_int64(pos_start),
             "pos_rows": as_int64(pos_rows), "neg_start": as_int64(neg_start), "neg_rows": as_int64(neg_rows),
             "batch_start": as_int64(batch_start)}
     return build
-
-
-def _arrow_copy(index_path: Path) -> Path:
-    return Path(f"{index_path}.arrow")
 
 
 def _index_problem(index) -> str:
@@ -361,15 +354,7 @@ def _index_problem(index) -> str:
             changed = sorted({f["path"] for f in now[folder]} ^ {f["path"] for f in was[folder]}) or sorted(
                 f["path"] for f in now[folder] if f not in was[folder])
             return f"corpus folder {folder} changed since ({', '.join(changed[:3]) or 'its files'})"
-    if index.header.get("error"):
-        return ""
-    arrow = _arrow_copy(index.path)
-    try:
-        if arrow.stat().st_size != index.header.get("arrow_size"):
-            return f"its Arrow copy {arrow} has another size"
-    except OSError:
-        return f"its Arrow copy {arrow} is missing"
-    return ""
+    return arrow_copy_problem(index)
 
 
 def open_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
@@ -377,18 +362,16 @@ def open_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = Fa
     """`read_nemo_corpus_groups` through an index (megarank/data/formats/index.py): the same groups and errors,
     the JSON and the corpora read once; ``(groups, n_skipped)``. The index is rebuilt when the JSON file or any
     corpus file (metadata, train split) changes."""
-    from .index import open_index
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     index = open_index(path, [path], "nemo_corpus", {"skip_bad_records": skip_bad_records,
-                                                      "batch_rows": _COPY_BATCH_ROWS},
+                                                      "batch_rows": COPY_BATCH_ROWS},
                        _build_index(path, skip_bad_records), usable=_index_problem)
     try:
-        reader = pa.ipc.open_file(pa.OSFile(str(_arrow_copy(index.path))))
+        reader = pa.ipc.open_file(pa.OSFile(str(arrow_copy(index.path))))
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: its index's Arrow copy {_arrow_copy(index.path)} cannot be read ({e}); delete "
+        raise DataError(f"{path}: its index's Arrow copy {arrow_copy(index.path)} cannot be read ({e}); delete "
                         f"{index.path} to rebuild it") from None
     groups = IndexedNemoCorpusGroups(path, index, reader)
     return groups, groups.skipped()
