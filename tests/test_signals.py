@@ -209,8 +209,19 @@ def test_workers_whose_agent_is_killed_while_they_still_import_stop_unsaved(tmp_
             except psutil.NoSuchProcess:
                 return []
 
+        def importing_torch(proc):
+            """Past ``import megarank`` (which records the parent) and inside torch's import: libtorch is mapped.
+            A worker that only exists (forked, interpreter starting) has recorded nothing yet; the agent killed
+            then is outside what the watchdog can see under plain torchrun (megarank/training/watchdog.py)."""
+            try:
+                return "libtorch_cpu" in Path(f"/proc/{proc.pid}/maps").read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+
         wait_for(lambda: len(workers()) == 2, 120, "both workers to start", live, interval=0.01)
         family = workers()
+        wait_for(lambda: all(importing_torch(p) for p in family), 120, "both workers to import torch", live,
+                 interval=0.01)
         live.kill()
         live.wait()
         gone_at = time.monotonic()

@@ -83,7 +83,12 @@ def agent_pid() -> int:
     """The torchrun agent's pid: what `megarank launch` exported (its own pid: it runs the agent in-process), else
     this process's parent when megarank was first imported (megarank/__init__.py, before torch and megatron-core:
     recording it here, after those imports, would miss an agent killed during the ~15 s they take -- the worker
-    would already be re-parented, and its new parent taken for the agent)."""
+    would already be re-parented, and its new parent taken for the agent).
+
+    What no worker can see under plain torchrun: an agent killed in the ~0.1 s between forking a worker and that
+    worker's interpreter reaching ``import megarank``. torchrun exports nothing naming the agent, and the kernel keeps
+    no record of the original parent, so such a worker takes its new parent for the agent and trains on as an orphan.
+    ``megarank launch`` has no such window (it exports its own pid before it forks)."""
     import megarank
 
     value = os.environ.get(AGENT_PID_ENV, "")
