@@ -326,6 +326,97 @@ def test_nemo_corpus_folder_problems(tmp_path):
         read_groups("nemo_corpus", path)
 
 
+@pytest.mark.parametrize("text", [
+    '{"corpus": [{"path": "w"}], "data": [{"a": 1}, {"b": [2, "x"]}]}',
+    ' \n{ "data" :[ {"a": 1} ,\n{"b": "\\u00e9\\ud800"} ] , "corpus": {"path": "w"}, "x": null }\n ',
+    '{"data": [], "corpus": []}', '{"data": [1, "s", [], {}]}', '{}', '{"data": {"a": 1}}',
+    '{"data": [{"a": 1}], "data": [{"b": 2}]}', '{"data": [{"a": 1}], "data": 3}', '[{"data": []}]', '"data"',
+    '{"data": [NaN, -Infinity]}',
+    # not JSON: json.loads's error, with its position
+    '{"data": [{"a": 1} {"b": 2}]}', '{"data": [{"a": 1},]}', '{"data": [{"a": 1}]} x', '{"data": [{"a": "x}]}',
+    '{"data": [{"a": 1}], }', '{"data" [1]}', "{'data': []}", '{"data": [1]', '', '{"data": [{"a": 1}]}}',
+])
+def test_the_corpus_id_file_is_read_as_json_loads_reads_it(text):
+    """The 'data' list is decoded one record at a time (`_decode_top`): the same values as json.loads, and for a
+    document that is not JSON the same error at the same place."""
+    from megarank.data.formats.nemo_corpus import _decode_top, _Records
+
+    try:
+        expected = json.loads(text)
+    except json.JSONDecodeError as e:
+        with pytest.raises(json.JSONDecodeError) as got:
+            _decode_top(text)
+        assert str(got.value) == str(e)
+        return
+    got = _decode_top(text)
+    if isinstance(expected, dict) and isinstance(expected.get("data"), list):
+        assert isinstance(got["data"], _Records)  # streamed, not decoded whole
+        got["data"] = list(got["data"])
+    assert json.dumps(got) == json.dumps(expected)  # NaN != NaN: compared as text
+
+
+def _two_file_corpus(tmp_path, first: pa.Table, second: list[dict]):
+    """train.json over wiki/ whose train split is a Parquet file then a JSON Lines file (rows counted across both)."""
+    path, _ = write_nemo_corpus(tmp_path)
+    pq.write_table(first, tmp_path / "wiki" / "data" / "train-00000-of-00001.parquet")
+    (tmp_path / "wiki" / "data" / "train-00001-of-00001.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in second))
+    return path
+
+
+@pytest.mark.parametrize("first, second, message", [
+    (pa.table({"id": [f"d{k}" for k in range(5)], "text": list("abcde")}), [{"id": "x", "text": "x"},
+     {"id": "d1", "text": "again"}], r"wiki: document id 'd1' appears twice in the train split \(rows 1 and 6\)"),
+    (pa.table({"id": [f"d{k}" for k in range(5)], "text": ["a", "b", "c", None, "e"]}), [],
+     r"wiki: row 3 of the train split has a null 'id' or 'text'"),
+    (pa.table({"id": ["d0", "d1", "d1", None], "text": list("abcd")}), [],  # both in one read: the first bad row
+     r"wiki: document id 'd1' appears twice in the train split \(rows 1 and 2\)"),
+    (pa.table({"id": ["d0", "d1", None, "d1"], "text": list("abcd")}), [],
+     r"wiki: row 2 of the train split has a null 'id' or 'text'"),
+    (pa.table({"id": [0.5, 1.5], "text": ["a", "b"]}), [], r"train-00000-of-00001\.parquet: column 'id' is double"),
+    (pa.table({"id": ["d0"], "text": [3]}), [], r"train-00000-of-00001\.parquet: column 'text' is int64, expected"),
+    (pa.table({"id": ["d0"]}), [], r"train-00000-of-00001\.parquet: has no column 'text'"),
+])
+def test_nemo_corpus_rows_are_checked_in_row_order_across_files_and_read_batches(tmp_path, monkeypatch, first,
+                                                                                  second, message):
+    """The corpus is read two rows at a time (the reader streams it): a duplicate id names both rows of the whole
+    split, the first bad row is the one reported, eagerly and through the index."""
+    from megarank.data.formats import nemo_corpus, open_groups
+
+    monkeypatch.setattr(nemo_corpus, "_READ_ROWS", 2)
+    path = _two_file_corpus(tmp_path, first, second)
+    for read in (read_groups, open_groups):
+        with pytest.raises(DataError, match=message):
+            read("nemo_corpus", path)
+
+
+def test_nemo_corpus_streamed_into_small_batches_gives_the_files_groups(tmp_path, monkeypatch):
+    """Read 2 rows at a time, copied in batches of 3, one folder named twice (read once), integer ids in the JSON
+    Lines file: the indexed groups are the eager ones, and the file's texts."""
+    from megarank.data.formats import nemo_corpus, open_groups
+
+    monkeypatch.setattr(nemo_corpus, "_READ_ROWS", 2)
+    monkeypatch.setattr(nemo_corpus, "COPY_BATCH_ROWS", 3)
+    texts = [t for g in GROUPS for t in g["pos"] + g["neg"]]
+    path = _two_file_corpus(tmp_path, pa.table({"id": [f"d{k}" for k in range(7)], "text": texts[:7]}),
+                            [{"id": k, "text": t} for k, t in enumerate(texts[7:], start=7)])
+    top = json.loads(path.read_text())
+    top["corpus"] = [{"path": "wiki"}, {"path": "./wiki"}]
+    def jsonl_id(doc, k):  # rows 7.. are in the JSON Lines file, under integer ids: named as 7 or "7"
+        doc = doc["id"] if isinstance(doc, dict) else doc
+        return doc if int(doc[1:]) < 7 else int(doc[1:]) if k % 2 else doc[1:]
+
+    for n, record in enumerate(top["data"]):
+        record["pos_doc"] = [{"id": 10}] if n == 2 else [jsonl_id(d, k) for k, d in enumerate(record["pos_doc"])]
+        record["neg_doc"] = [jsonl_id(d, k) for k, d in enumerate(record["neg_doc"])]
+    path.write_text(json.dumps(top))
+    eager, lazy = read_groups("nemo_corpus", path)[0], open_groups("nemo_corpus", path)[0]
+    expected = [_texts(g) for g in GROUPS]
+    expected[2] = (expected[2][0], [texts[10]], expected[2][2])
+    assert [_texts(eager[i]) for i in range(4)] == [_texts(lazy[i]) for i in range(4)] == expected
+    assert lazy.reader.num_record_batches == 8  # 7 + 17 rows in one corpus, copied 3 at a time
+
+
 # ----------------------------------------------------------------------------------------------- group rules
 
 

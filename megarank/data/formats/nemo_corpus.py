@@ -14,7 +14,9 @@ its texts are looked up when a group is built. Records are named ``<file> data[i
 Training opens the file through an index (`open_nemo_corpus_groups`, megarank/data/formats/index.py): one process
 reads the JSON and the corpora once, checks every record, and writes the questions and the resolved document rows
 as arrays, and the corpora's texts as an Arrow copy; every rank then reads a group's texts when it is drawn,
-instead of parsing the JSON and holding an id -> row dictionary of every corpus.
+instead of parsing the JSON and holding an id -> row dictionary of every corpus. The builder streams the corpora
+(`_READ_ROWS` rows decoded at a time, their texts written to the copy as they come) and frees each record of the
+JSON once it is resolved, so it holds the parsed JSON and the id -> row dictionaries, never the corpora's texts.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import os
 import re
 from array import array
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import DataError, data_error, where
@@ -42,19 +45,23 @@ _DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
 _SPLIT_WORDS = {"train": {"train", "training"}, "other": {"validation", "valid", "dev", "val", "test", "testing",
                                                           "eval", "evaluation"}}
 _NON_WORD = re.compile(r"[-._ 0-9/]+")
+_READ_ROWS = 65536  # corpus rows decoded at a time
 
 
 class Corpus:
-    """One corpus folder's ``train`` split: texts fetched by document id from an Arrow table."""
+    """One corpus folder's ``train`` split: its id -> row dictionary and (when read whole, by the eager reader) its
+    texts. ``first_row``: its first row in the index's Arrow copy (the builder's; 0 otherwise)."""
 
-    def __init__(self, folder: Path, corpus_id: str, table: pa.Table, rows: dict[str, int]):
+    def __init__(self, folder: Path, corpus_id: str, rows: dict[str, int], texts: pa.ChunkedArray | None = None,
+                 first_row: int = 0):
         self.folder = folder
         self.corpus_id = corpus_id
-        self.table = table
         self.rows = rows
+        self.texts = texts
+        self.first_row = first_row
 
     def text(self, doc_id: str) -> str:
-        return self.table.column("text")[self.rows[doc_id]].as_py()
+        return self.texts[self.rows[doc_id]].as_py()
 
 
 def train_split_files(folder: Path) -> list[Path]:
@@ -71,7 +78,10 @@ def train_split_files(folder: Path) -> list[Path]:
     return train
 
 
-def _jsonl_table(path: Path) -> pa.Table:
+Batches = Iterator[tuple[pa.Array, pa.Array]]  # (ids, texts) of consecutive rows, both strings
+
+
+def _jsonl_batches(path: Path) -> Batches:
     ids, texts = [], []
     for number, line in text_lines(path):
         obj = json_object(path, number, line)
@@ -80,27 +90,36 @@ def _jsonl_table(path: Path) -> pa.Table:
             raise data_error(path, number, "a corpus document needs an 'id' (string or integer) and a string 'text'")
         ids.append(str(doc_id))
         texts.append(text)
-    return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+        if len(ids) == _READ_ROWS:
+            yield pa.array(ids, pa.string()), pa.array(texts, pa.string())
+            ids, texts = [], []
+    if ids:
+        yield pa.array(ids, pa.string()), pa.array(texts, pa.string())
 
 
-def _read_table(path: Path) -> pa.Table:
-    if path.suffix != ".parquet":
-        return _jsonl_table(path)
+def _parquet_batches(path: Path) -> Batches:
     try:
-        table = pq.read_table(path, memory_map=True)
+        pf = pq.ParquetFile(path, memory_map=True)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: is not a readable Parquet file ({e})") from None
-    missing = [c for c in ("id", "text") if c not in table.column_names]
+    schema = pf.schema_arrow
+    missing = [c for c in ("id", "text") if c not in schema.names]
     if missing:
         raise DataError(f"{path}: has no column '{missing[0]}'; a corpus needs 'id' and 'text'")
-    if not pa.types.is_string(table.schema.field("text").type) and \
-            not pa.types.is_large_string(table.schema.field("text").type):
-        raise DataError(f"{path}: column 'text' is {table.schema.field('text').type}, expected a string")
-    return table.select(["id", "text"]).cast(pa.schema([("id", pa.string()), ("text", pa.string())]))
+    text_type, id_type = schema.field("text").type, schema.field("id").type
+    if not pa.types.is_string(text_type) and not pa.types.is_large_string(text_type):
+        raise DataError(f"{path}: column 'text' is {text_type}, expected a string")
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+        raise DataError(f"{path}: column 'id' is {id_type}, expected strings or integers")
+    try:
+        for batch in pf.iter_batches(batch_size=_READ_ROWS, columns=["id", "text"]):
+            yield batch.column("id").cast(pa.string()), batch.column("text").cast(pa.string())
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path}: is not a readable Parquet file ({e})") from None
 
 
-def load_corpus(folder: Path) -> Corpus:
-    """A corpus folder: its metadata (class TextQADataset, corpus_id) and its train split's ids and texts."""
+def _corpus_id(folder: Path) -> str:
+    """A corpus folder's ``corpus_id``, from its metadata (class TextQADataset)."""
     meta_path = folder / "merlin_metadata.json"
     if not meta_path.is_file():
         raise DataError(f"{folder}: has no merlin_metadata.json (a NeMo AutoModel corpus folder needs one)")
@@ -113,16 +132,35 @@ def load_corpus(folder: Path) -> Corpus:
     if meta.get("class") != "TextQADataset":
         raise DataError(f"{meta_path}: class {meta.get('class')!r} is not TextQADataset, the text corpus class "
                         "(image corpora are not read)")
-    files = train_split_files(folder)
-    table = pa.concat_tables([_read_table(f) for f in files])
+    return meta["corpus_id"]
+
+
+def _read_corpus(folder: Path, each: Callable[[pa.Array], None]) -> dict[str, int]:
+    """A corpus folder's train split read batch by batch: its id -> row dictionary, every row checked (a null id
+    or text, a duplicate id naming both rows: the first bad row in row order), each batch's texts passed to
+    `each` in row order."""
     rows: dict[str, int] = {}
-    for row, doc_id in enumerate(table.column("id").to_pylist()):
-        if doc_id is None or table.column("text")[row].as_py() is None:
-            raise DataError(f"{folder}: row {row} of the train split has a null 'id' or 'text'")
-        if rows.setdefault(doc_id, row) != row:
-            raise DataError(f"{folder}: document id '{doc_id}' appears twice in the train split (rows {rows[doc_id]} "
-                            f"and {row})")
-    return Corpus(folder, meta["corpus_id"], table, rows)
+    for file in train_split_files(folder):
+        for ids, texts in (_parquet_batches(file) if file.suffix == ".parquet" else _jsonl_batches(file)):
+            start = len(rows)
+            null = pc.index(pc.or_kleene(ids.is_null(), texts.is_null()), True).as_py() \
+                if ids.null_count or texts.null_count else len(ids)
+            for row, doc_id in enumerate(ids.slice(0, null).to_pylist(), start):
+                if rows.setdefault(doc_id, row) != row:
+                    raise DataError(f"{folder}: document id '{doc_id}' appears twice in the train split (rows "
+                                    f"{rows[doc_id]} and {row})")
+            if null < len(ids):
+                raise DataError(f"{folder}: row {start + null} of the train split has a null 'id' or 'text'")
+            each(texts)
+    return rows
+
+
+def load_corpus(folder: Path) -> Corpus:
+    """A corpus folder: its metadata (class TextQADataset, corpus_id) and its train split's ids and texts."""
+    corpus_id = _corpus_id(folder)
+    texts: list[pa.Array] = []
+    rows = _read_corpus(folder, texts.append)
+    return Corpus(folder, corpus_id, rows, pa.chunked_array(texts, pa.string()))
 
 
 class NemoCorpusGroups(Sequence):
@@ -151,10 +189,13 @@ def _corpus_paths(path: Path, value: Any) -> list[Path]:
     return [Path(os.path.normpath(path.parent / e["path"])) for e in entries]
 
 
-def _load_corpora(path: Path, top: dict) -> dict[str, Corpus]:
+def _load_corpora(path: Path, top: dict, load: Callable[[Path], Corpus] = load_corpus) -> dict[str, Corpus]:
+    """The file's corpora by corpus_id, each folder read once (by `load`), in the file's order."""
     corpora: dict[str, Corpus] = {}
     for folder in _corpus_paths(path, top["corpus"]):
-        corpus = load_corpus(folder)
+        if any(c.folder == folder for c in corpora.values()):
+            continue
+        corpus = load(folder)
         other = corpora.setdefault(corpus.corpus_id, corpus)
         if other.folder != folder:
             raise DataError(f"{path}: corpus_id '{corpus.corpus_id}' names two corpora ({other.folder} and {folder})")
@@ -194,33 +235,140 @@ def _record(at: str, item: Any, corpora: dict[str, Corpus]) -> tuple[str, str, s
     return at, question, corpus.corpus_id, pos, _doc_ids(at, "neg_doc", item["neg_doc"], corpus)
 
 
-def _read_records(path: Path, skip_bad_records: bool, folders: list[Path] | None = None
-                  ) -> tuple[list[tuple[str, str, str, list[str], list[str]]], list[int], dict[str, Corpus], list[str]]:
-    """The good records of a corpus-id JSON file, their positions in its 'data' list, its corpora and the bad
-    records' errors (with `skip_bad_records`; else the first bad record is raised). `folders`, if given, receives
-    the corpus folders the file names as soon as they are known (before they are read)."""
+class _Records:
+    """The 'data' list of a corpus-id file, decoded one record at a time from the file's text: a 1M-record file is
+    ~2 GB of Python objects when decoded whole, its text a tenth of that. ``spans``: each record's (start, end) in
+    the text, found by `_decode_top`'s pass over the whole document."""
+
+    def __init__(self, text: str, spans: array):
+        self.text = text
+        self.spans = spans
+
+    def __len__(self) -> int:
+        return len(self.spans) // 2
+
+    def __iter__(self) -> Iterator[Any]:
+        decode = _DECODER.raw_decode
+        for k in range(len(self)):
+            yield decode(self.text, self.spans[2 * k])[0]
+
+
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _NotStreamable(Exception):
+    """The document is not ``{"key": value, ...}`` as `_decode_top` reads it: json.loads decides (and names the
+    error)."""
+
+
+def _decode_top(text: str) -> Any:
+    """``json.loads(text)``, except that the value of a top-level object's "data" key, when it is a list, becomes
+    a `_Records` (each record checked by decoding it once here, kept as its span). Any document this pass does not
+    read as an object of that shape goes to json.loads, so the errors and values are json.loads's (the last of a
+    repeated key wins, as there)."""
+    try:
+        return _scan_object(text)
+    except _NotStreamable:
+        return json.loads(text)
+
+
+def _scan_object(text: str) -> dict:
+    space = _SPACE.match
+    decode = _DECODER.raw_decode
+    at = space(text, 0).end()
+    if text[at:at + 1] != "{":
+        raise _NotStreamable
+    top: dict = {}
+    at = space(text, at + 1).end()
+    if text[at:at + 1] == "}":
+        at += 1
+    else:
+        while True:
+            if text[at:at + 1] != '"':
+                raise _NotStreamable
+            key, at = decode(text, at)
+            at = space(text, at).end()
+            if text[at:at + 1] != ":":
+                raise _NotStreamable
+            at = space(text, at + 1).end()
+            if key == "data" and text[at:at + 1] == "[":
+                spans = array("q")
+                at = space(text, at + 1).end()
+                if text[at:at + 1] == "]":
+                    at += 1
+                else:
+                    while True:
+                        try:
+                            _, end = decode(text, at)
+                        except json.JSONDecodeError:
+                            raise _NotStreamable from None
+                        spans.extend((at, end))
+                        at = space(text, end).end()
+                        if text[at:at + 1] == "]":
+                            at += 1
+                            break
+                        if text[at:at + 1] != ",":
+                            raise _NotStreamable
+                        at = space(text, at + 1).end()
+                top[key] = _Records(text, spans)
+            else:
+                try:
+                    top[key], at = decode(text, at)
+                except json.JSONDecodeError:
+                    raise _NotStreamable from None
+            at = space(text, at).end()
+            if text[at:at + 1] == "}":
+                at += 1
+                break
+            if text[at:at + 1] != ",":
+                raise _NotStreamable
+            at = space(text, at + 1).end()
+    if space(text, at).end() != len(text):
+        raise _NotStreamable  # json.loads: "Extra data"
+    return top
+
+
+def _read_top(path: Path, folders: list[Path] | None = None) -> dict:
+    """The corpus-id JSON file's object (checked to hold 'corpus' and a 'data' list, a `_Records`). `folders`, if
+    given, receives the corpus folders it names (before they are read)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        top = json.loads(path.read_text(encoding="utf-8-sig"))
+        top = _decode_top(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: is not valid JSON ({e}); the corpus-id form is one JSON object with 'corpus' "
                         "and 'data'") from None
-    if not isinstance(top, dict) or "corpus" not in top or not isinstance(top.get("data"), list):
+    if not isinstance(top, dict) or "corpus" not in top or not isinstance(top.get("data"), (list, _Records)):
         raise DataError(f"{path}: expected one JSON object with 'corpus' and a 'data' list")
     if folders is not None:
         folders.extend(_corpus_paths(path, top["corpus"]))
-    corpora = _load_corpora(path, top)
-    records, positions, bad = [], [], []
+    return top
+
+
+def _records(path: Path, top: dict, corpora: dict[str, Corpus], skip_bad_records: bool, bad: list[str]
+             ) -> Iterator[tuple[int, tuple[str, str, str, list[str], list[str]]]]:
+    """``(position in 'data', record)`` of each good record; with `skip_bad_records` the bad records' errors go to
+    `bad`, else the first is raised."""
     for i, item in enumerate(top["data"]):
         try:
-            records.append(_record(f"{where(path)} data[{i}]", item, corpora))
-            positions.append(i)
+            record = _record(f"{where(path)} data[{i}]", item, corpora)
         except DataError as e:
             if not skip_bad_records:
                 raise
             bad.append(str(e))
-    return records, positions, corpora, bad
+            continue
+        yield i, record
+
+
+def _read_records(path: Path, skip_bad_records: bool
+                  ) -> tuple[list[tuple[str, str, str, list[str], list[str]]], dict[str, Corpus], list[str]]:
+    """The good records of a corpus-id JSON file, its corpora (read whole) and the bad records' errors."""
+    top = _read_top(path)
+    corpora = _load_corpora(path, top)
+    bad: list[str] = []
+    records = [record for _, record in _records(path, top, corpora, skip_bad_records, bad)]
+    return records, corpora, bad
 
 
 def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = False
@@ -228,7 +376,7 @@ def read_nemo_corpus_groups(path: str | os.PathLike, skip_bad_records: bool = Fa
     """The groups of a corpus-id JSON file: ``(groups, n_skipped)``; with `skip_bad_records`, bad records are
     counted and skipped (a bad file or corpus is always an error)."""
     path = Path(path)
-    records, _, corpora, bad = _read_records(path, skip_bad_records)
+    records, corpora, bad = _read_records(path, skip_bad_records)
     groups = NemoCorpusGroups(records, corpora)
     return groups, report_skipped(path, groups, bad, "records")
 
@@ -293,54 +441,87 @@ def _folder_stamps(folders: list[Path]) -> dict[str, list[dict]]:
     return stamps
 
 
+class _TextCopy:
+    """The corpora's texts written to the index's Arrow copy as they are read, in record batches of
+    `COPY_BATCH_ROWS` rows (each corpus starting a batch); ``batch_start``: the first row of each batch."""
+
+    SCHEMA = pa.schema([("text", pa.string())])
+
+    def __init__(self, writer: pa.ipc.RecordBatchFileWriter):
+        self.writer = writer
+        self.rows = 0
+        self.batch_start = array("q")
+        self._pending: list[pa.Array] = []
+        self._n_pending = 0
+
+    def add(self, texts: pa.Array) -> None:
+        self._pending.append(texts)
+        self._n_pending += len(texts)
+        if self._n_pending >= COPY_BATCH_ROWS:
+            merged = pa.concat_arrays(self._pending)
+            full = len(merged) - len(merged) % COPY_BATCH_ROWS
+            for k in range(0, full, COPY_BATCH_ROWS):
+                self._write(merged.slice(k, COPY_BATCH_ROWS))
+            rest = merged.slice(full)
+            self._pending, self._n_pending = ([rest] if len(rest) else []), len(rest)
+
+    def end_corpus(self) -> None:
+        if self._n_pending:
+            self._write(pa.concat_arrays(self._pending))
+        self._pending, self._n_pending = [], 0
+
+    def _write(self, chunk: pa.Array) -> None:
+        self.batch_start.append(self.rows)
+        self.writer.write_batch(pa.record_batch([chunk], schema=self.SCHEMA))
+        self.rows += len(chunk)
+
+
 def _build_index(path: Path, skip_bad_records: bool):
     def build(index_path: Path):
         folders: list[Path] = []
-        try:
-            records, positions, corpora, bad = _read_records(path, skip_bad_records, folders)
-            if not records:
-                report_skipped(path, records, bad, "records")  # the eager reader's error
-        except DataError as e:  # recorded with the corpus folders it was read against: fixing one rebuilds
-            e.index_fields = {"corpus_folders": _folder_stamps(folders)}
-            raise
-        first_row, rows_in = {}, 0
-        for corpus_id, corpus in corpora.items():
-            first_row[corpus_id] = rows_in
-            rows_in += corpus.table.num_rows
-        questions, question_start = bytearray(), array("q", [0])
-        pos_start, pos_rows, neg_start, neg_rows = array("q", [0]), array("q"), array("q", [0]), array("q")
-        for _, question, corpus_id, pos, neg in records:
-            questions += question.encode("utf-8", "surrogatepass")  # JSON may hold a lone surrogate (\ud800)
-            question_start.append(len(questions))
-            corpus, base = corpora[corpus_id], first_row[corpus_id]
-            pos_rows.extend(base + corpus.rows[d] for d in pos)
-            pos_start.append(len(pos_rows))
-            neg_rows.extend(base + corpus.rows[d] for d in neg)
-            neg_start.append(len(neg_rows))
         arrow = arrow_copy(index_path)
         tmp = arrow.with_name(f".{arrow.name}.{os.getpid()}.tmp")
-        batch_start = array("q")
-        schema = pa.schema([("text", pa.string())])
+        questions, question_start = bytearray(), array("q", [0])
+        positions, pos_start, pos_rows, neg_start, neg_rows = array("q"), array("q", [0]), array("q"), \
+            array("q", [0]), array("q")
+        bad: list[str] = []
         try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                start = 0
-                for corpus in corpora.values():
-                    texts = corpus.table.column("text")
-                    for k in range(0, corpus.table.num_rows, COPY_BATCH_ROWS):
-                        batch_start.append(start + k)
-                        chunk = texts.slice(k, COPY_BATCH_ROWS).combine_chunks()
-                        writer.write_batch(pa.record_batch([chunk], schema=schema))
-                    start += corpus.table.num_rows
+            try:
+                top = _read_top(path, folders)
+                with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, _TextCopy.SCHEMA) as writer:
+                    copy = _TextCopy(writer)
+
+                    def stream(folder: Path) -> Corpus:  # the texts go to the copy, only the ids stay
+                        corpus_id, first_row = _corpus_id(folder), copy.rows
+                        rows = _read_corpus(folder, copy.add)
+                        copy.end_corpus()
+                        return Corpus(folder, corpus_id, rows, first_row=first_row)
+
+                    corpora = _load_corpora(path, top, stream)
+                for i, (_, question, corpus_id, pos, neg) in _records(path, top, corpora, skip_bad_records, bad):
+                    positions.append(i)
+                    questions += question.encode("utf-8", "surrogatepass")  # JSON may hold a lone surrogate
+                    question_start.append(len(questions))
+                    corpus = corpora[corpus_id]
+                    pos_rows.extend(corpus.first_row + corpus.rows[d] for d in pos)
+                    pos_start.append(len(pos_rows))
+                    neg_rows.extend(corpus.first_row + corpus.rows[d] for d in neg)
+                    neg_start.append(len(neg_rows))
+                if not positions:
+                    report_skipped(path, positions, bad, "records")  # the eager reader's error
+            except DataError as e:  # recorded with the corpus folders it was read against: fixing one rebuilds
+                e.index_fields = {"corpus_folders": _folder_stamps(folders)}
+                raise
             os.replace(tmp, arrow)
         finally:
             tmp.unlink(missing_ok=True)
         as_int64 = lambda a: np.frombuffer(a, dtype=np.int64).copy()  # noqa: E731
         return {**bad_fields(bad), "arrow_size": arrow.stat().st_size,
                 "corpus_folders": _folder_stamps(folders)}, {
-            "records": np.asarray(positions, dtype=np.int64), "questions": np.frombuffer(bytes(questions), dtype=np.uint8),
+            "records": as_int64(positions), "questions": np.frombuffer(bytes(questions), dtype=np.uint8),
             "question_start": as_int64(question_start), "pos_start": as_int64(pos_start),
             "pos_rows": as_int64(pos_rows), "neg_start": as_int64(neg_start), "neg_rows": as_int64(neg_rows),
-            "batch_start": as_int64(batch_start)}
+            "batch_start": as_int64(copy.batch_start)}
     return build
 
 
