@@ -10,8 +10,8 @@ and the same groups as Parquet, a ``datasets`` folder and NeMo AutoModel's corpu
   ``DIR/groups-N.nemo/train.json`` (``nemo_corpus``: every passage a document of one Parquet corpus folder, the
   records naming them by id), outside the repository; kept for the next run. ``--formats`` picks which of the four
   the other phases measure.
-- index: the index of each file built from nothing in a fresh process (wall time and that process's peak RSS),
-  then opened again (reuse).
+- index: the index of each file built from nothing in a fresh process (wall time and that process's peak RSS,
+  with the peaks of its anonymous and file-backed parts polled every 20 ms), then opened again (reuse).
 - ranks: DP=2 without a model: two processes at once, each builds its source (``GroupsFileSource`` over the eager
   ``read_groups`` or the indexed ``open_groups``) and its DP sampler, then draws ``--draw-steps`` steps of a
   ``--global-batch`` global batch. Per rank: seconds from the start to its first step's groups, and the memory the
@@ -34,6 +34,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -195,16 +196,30 @@ def child(args) -> dict:
         idx = index_path(args.file)
         for p in (idx, Path(f"{idx}.arrow")):
             p.unlink(missing_ok=True)
+        polled = {"RssAnon": 0, "RssFile": 0}  # the kernel keeps no high-water mark of these: polled every 20 ms
+        done = threading.Event()
+
+        def poll():
+            while not done.is_set():
+                now = memory()
+                for key in polled:
+                    polled[key] = max(polled[key], now[key])
+                done.wait(0.02)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
         t0 = time.perf_counter()
         groups, _ = open_groups(fmt, args.file)
         build = time.perf_counter() - t0
+        done.set()
+        poller.join()
         peak = memory()["VmHWM"]  # this process's own peak (ru_maxrss would carry the parent's across fork+exec)
         t0 = time.perf_counter()
         groups, _ = open_groups(fmt, args.file)
         reuse = time.perf_counter() - t0
         sizes = {p.name: p.stat().st_size for p in (idx, Path(f"{idx}.arrow")) if p.exists()}
         return {"file": args.file, "groups": len(groups), "build_s": build, "reuse_s": reuse, "peak_rss": peak,
-                "index_bytes": sizes}
+                "peak_anon": polled["RssAnon"], "peak_file": polled["RssFile"], "index_bytes": sizes}
     import torch  # the trainer has it imported before it reads data: part of the baseline
 
     del torch
@@ -311,7 +326,8 @@ def main(argv=None) -> int:
         report["index"] = [run_child("--child", "index", "--file", f) for _, f in chosen]
         for r in report["index"]:
             print(f"index {Path(r['file']).name}: built in {r['build_s']:.1f} s (peak RSS of the builder "
-                  f"{r['peak_rss'] / GIB:.2f} GiB), reopened in {r['reuse_s']:.3f} s; {r['index_bytes']}", flush=True)
+                  f"{r['peak_rss'] / GIB:.2f} GiB; polled peaks: anonymous {r['peak_anon'] / GIB:.2f}, file-backed "
+                  f"{r['peak_file'] / GIB:.2f}), reopened in {r['reuse_s']:.3f} s; {r['index_bytes']}", flush=True)
     if "ranks" in phases:
         report["ranks"] = []
         small = args.old_groups < args.groups
