@@ -273,57 +273,55 @@ def _decode_top(text: str) -> Any:
         return json.loads(text)
 
 
+def _value(text: str, at: int) -> tuple[Any, int]:
+    """The JSON value at `at` and where it ends."""
+    try:
+        return _DECODER.raw_decode(text, at)
+    except json.JSONDecodeError:
+        raise _NotStreamable from None
+
+
+def _after_item(text: str, at: int, close: str) -> tuple[int, bool]:
+    """Past what follows an item of a list or object: its ',' (and the space after), or the `close` that ends it
+    (then True)."""
+    at = _SPACE.match(text, at).end()
+    if text[at:at + 1] == close:
+        return at + 1, True
+    if text[at:at + 1] != ",":
+        raise _NotStreamable
+    return _SPACE.match(text, at + 1).end(), False
+
+
 def _scan_object(text: str) -> dict:
     space = _SPACE.match
-    decode = _DECODER.raw_decode
     at = space(text, 0).end()
     if text[at:at + 1] != "{":
         raise _NotStreamable
     top: dict = {}
     at = space(text, at + 1).end()
-    if text[at:at + 1] == "}":
-        at += 1
-    else:
-        while True:
-            if text[at:at + 1] != '"':
-                raise _NotStreamable
-            key, at = decode(text, at)
-            at = space(text, at).end()
-            if text[at:at + 1] != ":":
-                raise _NotStreamable
+    closed = text[at:at + 1] == "}"
+    at += closed
+    while not closed:
+        if text[at:at + 1] != '"':
+            raise _NotStreamable
+        key, at = _value(text, at)
+        at = space(text, at).end()
+        if text[at:at + 1] != ":":
+            raise _NotStreamable
+        at = space(text, at + 1).end()
+        if key == "data" and text[at:at + 1] == "[":
+            spans = array("q")
             at = space(text, at + 1).end()
-            if key == "data" and text[at:at + 1] == "[":
-                spans = array("q")
-                at = space(text, at + 1).end()
-                if text[at:at + 1] == "]":
-                    at += 1
-                else:
-                    while True:
-                        try:
-                            _, end = decode(text, at)
-                        except json.JSONDecodeError:
-                            raise _NotStreamable from None
-                        spans.extend((at, end))
-                        at = space(text, end).end()
-                        if text[at:at + 1] == "]":
-                            at += 1
-                            break
-                        if text[at:at + 1] != ",":
-                            raise _NotStreamable
-                        at = space(text, at + 1).end()
-                top[key] = _Records(text, spans)
-            else:
-                try:
-                    top[key], at = decode(text, at)
-                except json.JSONDecodeError:
-                    raise _NotStreamable from None
-            at = space(text, at).end()
-            if text[at:at + 1] == "}":
-                at += 1
-                break
-            if text[at:at + 1] != ",":
-                raise _NotStreamable
-            at = space(text, at + 1).end()
+            done = text[at:at + 1] == "]"
+            at += done
+            while not done:
+                _, end = _value(text, at)
+                spans.extend((at, end))
+                at, done = _after_item(text, end, "]")
+            top[key] = _Records(text, spans)
+        else:
+            top[key], at = _value(text, at)
+        at, closed = _after_item(text, at, "}")
     if space(text, at).end() != len(text):
         raise _NotStreamable  # json.loads: "Extra data"
     return top
