@@ -391,12 +391,13 @@ def test_nemo_corpus_rows_are_checked_in_row_order_across_files_and_read_batches
 
 
 def test_nemo_corpus_streamed_into_small_batches_gives_the_files_groups(tmp_path, monkeypatch):
-    """Read 2 rows at a time, copied in batches of 3, one folder named twice (read once), integer ids in the JSON
-    Lines file: the indexed groups are the eager ones, and the file's texts."""
-    from megarank.data.formats import nemo_corpus, open_groups
+    """Read 5 rows at a time, copied in batches of at most 3, one folder named twice (read once), integer ids in the
+    JSON Lines file: the indexed groups are the eager ones, and the file's texts."""
+    from megarank.data.formats import arrow, nemo_corpus, open_groups
 
-    monkeypatch.setattr(nemo_corpus, "_READ_ROWS", 2)
-    monkeypatch.setattr(nemo_corpus, "COPY_BATCH_ROWS", 3)
+    monkeypatch.setattr(nemo_corpus, "_READ_ROWS", 5)
+    monkeypatch.setattr(arrow, "COPY_BATCH_ROWS", 3)
+    monkeypatch.setattr(nemo_corpus, "COPY_BATCH_ROWS", 3)  # the index header's record of it
     texts = [t for g in GROUPS for t in g["pos"] + g["neg"]]
     path = _two_file_corpus(tmp_path, pa.table({"id": [f"d{k}" for k in range(7)], "text": texts[:7]}),
                             [{"id": k, "text": t} for k, t in enumerate(texts[7:], start=7)])
@@ -414,7 +415,9 @@ def test_nemo_corpus_streamed_into_small_batches_gives_the_files_groups(tmp_path
     expected = [_texts(g) for g in GROUPS]
     expected[2] = (expected[2][0], [texts[10]], expected[2][2])
     assert [_texts(eager[i]) for i in range(4)] == [_texts(lazy[i]) for i in range(4)] == expected
-    assert lazy.reader.num_record_batches == 8  # 7 + 17 rows in one corpus, copied 3 at a time
+    # 7 Parquet rows read as 5 + 2, 17 JSON Lines rows as 5 + 5 + 5 + 2, each read copied as 3 + 2 (or 2)
+    assert [lazy.reader.get_batch(k).num_rows for k in range(lazy.reader.num_record_batches)] == \
+        [3, 2, 2, 3, 2, 3, 2, 3, 2, 2]
 
 
 # ----------------------------------------------------------------------------------------------- group rules

@@ -252,6 +252,15 @@ def copy_row(reader: pa.ipc.RecordBatchFileReader, batch_start: np.ndarray, row:
     return reader.get_batch(k), row - int(batch_start[k])
 
 
+def write_copy(writer: pa.ipc.RecordBatchFileWriter, batch: pa.RecordBatch, start: int, batch_start: array) -> int:
+    """`batch`, whose first row is row `start` of an index's Arrow copy, written to the copy in record batches of at
+    most `COPY_BATCH_ROWS` rows, each one's first row appended to `batch_start`; the copy's next row."""
+    for k in range(0, batch.num_rows, COPY_BATCH_ROWS):
+        batch_start.append(start + k)
+        writer.write_batch(batch.slice(k, COPY_BATCH_ROWS))
+    return start + batch.num_rows
+
+
 def arrow_copy(index_path: Path) -> Path:
     """The Arrow copy beside an index (Parquet, ``datasets`` and corpus-id sources)."""
     return Path(f"{index_path}.arrow")
@@ -330,10 +339,7 @@ def _build_copy(sources, columns: Mapping[str, str], files: list[Path], skip_bad
                                 n_pos.append(len(group["pos"]))
                                 n_neg.append(len(group["neg"]))
                                 teacher.append("pos_scores" in group)
-                            for k in range(0, batch.num_rows, COPY_BATCH_ROWS):
-                                batch_starts.append(start + k)
-                                writer.write_batch(batch.slice(k, COPY_BATCH_ROWS))
-                            start += batch.num_rows
+                            start = write_copy(writer, batch, start, batch_starts)
                     except (OSError, pa.ArrowException) as e:
                         raise DataError(f"{name}: cannot be read ({e})") from None
             if not good:
