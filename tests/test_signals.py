@@ -244,6 +244,50 @@ def test_agent_pid_comes_from_megarank_launch_else_the_parent_at_megaranks_impor
     assert watchdog.agent_pid() == 4242
 
 
+class _Writes:
+    """A stream that records each write call (what reaches the file descriptor, when Python is unbuffered)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_the_lines_every_rank_prints_at_once_are_one_write_each(monkeypatch):
+    """Every rank of a torchrun job prints its error line (and the watchdog's) to the one inherited stream at once.
+    With PYTHONUNBUFFERED, print() writes the text and its newline in two calls, and CI once saw two ranks' lines
+    merged into one ("...checkpoint.dirmegarank train: error: ..."): each line is one write, newline included."""
+    from megarank.cli.main import run_reporting_errors
+    from megarank.data import DataError
+    from megarank.training import watchdog
+
+    stream = _Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+
+    def bad_input():
+        raise DataError("groups.jsonl line 3: 'query' is empty")
+
+    assert run_reporting_errors("train", bad_input) != 0
+    assert [w for w in stream.calls if w] == ["megarank train: error: groups.jsonl line 3: 'query' is empty\n"]
+
+    stream.calls.clear()
+
+    def ended(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(watchdog.os, "_exit", ended)
+    with pytest.raises(SystemExit):
+        watchdog.AgentWatchdog(4242, "1")._stop_now()
+    assert [w for w in stream.calls if w] == [
+        "megarank train: rank 1: the torchrun agent (pid 4242) is gone; stopping without saving (the checkpoint "
+        "folder keeps its last complete step)\n"]
+
+
 def test_run_lock_names_its_holder_and_is_freed_by_release_or_garbage_collection(tmp_path):
     from megarank.checkpoint.lock import LOCK_FILE, try_lock
 

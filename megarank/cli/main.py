@@ -273,7 +273,9 @@ def run_reporting_errors(command: str, fn, *args, foreground_children: bool = Fa
         shown = _one_line(e)
         if shown is None or os.environ.get("MEGARANK_TRACEBACK") == "1":
             raise
-        print(f"megarank {command}: error: {shown[0]}", file=sys.stderr, flush=True)
+        # The line and its newline in one write: the ranks of a torchrun job print it at once to one stream, and
+        # with PYTHONUNBUFFERED print() writes the text and the "\n" separately, so two ranks' lines could merge.
+        print(f"megarank {command}: error: {shown[0]}\n", end="", file=sys.stderr, flush=True)
         return shown[1]
 
 

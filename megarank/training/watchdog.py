@@ -67,8 +67,10 @@ class AgentWatchdog:
     def _stop_now(self) -> None:
         self._stopping.acquire()  # a second caller waits here until the first one's os._exit
         try:
+            # One write with its newline: every rank prints this at once to the same stream (see cli/main.py).
             print(f"megarank train: rank {self.rank}: the torchrun agent (pid {self.agent_pid}) is gone; stopping "
-                  "without saving (the checkpoint folder keeps its last complete step)", file=sys.stderr, flush=True)
+                  "without saving (the checkpoint folder keeps its last complete step)\n", end="", file=sys.stderr,
+                  flush=True)
         except Exception:  # noqa: BLE001 -- the console may have gone with the agent; stopping matters more
             pass
         kill_child_processes()
